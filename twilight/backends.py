@@ -1,0 +1,132 @@
+"""Backends: who runs each stage's arithmetic.
+
+A backend is an object with four operations, each with the torch implementation's signature:
+
+- ``quest_page_scores(q, cache) -> [B, Hkv, pages]`` (Quest's page upper bounds)
+- ``estimate(q, cache, sel, kind) -> [B, Hq, K_max]`` (approximate ``q·k``)
+- ``prune_top_p(logits, p) -> bool mask`` (sorting-free top-p)
+- ``attend(q, cache, sel, scale) -> [B, Hq, D]`` (sparse decode attention)
+
+``torch`` runs anywhere and is the reference. ``triton``, ``cuda`` and ``flashinfer`` override what they
+accelerate and inherit the rest. ``resolve_backend("auto", device)`` picks the fastest available one for
+the device; naming an unavailable backend raises ``BackendUnavailableError`` saying why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+from twilight.config import BACKENDS
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend named in the config cannot run here; the message says why."""
+
+
+class TorchBackend:
+    """Reference implementations in PyTorch (CPU and GPU)."""
+
+    name = "torch"
+
+    def quest_page_scores(self, q, cache):
+        from twilight.select import quest_page_scores
+
+        return quest_page_scores(q, cache)
+
+    def estimate(self, q, cache, sel, kind):
+        from twilight.estimate import estimate_scores
+
+        return estimate_scores(q, cache, sel, kind)
+
+    def prune_top_p(self, logits, p):
+        from twilight.prune import top_p_mask
+
+        return top_p_mask(logits, p)
+
+    def attend(self, q, cache, sel, scale):
+        from twilight.attention import sparse_decode_attention
+
+        return sparse_decode_attention(q, cache, sel, scale)
+
+
+def _why_triton_unavailable(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed (pip install 'twilight[gpu]')"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need a CUDA device (got {device.type}) or TRITON_INTERPRET=1 for the CPU interpreter"
+
+
+def _why_cuda_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the cuda backend needs a CUDA device (got {device.type}; torch.cuda.is_available()={torch.cuda.is_available()})"
+    return None
+
+
+def _why_flashinfer_unavailable(device: torch.device) -> str | None:
+    if importlib.util.find_spec("flashinfer") is None:
+        return "the 'flashinfer' package is not installed (pip install flashinfer-python)"
+    if device.type != "cuda":
+        return f"FlashInfer kernels need a CUDA device (got {device.type})"
+    return None
+
+
+# name -> (why-unavailable check, factory). Kernel modules register themselves lazily via these factories.
+def _triton_factory():
+    from twilight.kernels.triton import TritonBackend
+
+    return TritonBackend()
+
+
+def _cuda_factory():
+    from twilight.kernels.cuda import CudaBackend
+
+    return CudaBackend()
+
+
+def _flashinfer_factory():
+    from twilight.kernels.flashinfer import FlashInferBackend
+
+    return FlashInferBackend()
+
+
+_REGISTRY: dict[str, tuple[Callable[[torch.device], str | None], Callable[[], object]]] = {
+    "torch": (lambda device: None, TorchBackend),
+    "triton": (_why_triton_unavailable, _triton_factory),
+    "cuda": (_why_cuda_unavailable, _cuda_factory),
+    "flashinfer": (_why_flashinfer_unavailable, _flashinfer_factory),
+}
+# Fastest first, for "auto" on a CUDA device.
+_AUTO_ORDER_CUDA = ("flashinfer", "cuda", "triton", "torch")
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """``{name: None if available else the reason}`` for every backend on ``device``."""
+    device = torch.device(device)
+    return {name: check(device) for name, (check, _) in _REGISTRY.items()}
+
+
+def resolve_backend(name: str, device: torch.device | str):
+    """The backend object for ``name`` on ``device`` (``auto``: the fastest available)."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is invalid: must be one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return TorchBackend()
+        for candidate in _AUTO_ORDER_CUDA:
+            check, factory = _REGISTRY[candidate]
+            if check(device) is None:
+                try:
+                    return factory()
+                except (ImportError, RuntimeError):  # e.g. a JIT build failing: try the next one
+                    continue
+        return TorchBackend()
+    check, factory = _REGISTRY[name]
+    why = check(device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend={name!r} is not available: {why}")
+    return factory()

@@ -1,0 +1,207 @@
+"""`LayerCache`: one layer's exact K/V plus what the selectors and estimators read.
+
+Kept in sync on every append (prefill in bulk, decode one token at a time):
+
+- ``k``, ``v``: exact keys and values, ``[B, Hkv, capacity, D]``.
+- ``k_int4`` ``[B, Hkv, capacity, D // 2]`` uint8 (tiled layout, see ``twilight.quant``) or ``k_int8``
+  ``[B, Hkv, capacity, D]`` int8, with ``k_qparams [B, Hkv, capacity, 2]`` float32 (scale, mid).
+- ``page_bounds`` ``[B, Hkv, pages, 2, D]``: per-page channel max (``[..., 0, :]``) and min
+  (``[..., 1, :]``) of the valid keys, for Quest. Stored in bf16 (fp16 for fp16 caches) rounded
+  outward, so they still bound the exact keys while Quest reads half the bytes.
+- ``k_label`` ``[B, Hkv, capacity, C]``: the label channels of K, for Double Sparsity.
+
+Storage grows by doubling (rounded to whole tiles and pages), so appends cost amortised O(new tokens);
+the cache never concatenates the whole K/V per step.
+
+Batches: every sequence appends the same number of positions (as Hugging Face models do); sequence
+``b`` is valid on ``[start[b], length)``, where ``start`` counts its left padding. Padding positions are
+excluded from page bounds and never selected.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from twilight.quant import INT4_TILE, int4_codes, int4_params, pack_int4, quantize_int8, round_outward, unpack_int4
+
+_MIN_CHUNK = 256
+
+
+class LayerCache:
+    """Exact and compressed keys/values of one attention layer.
+
+    Args:
+        batch, num_kv_heads, head_dim: cache geometry.
+        dtype, device: of the exact K/V.
+        page_size: Quest page size in tokens (``page_bounds`` kept when ``keep_page_bounds``).
+        quant_bits: 4, 8 or ``None``: which quantized copy of K to keep.
+        label_channels: ``[Hkv, C]`` channel indices kept in ``k_label`` (Double Sparsity), or ``None``.
+        start: ``[B]`` first valid position of each sequence (left padding), default all zero.
+
+    Example::
+
+        >>> cache = LayerCache(1, 2, 64, dtype=torch.float32, device="cpu")
+        >>> cache.append(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
+        >>> cache.length, cache.keys().shape
+        (100, torch.Size([1, 2, 100, 64]))
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", page_size: int = 16, quant_bits: int | None = 4,
+                 keep_page_bounds: bool = True, label_channels: torch.Tensor | None = None,
+                 start: torch.Tensor | None = None, initial_capacity: int = 0):
+        if batch < 1 or num_kv_heads < 1 or head_dim < 1:
+            raise ValueError(f"batch, num_kv_heads, head_dim must be >= 1, got {batch}, {num_kv_heads}, {head_dim}")
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size} is invalid: must be an integer >= 1")
+        if quant_bits not in (None, 4, 8):
+            raise ValueError(f"quant_bits={quant_bits!r} is invalid: must be 4, 8 or None")
+        if quant_bits == 4 and head_dim % 2:
+            raise ValueError(f"int4 keys need an even head_dim, got {head_dim}")
+        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.page_size = page_size
+        self.quant_bits = quant_bits
+        self.keep_page_bounds = keep_page_bounds
+        self.bounds_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
+        self.label_channels = None if label_channels is None else label_channels.to(self.device, torch.long)
+        if self.label_channels is not None and (self.label_channels.dim() != 2
+                                                or self.label_channels.shape[0] != num_kv_heads):
+            raise ValueError(f"label_channels must be [Hkv={num_kv_heads}, C], got {tuple(self.label_channels.shape)}")
+        self.length = 0
+        self.start = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        if start is not None:
+            self.set_start(start)
+        # The capacity is a multiple of both the int4 tile and the page size.
+        self._granule = INT4_TILE * page_size // math.gcd(INT4_TILE, page_size)
+        self.capacity = 0
+        self._alloc(max(initial_capacity, 1))
+
+    # ------------------------------------------------------------------ storage
+    def _round_up(self, n: int) -> int:
+        return -(-n // self._granule) * self._granule
+
+    def _alloc(self, needed: int) -> None:
+        new_cap = self._round_up(max(needed, 2 * self.capacity, _MIN_CHUNK))
+        B, H, D = self.batch, self.num_kv_heads, self.head_dim
+        dev = self.device
+
+        def grow(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
+            new = torch.full(shape, fill, dtype=dtype, device=dev) if fill else torch.zeros(shape, dtype=dtype, device=dev)
+            if old is not None and self.capacity:
+                axis = 2
+                new.narrow(axis, 0, old.shape[axis]).copy_(old)
+            return new
+
+        first = self.capacity == 0
+        self.k = grow(None if first else self.k, (B, H, new_cap, D), self.dtype)
+        self.v = grow(None if first else self.v, (B, H, new_cap, D), self.dtype)
+        if self.quant_bits is not None:
+            self.k_qparams = grow(None if first else self.k_qparams, (B, H, new_cap, 2), torch.float32)
+        if self.quant_bits == 4:
+            self.k_int4 = grow(None if first else self.k_int4, (B, H, new_cap, D // 2), torch.uint8)
+        elif self.quant_bits == 8:
+            self.k_int8 = grow(None if first else self.k_int8, (B, H, new_cap, D), torch.int8)
+        if self.keep_page_bounds:
+            self.page_bounds = grow(None if first else self.page_bounds,
+                                    (B, H, new_cap // self.page_size, 2, D), self.bounds_dtype)
+        if self.label_channels is not None:
+            C = self.label_channels.shape[1]
+            self.k_label = grow(None if first else self.k_label, (B, H, new_cap, C), self.dtype)
+        self.capacity = new_cap
+
+    def set_start(self, start: torch.Tensor) -> None:
+        """Set each sequence's first valid position (its count of left-padding tokens)."""
+        start = torch.as_tensor(start, device=self.device).to(torch.int32).reshape(-1)
+        if start.shape[0] != self.batch:
+            raise ValueError(f"start must have one entry per sequence ({self.batch}), got {start.shape[0]}")
+        if bool((start < 0).any()):
+            raise ValueError("start must be >= 0")
+        self.start = start
+        if self.length and self.keep_page_bounds:
+            self._update_page_bounds(0, self.length)
+
+    # ------------------------------------------------------------------ appends
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v [B, Hkv, T, D]`` at positions ``[length, length + T)`` of every sequence."""
+        expected = (self.batch, self.num_kv_heads)
+        if k.dim() != 4 or k.shape[:2] != expected or k.shape[-1] != self.head_dim:
+            raise ValueError(f"k must be [B={self.batch}, Hkv={self.num_kv_heads}, T, D={self.head_dim}], "
+                             f"got {tuple(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)}")
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} does not match the cache dtype {self.dtype}")
+        T = k.shape[2]
+        if T == 0:
+            return
+        L0, L1 = self.length, self.length + T
+        if L1 > self.capacity:
+            self._alloc(L1)
+        self.k[:, :, L0:L1].copy_(k)
+        self.v[:, :, L0:L1].copy_(v)
+        self.length = L1
+        if self.quant_bits == 8:
+            codes, qp = quantize_int8(k)
+            self.k_int8[:, :, L0:L1].copy_(codes)
+            self.k_qparams[:, :, L0:L1].copy_(qp)
+        elif self.quant_bits == 4:
+            self._update_int4(L0, L1)
+        if self.keep_page_bounds:
+            self._update_page_bounds(L0, L1)
+        if self.label_channels is not None:
+            idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, T, -1)
+            self.k_label[:, :, L0:L1].copy_(torch.gather(k, 3, idx))
+
+    def _update_int4(self, L0: int, L1: int) -> None:
+        """Requantize positions ``[L0, L1)``: repack the int4 tiles they touch."""
+        t0 = (L0 // INT4_TILE) * INT4_TILE
+        t1 = -(-L1 // INT4_TILE) * INT4_TILE
+        qp = int4_params(self.k[:, :, L0:L1])
+        self.k_qparams[:, :, L0:L1].copy_(qp)
+        codes = unpack_int4(self.k_int4[:, :, t0:t1])  # [B, H, t1 - t0, D]
+        codes[:, :, L0 - t0:L1 - t0] = int4_codes(self.k[:, :, L0:L1], qp)
+        self.k_int4[:, :, t0:t1].copy_(pack_int4(codes))
+
+    def _update_page_bounds(self, L0: int, L1: int) -> None:
+        """Recompute the bounds of the pages that positions ``[L0, L1)`` touch."""
+        ps = self.page_size
+        p0, p1 = L0 // ps, -(-L1 // ps)
+        keys = self.k[:, :, p0 * ps:p1 * ps].float()  # [B, H, (p1 - p0) * ps, D]
+        pos = torch.arange(p0 * ps, p1 * ps, device=self.device)
+        valid = (pos.view(1, -1) >= self.start.view(-1, 1)) & (pos.view(1, -1) < self.length)  # [B, n]
+        valid = valid.view(self.batch, 1, -1, 1)
+        hi = keys.masked_fill(~valid, float("-inf")).view(self.batch, self.num_kv_heads, p1 - p0, ps, -1).amax(3)
+        lo = keys.masked_fill(~valid, float("inf")).view(self.batch, self.num_kv_heads, p1 - p0, ps, -1).amin(3)
+        lo, hi = round_outward(lo, hi, self.bounds_dtype)
+        self.page_bounds[:, :, p0:p1, 0].copy_(hi)
+        self.page_bounds[:, :, p0:p1, 1].copy_(lo)
+
+    # ------------------------------------------------------------------ views
+    def keys(self) -> torch.Tensor:
+        """``[B, Hkv, length, D]`` view of the exact keys."""
+        return self.k[:, :, :self.length]
+
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, :self.length]
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.length // self.page_size)
+
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` int32 count of valid tokens per sequence."""
+        return (self.length - self.start).clamp_min(0)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held per component at the current capacity, and the overhead over plain K/V."""
+        parts = {"kv": self.k.nbytes + self.v.nbytes}
+        for name in ("k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
+            if hasattr(self, name):
+                parts[name] = getattr(self, name).nbytes
+        extra = sum(b for n, b in parts.items() if n != "kv")
+        parts["extra"] = extra
+        parts["overhead_ratio"] = extra / parts["kv"]
+        return parts
+

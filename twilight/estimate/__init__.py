@@ -1,0 +1,150 @@
+"""Estimate: approximate ``q·k`` for the candidates of a `Selection`.
+
+``estimate_scores(q, cache, sel, kind)`` returns ``[B, Hq, K_max]`` float32 raw dot products (not yet
+multiplied by the softmax scale), ``-inf`` at padding slots. ``kind``:
+
+- ``exact``: full-precision K.
+- ``int8``: the cache's per-token int8 copy of K.
+- ``int4``: the cache's per-token int4 copy of K (default). On the CPU, the packed keys go straight into
+  PyTorch's int4 GEMV (``torch._weight_int4pack_mm_for_cpu``), reading only the 64-token tiles that hold
+  candidates; elsewhere the gathered codes are unpacked with tensor ops (the GPU backends have kernels).
+"""
+from __future__ import annotations
+
+import torch
+
+from twilight.cache import LayerCache
+from twilight.config import ESTIMATOR_TYPES
+from twilight.quant import INT4_TILE
+from twilight.selection import Selection
+
+__all__ = ["estimate_scores", "gather_tokens", "ESTIMATOR_TYPES"]
+
+_CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def gather_tokens(store: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of ``store [B, H, capacity, X]`` at ``indices [B, H, K]`` -> ``[B, H, K, X]``.
+
+    One ``index_select`` over the flattened rows (much faster than ``torch.gather`` on CPU).
+    """
+    B, H, cap, X = store.shape
+    base = torch.arange(B * H, device=store.device).view(B, H, 1) * cap
+    flat = (indices.long() + base).reshape(-1)
+    return store.reshape(B * H * cap, X).index_select(0, flat).view(B, H, -1, X)
+
+
+def _group(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    B, Hq, D = q.shape
+    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
+        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
+                         f"D={cache.head_dim}], got {tuple(q.shape)}")
+    return q.view(B, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
+
+
+def _exact(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
+    keys = gather_tokens(cache.k, sel.indices)  # [B, Hkv, K, D]
+    return torch.matmul(qg.float(), keys.float().transpose(-1, -2))  # [B, Hkv, G, K]
+
+
+def _int8(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
+    codes = gather_tokens(cache.k_int8, sel.indices).float()  # [B, Hkv, K, D]
+    qp = gather_tokens(cache.k_qparams, sel.indices)  # [B, Hkv, K, 2]
+    qf = qg.float()
+    dots = torch.matmul(qf, codes.transpose(-1, -2))  # [B, Hkv, G, K]
+    # q·(c * scale + mid) = scale * (q·c) + mid * sum(q)
+    return dots * qp[..., 0].unsqueeze(2) + qf.sum(-1, keepdim=True) * qp[..., 1].unsqueeze(2)
+
+
+def _int4_unpacked(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
+    """Portable int4 path: gather each candidate's bytes from the tiled layout, unpack, dequantize."""
+    B, H, K = sel.indices.shape
+    D = cache.head_dim
+    idx = sel.indices.long()
+    tile, c = idx // INT4_TILE, idx % INT4_TILE
+    # byte [tile, d, c % 32] of the (b, h) row, in the view [B*H, tiles, D, 32]
+    n_tiles = cache.capacity // INT4_TILE
+    bh = torch.arange(B * H, device=idx.device).view(B, H, 1)
+    base = ((bh * n_tiles + tile) * D) * (INT4_TILE // 2) + (c % (INT4_TILE // 2))  # [B, H, K]
+    d_off = torch.arange(D, device=idx.device) * (INT4_TILE // 2)
+    packed = cache.k_int4.reshape(-1)[(base.unsqueeze(-1) + d_off).reshape(-1)].view(B, H, K, D)
+    shift = ((c >= INT4_TILE // 2).to(torch.uint8) * 4).unsqueeze(-1)
+    codes = ((packed >> shift) & 0xF).float()
+    qp = gather_tokens(cache.k_qparams, sel.indices)
+    qf = qg.float()
+    dots = torch.matmul(qf, (codes - 8.0).transpose(-1, -2))
+    return dots * qp[..., 0].unsqueeze(2) + qf.sum(-1, keepdim=True) * qp[..., 1].unsqueeze(2)
+
+
+def _int4_cpu(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
+    """CPU int4 path: PyTorch's int4 GEMV over the tiles holding candidates, no unpacking."""
+    B, H, G, D = qg.shape
+    K = sel.k_max
+    idx = sel.indices.long()
+    n_tiles = -(-cache.length // INT4_TILE)
+    tile_of = idx // INT4_TILE  # [B, H, K]
+    if sel.is_full_range:
+        touched = torch.ones(B, H, n_tiles, dtype=torch.bool, device=idx.device)
+    else:
+        touched = torch.zeros(B, H, n_tiles + 1, dtype=torch.bool, device=idx.device)
+        touched.scatter_(-1, torch.where(sel.valid(), tile_of, n_tiles), True)
+        touched = touched[..., :n_tiles]
+    rank = torch.cumsum(touched, -1) - 1  # position of each touched tile in the gathered list
+    where = rank.gather(-1, tile_of) * INT4_TILE + idx % INT4_TILE  # [B, H, K] column in the GEMV output
+    a = qg.to(torch.bfloat16)
+    tiles_view = cache.k_int4.view(B, H, cache.capacity // INT4_TILE, INT4_TILE * D // 2)
+    qp_view = cache.k_qparams.view(B, H, cache.capacity // INT4_TILE, INT4_TILE, 2)
+    out = torch.empty(B, H, G, K, dtype=torch.float32, device=qg.device)
+    for b in range(B):
+        for h in range(H):
+            if sel.is_full_range:
+                rows = tiles_view[b, h, :n_tiles]
+                qp = qp_view[b, h, :n_tiles]
+            else:
+                tiles = touched[b, h].nonzero().squeeze(-1)
+                rows = tiles_view[b, h].index_select(0, tiles)
+                qp = qp_view[b, h].index_select(0, tiles)
+            weight = rows.reshape(-1, D // 2)  # [n * 64, D/2], torch's CPU int4 layout
+            qp = qp.reshape(1, -1, 2).to(torch.bfloat16)  # (scale, mid) is torch's (scale, zero) for q - 8
+            scores = torch._weight_int4pack_mm_for_cpu(a[b, h], weight, D, qp)  # [G, n * 64]
+            out[b, h] = scores.float().gather(-1, where[b, h].unsqueeze(0).expand(G, -1))
+    return out
+
+
+def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: str = "int4") -> torch.Tensor:
+    """Approximate ``q·k`` of each query head for its kv-head's candidates.
+
+    Args:
+        q: ``[B, Hq, D]`` queries; cache: the layer's ``LayerCache``; sel: candidates ``[B, Hkv, K_max]``.
+        kind: ``exact | int8 | int4``.
+    Returns:
+        ``[B, Hq, K_max]`` float32, ``-inf`` where ``slot >= counts``.
+
+    Example::
+
+        >>> cache = LayerCache(1, 2, 64); cache.append(torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64))
+        >>> sel = Selection.full(1, 2, 300)
+        >>> q = torch.randn(1, 4, 64)
+        >>> est, ref = estimate_scores(q, cache, sel, "int4"), estimate_scores(q, cache, sel, "exact")
+        >>> bool(((est - ref).abs() < 0.1 * ref.abs().max()).all())
+        True
+    """
+    qg = _group(q, cache)
+    if kind == "exact":
+        scores = _exact(qg, cache, sel)
+    elif kind == "int8":
+        if cache.quant_bits != 8:
+            raise ValueError("estimator.type='int8' needs a cache built with quant_bits=8")
+        scores = _int8(qg, cache, sel)
+    elif kind == "int4":
+        if cache.quant_bits != 4:
+            raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
+        if q.device.type == "cpu" and cache.head_dim in _CPU_INT4_GROUP_SIZES:
+            scores = _int4_cpu(qg, cache, sel)
+        else:
+            scores = _int4_unpacked(qg, cache, sel)
+    else:
+        raise ValueError(f"estimator.type={kind!r} is invalid: must be one of {', '.join(ESTIMATOR_TYPES)}")
+    B, H, G, K = scores.shape
+    scores = scores.masked_fill(~sel.valid().unsqueeze(2), float("-inf"))
+    return scores.reshape(B, H * G, K)

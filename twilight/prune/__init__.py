@@ -1,0 +1,147 @@
+"""Prune: keep the candidates that matter, per query head.
+
+- ``top_p_mask(logits, p)``: the smallest set holding ``p`` of the softmax mass (default pruner).
+- ``top_k_mask(logits, k)``: the ``k`` largest (ablation).
+- ``threshold_mask(logits, t)``: normalised weight ``>= t`` (ablation).
+
+All take unnormalised scores ``[..., N]`` with ``-inf`` marking non-candidates and return a bool mask
+of the same shape. Every row with at least one candidate keeps at least one token.
+"""
+from __future__ import annotations
+
+import torch
+
+from twilight.config import PRUNER_TYPES
+
+__all__ = ["top_p_mask", "top_k_mask", "threshold_mask", "prune_mask", "PRUNER_TYPES"]
+
+# Radix digits of a non-negative float32's bit pattern, most significant first: 4 levels of 8 bits.
+_RADIX_SHIFTS = (24, 16, 8, 0)
+_RADIX = 256
+
+
+def _check_p(p: float | torch.Tensor, name: str = "p") -> None:
+    if isinstance(p, torch.Tensor):
+        if p.is_floating_point() is False:
+            raise ValueError(f"{name} must be a float tensor, got {p.dtype}")
+        bad = (p <= 0) | (p > 1) | torch.isnan(p)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must lie in (0, 1]; got values from {p.min().item()} to {p.max().item()}")
+    elif isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0):
+        raise ValueError(f"{name}={p!r} is invalid: must be a number in (0, 1]")
+
+
+def _stable_weights(logits: torch.Tensor) -> torch.Tensor:
+    """``exp(logits - rowmax)`` in float32: in ``[0, 1]``, 0 for ``-inf``, all 0 for an empty row."""
+    x = logits.float()
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp(x - m)
+
+
+def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Smallest set of each row whose softmax mass reaches ``p``, found without sorting.
+
+    Args:
+        logits: ``[..., N]`` unnormalised scores; ``-inf`` marks a non-candidate.
+        p: a float in ``(0, 1]`` or a tensor of shape ``logits.shape[:-1]`` (one ``p`` per row).
+
+    Returns:
+        ``[..., N]`` bool mask: every element whose weight is at least the threshold weight ``w*``,
+        where ``w*`` is the largest weight such that the elements ``>= w*`` hold at least ``p`` of the
+        row's mass. Ties at the threshold are all kept; ``p = 1`` keeps every candidate.
+
+    The threshold is found by a radix search over the bit pattern of the float32 weights ``exp(x - max)``
+    (whose integer view is monotone because they are non-negative): four rounds, each a 256-way search
+    for the next 8 bits of ``w*`` using a per-row histogram of mass by digit. This is the binary search of
+    top-p sampling kernels, 8 bits per round instead of 1, and it ends on the exact threshold weight.
+
+    Example::
+
+        >>> top_p_mask(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), 0.8)
+        tensor([[ True,  True, False, False]])
+    """
+    _check_p(p)
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if isinstance(p, torch.Tensor):
+        p = p.to(device=logits.device, dtype=torch.float32)
+        if p.dim() and p.shape != logits.shape[:-1]:
+            raise ValueError(f"per-row p must have shape {tuple(logits.shape[:-1])}, got {tuple(p.shape)}")
+    elif float(p) >= 1.0:
+        return logits > float("-inf")
+    lead, n = logits.shape[:-1], logits.shape[-1]
+    w = _stable_weights(logits).reshape(-1, n)  # [R, N]
+    rows = w.shape[0]
+    target = (p.reshape(-1) if isinstance(p, torch.Tensor) and p.dim() else torch.as_tensor(p)) * w.sum(-1)
+    bits = w.view(torch.int32)
+
+    # Round 0 over the whole row: the top 8 bits (sign and high exponent bits).
+    hist = torch.zeros(rows, _RADIX + 1, dtype=torch.float32, device=w.device)
+    hist.scatter_add_(-1, (bits >> _RADIX_SHIFTS[0]).long(), w)
+    prefix, mass_above = _radix_round(hist, torch.zeros_like(target), target)
+    # Later rounds only look at the elements whose top bits equal the prefix found so far: compact them.
+    row_of, col_of = torch.nonzero((bits >> _RADIX_SHIFTS[0]) == prefix.unsqueeze(-1), as_tuple=True)
+    cand_bits, cand_w = bits[row_of, col_of], w[row_of, col_of]
+    bin_base = row_of * (_RADIX + 1)
+    for shift in _RADIX_SHIFTS[1:]:
+        active = (cand_bits >> (shift + 8)) == prefix[row_of]
+        digit = torch.where(active, (cand_bits >> shift) & 0xFF, _RADIX)
+        hist.zero_().view(-1).index_add_(0, bin_base + digit, cand_w)
+        digit_star, mass_above = _radix_round(hist, mass_above, target)
+        prefix = (prefix << 8) | digit_star
+    prefix = prefix.to(torch.int32)
+    mask = (bits >= prefix.unsqueeze(-1)) & (w > 0)
+    if isinstance(p, torch.Tensor):  # rows with p == 1 keep every candidate, underflowed ones included
+        mask |= (p.reshape(-1, 1) >= 1.0) & (logits.reshape(-1, n) > float("-inf"))
+    return mask.reshape(*lead, n)
+
+
+def _radix_round(hist: torch.Tensor, mass_above: torch.Tensor, target: torch.Tensor):
+    """One round of the radix search.
+
+    ``hist [R, 257]`` holds the mass of the competing elements by digit (column 256: non-competing).
+    Returns the largest digit ``d*`` such that ``mass_above + mass(digits >= d*) >= target``, and the
+    mass above the new, narrower range (``mass_above + mass(digits > d*)``).
+    """
+    hist[:, _RADIX] = 0.0
+    suffix = hist.flip(-1).cumsum(-1).flip(-1)  # suffix[:, d] = mass of digits >= d; suffix[:, 256] = 0
+    reaches = (mass_above.unsqueeze(-1) + suffix[:, :_RADIX]) >= target.unsqueeze(-1)  # true for d <= d*
+    digit_star = (reaches.sum(-1) - 1).clamp_min(0)
+    return digit_star, mass_above + suffix.gather(-1, (digit_star + 1).unsqueeze(-1)).squeeze(-1)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest-scoring candidates of each row (all of them when fewer than ``k``)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} is invalid: must be an integer >= 1")
+    n = logits.shape[-1]
+    finite = logits > float("-inf")
+    if k >= n:
+        return finite
+    idx = torch.topk(logits, k, dim=-1).indices
+    mask = torch.zeros_like(finite).scatter_(-1, idx, True)
+    return mask & finite
+
+
+def threshold_mask(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Candidates whose softmax weight is ``>= threshold`` (the row's best is always kept)."""
+    _check_p(threshold, "threshold")
+    w = _stable_weights(logits)
+    probs = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((probs >= threshold) | (w >= 1.0)) & (logits > float("-inf"))
+
+
+def prune_mask(logits: torch.Tensor, cfg) -> torch.Tensor:
+    """Dispatch on a ``PrunerConfig``."""
+    if cfg.type == "top_p":
+        return top_p_mask(logits, cfg.p)
+    if cfg.type == "top_k":
+        return top_k_mask(logits, cfg.k)
+    if cfg.type == "threshold":
+        return threshold_mask(logits, cfg.threshold)
+    if cfg.type == "none":
+        return logits > float("-inf")
+    raise ValueError(f"pruner.type={cfg.type!r} is invalid: must be one of {', '.join(PRUNER_TYPES)}")

@@ -1,0 +1,181 @@
+"""Select: coarse candidate sets, one `Selection` per decode step.
+
+Every selector is a callable ``selector(q, cache) -> Selection`` built by ``make_selector(cfg, layer_idx)``,
+with ``q [B, Hq, D]`` the step's queries and ``cache`` a ``LayerCache``. Selections are per kv-head:
+under GQA a token is a candidate for the whole group.
+
+- ``full``: every valid token.
+- ``quest``: the pages with the highest upper bound of ``q·k`` (Quest), ``token_budget`` tokens in all.
+- ``streaming``: ``sink_tokens`` first tokens plus the ``window`` most recent (StreamingLLM).
+- ``double_sparse``: top tokens by ``q·k`` over a few calibrated label channels (Double Sparsity).
+- ``oracle_topk``: top tokens by exact ``q·k`` (research baseline; reads all of K).
+"""
+from __future__ import annotations
+
+import torch
+
+from twilight.cache import LayerCache
+from twilight.config import SELECTOR_TYPES, SelectorConfig
+from twilight.selection import Selection
+
+__all__ = ["make_selector", "quest_page_scores", "compact", "SELECTOR_TYPES"]
+
+
+def compact(values: torch.Tensor, keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the kept entries of each row to its front, in order, without sorting.
+
+    Args:
+        values: ``[..., N]`` int tensor; keep: ``[..., N]`` bool.
+        width: output width (default: the largest row count, at least 1).
+    Returns:
+        ``(out [..., width] int32, counts [...] int32)``; slots past a row's count repeat its first kept
+        value (or 0), so they are always valid positions.
+    """
+    counts = keep.sum(-1, dtype=torch.int32)
+    if width is None:
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+    slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
+    slot = torch.where(keep, slot, width).long()  # dropped entries land in a spill column
+    out = torch.zeros(*values.shape[:-1], width + 1, dtype=torch.int32, device=values.device)
+    out.scatter_(-1, slot, values.to(torch.int32))
+    out = out[..., :width]
+    pad = torch.arange(width, device=values.device) >= counts.unsqueeze(-1)
+    out = torch.where(pad, out[..., :1], out)
+    return out.contiguous(), counts
+
+
+def _valid_positions(cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
+    """Bool: ``positions [B, H, N]`` inside each sequence's valid range ``[start, length)``."""
+    return (positions >= cache.start.view(-1, 1, 1)) & (positions < cache.length)
+
+
+def _full(q: torch.Tensor, cache: LayerCache) -> Selection:
+    return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=cache.device, start=cache.start)
+
+
+def _group_queries(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """``q [B, Hq, D]`` -> ``[B, Hkv, G, D]``."""
+    B, Hq, D = q.shape
+    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
+        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
+                         f"D={cache.head_dim}], got {tuple(q.shape)}")
+    return q.view(B, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
+
+
+def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int) -> Selection:
+    """Top ``budget`` positions per kv-head from token scores ``[B, Hkv, L]`` (invalid positions -inf)."""
+    if budget >= cache.length:
+        return _full(None, cache)
+    idx = torch.topk(scores, budget, dim=-1, sorted=False).indices
+    valid = _valid_positions(cache, idx) & (scores.gather(-1, idx) > float("-inf"))
+    out, counts = compact(idx, valid, width=budget)
+    return Selection(out, counts)
+
+
+def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """Quest's upper bound of ``max over the group's query heads of q·k`` per page: ``[B, Hkv, pages]``.
+
+    For each channel, ``max(q_d * max_d, q_d * min_d) = relu(q_d) * max_d + min(q_d, 0) * min_d``, so the
+    bound of all pages is one batched matmul of ``[max | min]`` with ``[relu(q) | min(q, 0)]``.
+    Pages holding no valid token score ``-inf``.
+    """
+    qg = _group_queries(q, cache)  # [B, Hkv, G, D]
+    B, H, G, D = qg.shape
+    P = cache.num_pages
+    bounds = cache.page_bounds[:, :, :P].reshape(B * H, P, 2 * D)  # [max | min] per page
+    qq = torch.cat([qg.clamp_min(0), qg.clamp_max(0)], -1).reshape(B * H, G, 2 * D)
+    qq = qq.to(bounds.dtype).transpose(1, 2)
+    scores = torch.bmm(bounds, qq).float().view(B, H, P, G).amax(-1)  # [B, Hkv, P]
+    page_start = torch.arange(P, device=q.device) * cache.page_size
+    has_valid = (page_start.view(1, -1) + cache.page_size > cache.start.view(-1, 1))  # [B, P]
+    return scores.masked_fill(~has_valid.unsqueeze(1), float("-inf"))
+
+
+class _Quest:
+    def __init__(self, cfg: SelectorConfig):
+        self.budget, self.page_size = cfg.token_budget, cfg.page_size
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+        if cache.page_size != self.page_size:
+            raise ValueError(f"selector.page_size={self.page_size} differs from the cache's page_size={cache.page_size}")
+        if int(cache.lengths().max()) <= self.budget:
+            return _full(q, cache)
+        ps = self.page_size
+        n_pages = min(-(-self.budget // ps), cache.num_pages)
+        scores = quest_page_scores(q, cache)
+        pages = torch.topk(scores, n_pages, dim=-1, sorted=False).indices  # [B, Hkv, n_pages]
+        tokens = (pages.unsqueeze(-1) * ps + torch.arange(ps, device=q.device)).flatten(-2)  # [B, Hkv, n*ps]
+        out, counts = compact(tokens, _valid_positions(cache, tokens))
+        return Selection(out, counts)
+
+
+class _Streaming:
+    def __init__(self, cfg: SelectorConfig):
+        self.sinks, self.window = cfg.sink_tokens, cfg.window
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+        B, H, L = cache.batch, cache.num_kv_heads, cache.length
+        pos = torch.arange(L, device=cache.device).view(1, 1, L)
+        start = cache.start.view(-1, 1, 1)
+        if self.sinks + self.window >= L:
+            return _full(q, cache)
+        keep = ((pos < start + self.sinks) | (pos >= L - self.window)) & (pos >= start)
+        out, counts = compact(pos.expand(B, 1, L), keep)
+        return Selection(out.expand(B, H, -1).contiguous(), counts.expand(B, H).contiguous())
+
+
+class _OracleTopK:
+    def __init__(self, cfg: SelectorConfig):
+        self.budget = cfg.token_budget
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+        qg = _group_queries(q, cache).float()
+        scores = torch.einsum("bhgd,bhld->bhgl", qg, cache.keys().float()).amax(2)  # [B, Hkv, L]
+        pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
+        scores = scores.masked_fill(~_valid_positions(cache, pos), float("-inf"))
+        return _topk_tokens(scores, cache, self.budget)
+
+
+class _DoubleSparse:
+    def __init__(self, cfg: SelectorConfig, layer_idx: int):
+        from twilight.select.double_sparse import load_channels
+
+        self.budget = cfg.token_budget
+        self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels)  # [Hkv, C]
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+        if cache.label_channels is None:
+            raise ValueError("double_sparse needs a cache built with label_channels (the calibrated channels)")
+        qg = _group_queries(q, cache)
+        ch = cache.label_channels.to(q.device)
+        q_label = torch.gather(qg, 3, ch.view(1, ch.shape[0], 1, -1).expand(qg.shape[0], -1, qg.shape[2], -1))
+        k_label = cache.k_label[:, :, :cache.length]
+        scores = torch.einsum("bhgc,bhlc->bhgl", q_label.float(), k_label.float()).amax(2)
+        pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
+        scores = scores.masked_fill(~_valid_positions(cache, pos), float("-inf"))
+        return _topk_tokens(scores, cache, self.budget)
+
+
+def make_selector(cfg: SelectorConfig, layer_idx: int = 0):
+    """The selector callable for ``cfg`` (``layer_idx`` picks double_sparse's calibrated channels)."""
+    if cfg.type == "full":
+        return _full
+    if cfg.type == "quest":
+        return _Quest(cfg)
+    if cfg.type == "streaming":
+        return _Streaming(cfg)
+    if cfg.type == "oracle_topk":
+        return _OracleTopK(cfg)
+    if cfg.type == "double_sparse":
+        return _DoubleSparse(cfg, layer_idx)
+    raise ValueError(f"selector.type={cfg.type!r} is invalid: must be one of {', '.join(SELECTOR_TYPES)}")
+
+
+def selector_channels(cfg: SelectorConfig, layer_idx: int) -> torch.Tensor | None:
+    """The label channels a cache must keep for ``cfg`` (double_sparse only)."""
+    if cfg.type != "double_sparse":
+        return None
+    from twilight.select.double_sparse import load_channels
+
+    return load_channels(cfg.channels_path, layer_idx, cfg.num_channels)
+

@@ -1,0 +1,132 @@
+"""`BudgetStats`: how many tokens each layer and head attended to during decoding.
+
+The pipeline records every decode step of every layer: per query head the size of its own kept set
+(after pruning; the candidate count when nothing prunes), per kv-head the tokens actually read (the union
+over its query heads), and the context length. Sums stay on the device until read, so recording costs no
+synchronisation.
+
+``as_dict()`` keys:
+
+- ``mean_attended_tokens``: mean kept tokens per (step, sequence, query head) over the *sparse* layers.
+- ``mean_context_tokens``: mean valid context length per (step, sequence).
+- ``attended_fraction``: their ratio.
+- ``mean_kv_tokens_read``: mean union size per (step, sequence, kv-head) over the sparse layers.
+- ``min_attended_tokens`` / ``max_attended_tokens``: extremes over all query heads and steps (sparse layers).
+- ``per_layer``: one dict per layer with ``layer``, ``dense``, ``mean_attended_tokens``,
+  ``mean_kv_tokens_read``, ``steps``.
+- ``per_head``: ``[layers][Hq]`` mean kept tokens per query head (``None`` for layers never run).
+- ``decode_steps``: recorded (step, sequence) pairs per layer (the maximum over layers).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class BudgetStats:
+    def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int):
+        self.num_layers, self.num_q_heads, self.num_kv_heads = num_layers, num_q_heads, num_kv_heads
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self._q_sum: dict[int, torch.Tensor] = {}
+        self._kv_sum: dict[int, torch.Tensor] = {}
+        self._q_min: dict[int, torch.Tensor] = {}
+        self._q_max: dict[int, torch.Tensor] = {}
+        self._ctx_sum: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, int] = {}
+        self._dense: dict[int, bool] = {}
+
+    def record(self, layer: int, q_counts: torch.Tensor, kv_counts: torch.Tensor, context: torch.Tensor,
+               dense: bool) -> None:
+        """One decode step of ``layer``: ``q_counts [B, Hq]``, ``kv_counts [B, Hkv]``, ``context [B]``."""
+        q = q_counts.to(torch.float64)
+        if layer not in self._q_sum:
+            self._q_sum[layer] = q.sum(0)
+            self._kv_sum[layer] = kv_counts.to(torch.float64).sum(0)
+            self._q_min[layer] = q.amin(0)
+            self._q_max[layer] = q.amax(0)
+            self._ctx_sum[layer] = context.to(torch.float64).sum()
+            self._rows[layer] = q.shape[0]
+        else:
+            self._q_sum[layer] += q.sum(0)
+            self._kv_sum[layer] += kv_counts.to(torch.float64).sum(0)
+            torch.minimum(self._q_min[layer], q.amin(0), out=self._q_min[layer])
+            torch.maximum(self._q_max[layer], q.amax(0), out=self._q_max[layer])
+            self._ctx_sum[layer] += context.to(torch.float64).sum()
+            self._rows[layer] += q.shape[0]
+        self._dense[layer] = dense
+
+    @property
+    def decode_steps(self) -> int:
+        return max(self._rows.values(), default=0)
+
+    def as_dict(self) -> dict:
+        layers = sorted(self._rows)
+        per_layer, per_head = [], [None] * self.num_layers
+        sparse_q, sparse_kv, sparse_rows, lo, hi = 0.0, 0.0, 0, float("inf"), float("-inf")
+        for layer in layers:
+            rows = self._rows[layer]
+            q_mean = (self._q_sum[layer] / rows).tolist()
+            kv_total = float(self._kv_sum[layer].sum())
+            per_head[layer] = q_mean
+            per_layer.append({"layer": layer, "dense": self._dense[layer],
+                              "mean_attended_tokens": float(sum(q_mean) / len(q_mean)),
+                              "mean_kv_tokens_read": kv_total / (rows * self.num_kv_heads), "steps": rows})
+            if not self._dense[layer]:
+                sparse_q += float(self._q_sum[layer].sum())
+                sparse_kv += kv_total
+                sparse_rows += rows
+                lo = min(lo, float(self._q_min[layer].min()))
+                hi = max(hi, float(self._q_max[layer].max()))
+        ctx_layer = layers[0] if layers else None
+        mean_ctx = float(self._ctx_sum[ctx_layer] / self._rows[ctx_layer]) if layers else 0.0
+        mean_att = sparse_q / (sparse_rows * self.num_q_heads) if sparse_rows else mean_ctx
+        return {
+            "mean_attended_tokens": mean_att,
+            "mean_context_tokens": mean_ctx,
+            "attended_fraction": mean_att / mean_ctx if mean_ctx else 0.0,
+            "mean_kv_tokens_read": sparse_kv / (sparse_rows * self.num_kv_heads) if sparse_rows else mean_ctx,
+            "min_attended_tokens": lo if sparse_rows else mean_ctx,
+            "max_attended_tokens": hi if sparse_rows else mean_ctx,
+            "decode_steps": self.decode_steps,
+            "per_layer": per_layer,
+            "per_head": per_head,
+        }
+
+    def summary(self) -> str:
+        """A short printable report."""
+        d = self.as_dict()
+        if not d["decode_steps"]:
+            return "BudgetStats: no decode steps recorded"
+        lines = [f"decode steps: {d['decode_steps']}   context: {d['mean_context_tokens']:.0f} tokens   "
+                 f"attended per head: {d['mean_attended_tokens']:.1f} mean "
+                 f"({d['min_attended_tokens']:.0f}..{d['max_attended_tokens']:.0f}), "
+                 f"{100 * d['attended_fraction']:.2f}% of the context",
+                 "layer  dense  attended/head  kv-tokens read"]
+        for row in d["per_layer"]:
+            lines.append(f"{row['layer']:>5}  {'yes' if row['dense'] else 'no':>5}  {row['mean_attended_tokens']:>13.1f}"
+                         f"  {row['mean_kv_tokens_read']:>14.1f}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | None = None, title: str = "Attended tokens per head"):
+        """Heatmap of mean attended tokens, layers × query heads (log colour scale). Returns the figure."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+
+        d = self.as_dict()
+        grid = [[float("nan")] * self.num_q_heads if row is None else row for row in d["per_head"]]
+        data = torch.tensor(grid).clamp_min(1.0).numpy()
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * self.num_q_heads + 2), max(3, 0.25 * self.num_layers + 1.5)))
+        im = ax.imshow(data, aspect="auto", norm=LogNorm(), cmap="viridis")
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{title}\n(mean context {d['mean_context_tokens']:.0f} tokens)")
+        fig.colorbar(im, ax=ax, label="tokens attended (mean per step)")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
