@@ -26,6 +26,7 @@ import torch
 from twilight.quant import INT4_TILE, int4_codes, int4_params, pack_int4, quantize_int8, round_outward, unpack_int4
 
 _MIN_CHUNK = 256
+_UPDATE_CHUNK = 2048  # tokens per step when updating derived structures
 
 
 class LayerCache:
@@ -142,8 +143,15 @@ class LayerCache:
         self.k[:, :, L0:L1].copy_(k)
         self.v[:, :, L0:L1].copy_(v)
         self.length = L1
+        # Derived structures are updated a granule-aligned chunk at a time: small temporaries stay in cache
+        # and are reused by the allocator instead of page-faulting fresh memory for every bulk append.
+        for c0 in range(L0, L1, _UPDATE_CHUNK):
+            c1 = min(L1, c0 - c0 % _UPDATE_CHUNK + _UPDATE_CHUNK)
+            self._update_derived(c0, c1)
+
+    def _update_derived(self, L0: int, L1: int) -> None:
         if self.quant_bits == 8:
-            codes, qp = quantize_int8(k)
+            codes, qp = quantize_int8(self.k[:, :, L0:L1])
             self.k_int8[:, :, L0:L1].copy_(codes)
             self.k_qparams[:, :, L0:L1].copy_(qp)
         elif self.quant_bits == 4:
@@ -151,8 +159,8 @@ class LayerCache:
         if self.keep_page_bounds:
             self._update_page_bounds(L0, L1)
         if self.label_channels is not None:
-            idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, T, -1)
-            self.k_label[:, :, L0:L1].copy_(torch.gather(k, 3, idx))
+            idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, L1 - L0, -1)
+            self.k_label[:, :, L0:L1].copy_(torch.gather(self.k[:, :, L0:L1], 3, idx))
 
     def _update_int4(self, L0: int, L1: int) -> None:
         """Requantize positions ``[L0, L1)``: repack the int4 tiles they touch."""
