@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from twilight._compat import INDEX_DTYPE
 from twilight.cache import LayerCache
 from twilight.config import ESTIMATOR_TYPES
 from twilight.quant import INT4_TILE
@@ -21,6 +22,8 @@ from twilight.selection import Selection
 __all__ = ["estimate_scores", "gather_tokens", "ESTIMATOR_TYPES"]
 
 _CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Above this fraction of 64-token tiles holding candidates, scoring every tile in place beats gathering.
+_GATHER_MAX_FRACTION = 0.6
 
 
 def gather_tokens(store: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -29,8 +32,9 @@ def gather_tokens(store: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     One ``index_select`` over the flattened rows (much faster than ``torch.gather`` on CPU).
     """
     B, H, cap, X = store.shape
-    base = torch.arange(B * H, device=store.device).view(B, H, 1) * cap
-    flat = (indices.long() + base).reshape(-1)
+    dtype = torch.int32 if B * H * cap < 2**31 else torch.int64
+    base = torch.arange(B * H, device=store.device, dtype=dtype).view(B, H, 1) * cap
+    flat = (indices.to(dtype) + base).reshape(-1)
     return store.reshape(B * H * cap, X).index_select(0, flat).view(B, H, -1, X)
 
 
@@ -76,39 +80,57 @@ def _int4_unpacked(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch
     return dots * qp[..., 0].unsqueeze(2) + qf.sum(-1, keepdim=True) * qp[..., 1].unsqueeze(2)
 
 
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable scratch buffer (large CPU temporaries otherwise page-fault fresh memory every step)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    key = (name, dtype, torch.device(device))
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACES[key] = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
+                                             dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
 def _int4_cpu(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
     """CPU int4 path: PyTorch's int4 GEMV over the tiles holding candidates, no unpacking."""
+    from twilight.select import compact
+
     B, H, G, D = qg.shape
-    K = sel.k_max
-    idx = sel.indices.long()
+    idx = sel.indices.to(INDEX_DTYPE)
     n_tiles = -(-cache.length // INT4_TILE)
-    tile_of = idx // INT4_TILE  # [B, H, K]
-    if sel.is_full_range:
-        touched = torch.ones(B, H, n_tiles, dtype=torch.bool, device=idx.device)
-    else:
+    cap_tiles = cache.capacity // INT4_TILE
+    touched = None
+    if not sel.is_full_range:
+        tile_of = idx >> 6  # INT4_TILE == 64
         touched = torch.zeros(B, H, n_tiles + 1, dtype=torch.bool, device=idx.device)
         touched.scatter_(-1, torch.where(sel.valid(), tile_of, n_tiles), True)
         touched = touched[..., :n_tiles]
-    rank = torch.cumsum(touched, -1) - 1  # position of each touched tile in the gathered list
-    where = rank.gather(-1, tile_of) * INT4_TILE + idx % INT4_TILE  # [B, H, K] column in the GEMV output
+    if touched is None or bool(touched.float().mean() > _GATHER_MAX_FRACTION):
+        # Most tiles hold candidates: run the GEMV over every tile in place rather than gathering.
+        rows = cache.k_int4[:, :, :n_tiles * INT4_TILE]  # [B, H, n * 64, D/2]
+        qparams = cache.k_qparams[:, :, :n_tiles * INT4_TILE]
+        column = idx  # [B, H, K]: where each candidate's score lands in the GEMV output
+    else:  # gather the touched tiles of every (b, h) into one padded batch
+        tiles, _ = compact(torch.arange(n_tiles, device=idx.device).expand(B, H, n_tiles), touched)  # [B, H, T]
+        rank = torch.cumsum(touched, -1, dtype=torch.int32) - 1
+        column = rank.gather(-1, tile_of) * INT4_TILE + (idx & (INT4_TILE - 1))
+        flat = (tiles + torch.arange(B * H, device=idx.device, dtype=torch.int32).view(B, H, 1) * cap_tiles).view(-1)
+        rows = _workspace("int4_rows", (flat.numel(), INT4_TILE * D // 2), torch.uint8, idx.device)
+        torch.index_select(cache.k_int4.view(B * H * cap_tiles, -1), 0, flat, out=rows)
+        rows = rows.view(B, H, -1, D // 2)
+        qparams = cache.k_qparams.view(B * H * cap_tiles, -1).index_select(0, flat).view(B, H, -1, 2)
     a = qg.to(torch.bfloat16)
-    tiles_view = cache.k_int4.view(B, H, cache.capacity // INT4_TILE, INT4_TILE * D // 2)
-    qp_view = cache.k_qparams.view(B, H, cache.capacity // INT4_TILE, INT4_TILE, 2)
-    out = torch.empty(B, H, G, K, dtype=torch.float32, device=qg.device)
+    qparams = qparams.to(torch.bfloat16)  # (scale, mid) is torch's (scale, zero) for codes - 8
+    out = torch.empty(B, H, G, rows.shape[2], dtype=torch.bfloat16, device=qg.device)
     for b in range(B):
         for h in range(H):
-            if sel.is_full_range:
-                rows = tiles_view[b, h, :n_tiles]
-                qp = qp_view[b, h, :n_tiles]
-            else:
-                tiles = touched[b, h].nonzero().squeeze(-1)
-                rows = tiles_view[b, h].index_select(0, tiles)
-                qp = qp_view[b, h].index_select(0, tiles)
-            weight = rows.reshape(-1, D // 2)  # [n * 64, D/2], torch's CPU int4 layout
-            qp = qp.reshape(1, -1, 2).to(torch.bfloat16)  # (scale, mid) is torch's (scale, zero) for q - 8
-            scores = torch._weight_int4pack_mm_for_cpu(a[b, h], weight, D, qp)  # [G, n * 64]
-            out[b, h] = scores.float().gather(-1, where[b, h].unsqueeze(0).expand(G, -1))
-    return out
+            out[b, h] = torch._weight_int4pack_mm_for_cpu(a[b, h], rows[b, h], D, qparams[b, h].unsqueeze(0))
+    return out.gather(-1, column.unsqueeze(2).expand(B, H, G, -1)).float()
 
 
 def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: str = "int4") -> torch.Tensor:

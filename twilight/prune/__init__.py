@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from twilight._compat import INDEX_DTYPE
 from twilight.config import PRUNER_TYPES
 
 __all__ = ["top_p_mask", "top_k_mask", "threshold_mask", "prune_mask", "PRUNER_TYPES"]
 
-# Radix digits of a non-negative float32's bit pattern, most significant first: 4 levels of 8 bits.
-_RADIX_SHIFTS = (24, 16, 8, 0)
-_RADIX = 256
+# Radix digits of a non-negative float32's 31-bit pattern, most significant first, as (shift, width).
+_RADIX_ROUNDS = ((20, 11), (10, 10), (0, 10))
 
 
 def _check_p(p: float | torch.Tensor, name: str = "p") -> None:
@@ -52,9 +52,11 @@ def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
         row's mass. Ties at the threshold are all kept; ``p = 1`` keeps every candidate.
 
     The threshold is found by a radix search over the bit pattern of the float32 weights ``exp(x - max)``
-    (whose integer view is monotone because they are non-negative): four rounds, each a 256-way search
-    for the next 8 bits of ``w*`` using a per-row histogram of mass by digit. This is the binary search of
-    top-p sampling kernels, 8 bits per round instead of 1, and it ends on the exact threshold weight.
+    (whose integer view is monotone because they are non-negative): three rounds, each a 1024- or
+    2048-way search for the next 10 or 11 bits of ``w*`` using a per-row histogram of mass by digit. It is
+    the binary search of top-p sampling kernels, 10 bits per round instead of 1, and it ends on the exact
+    threshold weight. Only the first round reads whole rows; later rounds read the few elements that
+    share the threshold's leading bits.
 
     Example::
 
@@ -78,22 +80,28 @@ def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     target = (p.reshape(-1) if isinstance(p, torch.Tensor) and p.dim() else torch.as_tensor(p)) * w.sum(-1)
     bits = w.view(torch.int32)
 
-    # Round 0 over the whole row: the top 8 bits (sign and high exponent bits).
-    hist = torch.zeros(rows, _RADIX + 1, dtype=torch.float32, device=w.device)
-    hist.scatter_add_(-1, (bits >> _RADIX_SHIFTS[0]).long(), w)
-    prefix, mass_above = _radix_round(hist, torch.zeros_like(target), target)
+    # Round 0 over the whole row: the top bits (sign, exponent and the leading mantissa bits).
+    # (All index arithmetic stays in int32: int64 copies of [R, N] tensors cost more than the search.)
+    shift, width = _RADIX_ROUNDS[0]
+    bins = (1 << width) + 1
+    row_base = torch.arange(rows, dtype=torch.int32, device=w.device).unsqueeze(-1) * bins
+    hist = torch.zeros(rows * bins, dtype=torch.float32, device=w.device)
+    hist.index_add_(0, ((bits >> shift) + row_base).view(-1), w.view(-1))
+    prefix, mass_above = _radix_round(hist.view(rows, bins), torch.zeros_like(target), target)
     # Later rounds only look at the elements whose top bits equal the prefix found so far: compact them.
-    row_of, col_of = torch.nonzero((bits >> _RADIX_SHIFTS[0]) == prefix.unsqueeze(-1), as_tuple=True)
-    cand_bits, cand_w = bits[row_of, col_of], w[row_of, col_of]
-    bin_base = row_of * (_RADIX + 1)
-    for shift in _RADIX_SHIFTS[1:]:
-        active = (cand_bits >> (shift + 8)) == prefix[row_of]
-        digit = torch.where(active, (cand_bits >> shift) & 0xFF, _RADIX)
-        hist.zero_().view(-1).index_add_(0, bin_base + digit, cand_w)
-        digit_star, mass_above = _radix_round(hist, mass_above, target)
-        prefix = (prefix << 8) | digit_star
-    prefix = prefix.to(torch.int32)
-    mask = (bits >= prefix.unsqueeze(-1)) & (w > 0)
+    flat = ((bits >> shift) == prefix.unsqueeze(-1)).view(-1).nonzero().squeeze(-1)
+    row_of = (flat // n).to(torch.int32)
+    cand_bits, cand_w = bits.view(-1)[flat], w.view(-1)[flat]
+    for shift, width in _RADIX_ROUNDS[1:]:
+        bins = (1 << width) + 1
+        active = (cand_bits >> (shift + width)) == prefix[row_of]
+        digit = torch.where(active, (cand_bits >> shift) & ((1 << width) - 1), 1 << width)
+        hist = torch.zeros(rows * bins, dtype=torch.float32, device=w.device)
+        hist.index_add_(0, row_of * bins + digit, cand_w)
+        digit_star, mass_above = _radix_round(hist.view(rows, bins), mass_above, target)
+        prefix = (prefix << width) | digit_star
+    # prefix is now the exact bit pattern of the threshold weight (>= 1: zero weights are never kept)
+    mask = bits >= prefix.clamp_min(1).unsqueeze(-1)
     if isinstance(p, torch.Tensor):  # rows with p == 1 keep every candidate, underflowed ones included
         mask |= (p.reshape(-1, 1) >= 1.0) & (logits.reshape(-1, n) > float("-inf"))
     return mask.reshape(*lead, n)
@@ -102,15 +110,17 @@ def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
 def _radix_round(hist: torch.Tensor, mass_above: torch.Tensor, target: torch.Tensor):
     """One round of the radix search.
 
-    ``hist [R, 257]`` holds the mass of the competing elements by digit (column 256: non-competing).
-    Returns the largest digit ``d*`` such that ``mass_above + mass(digits >= d*) >= target``, and the
-    mass above the new, narrower range (``mass_above + mass(digits > d*)``).
+    ``hist [R, bins + 1]`` holds the mass of the competing elements by digit (last column: elements not
+    competing). Returns the largest digit ``d*`` with ``mass_above + mass(digits >= d*) >= target``, and
+    the mass above the new, narrower range (``mass_above + mass(digits > d*)``).
     """
-    hist[:, _RADIX] = 0.0
-    suffix = hist.flip(-1).cumsum(-1).flip(-1)  # suffix[:, d] = mass of digits >= d; suffix[:, 256] = 0
-    reaches = (mass_above.unsqueeze(-1) + suffix[:, :_RADIX]) >= target.unsqueeze(-1)  # true for d <= d*
-    digit_star = (reaches.sum(-1) - 1).clamp_min(0)
-    return digit_star, mass_above + suffix.gather(-1, (digit_star + 1).unsqueeze(-1)).squeeze(-1)
+    bins = hist.shape[-1] - 1
+    hist[:, bins] = 0.0
+    suffix = hist.flip(-1).cumsum(-1).flip(-1)  # suffix[:, d] = mass of digits >= d; suffix[:, bins] = 0
+    reaches = (mass_above.unsqueeze(-1) + suffix[:, :bins]) >= target.unsqueeze(-1)  # true for d <= d*
+    digit_star = (reaches.sum(-1, dtype=torch.int32) - 1).clamp_min(0)
+    above = suffix.gather(-1, (digit_star + 1).to(INDEX_DTYPE).unsqueeze(-1)).squeeze(-1)
+    return digit_star, mass_above + above
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:

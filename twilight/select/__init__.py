@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from twilight._compat import INDEX_DTYPE
 from twilight.cache import LayerCache
 from twilight.config import SELECTOR_TYPES, SelectorConfig
 from twilight.selection import Selection
@@ -35,7 +36,7 @@ def compact(values: torch.Tensor, keep: torch.Tensor, width: int | None = None) 
     if width is None:
         width = max(int(counts.max()) if counts.numel() else 0, 1)
     slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
-    slot = torch.where(keep, slot, width).long()  # dropped entries land in a spill column
+    slot = torch.where(keep, slot, width).to(INDEX_DTYPE)  # dropped entries land in a spill column
     out = torch.zeros(*values.shape[:-1], width + 1, dtype=torch.int32, device=values.device)
     out.scatter_(-1, slot, values.to(torch.int32))
     out = out[..., :width]
