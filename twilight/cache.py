@@ -123,6 +123,16 @@ class LayerCache:
         if self.length and self.keep_page_bounds:
             self._update_page_bounds(0, self.length)
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep the sequences ``index [B']`` (in that order, repeats allowed): beam-search reordering and
+        Hugging Face's batch repeat/select. Every per-sequence buffer is re-indexed along the batch."""
+        index = torch.as_tensor(index, device=self.device).to(torch.long).reshape(-1)
+        for name in ("k", "v", "k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name).index_select(0, index))
+        self.start = self.start.index_select(0, index)
+        self.batch = index.numel()
+
     # ------------------------------------------------------------------ appends
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k, v [B, Hkv, T, D]`` at positions ``[length, length + T)`` of every sequence."""
@@ -145,9 +155,11 @@ class LayerCache:
         self.length = L1
         # Derived structures are updated a granule-aligned chunk at a time: small temporaries stay in cache
         # and are reused by the allocator instead of page-faulting fresh memory for every bulk append.
-        for c0 in range(L0, L1, _UPDATE_CHUNK):
+        c0 = L0
+        while c0 < L1:  # chunks end on multiples of _UPDATE_CHUNK; the next one starts where this one ended
             c1 = min(L1, c0 - c0 % _UPDATE_CHUNK + _UPDATE_CHUNK)
             self._update_derived(c0, c1)
+            c0 = c1
 
     def _update_derived(self, L0: int, L1: int) -> None:
         if self.quant_bits == 8:

@@ -64,13 +64,19 @@ def calibrate(queries: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tens
         data = {"num_channels": num_channels, "layers": {str(l): c.tolist() for l, c in out.items()}}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f)
+        _read_version.cache_clear()  # a rewrite within the file system's timestamp resolution
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _read(path: str) -> dict:
     if not os.path.exists(path):
         raise ValueError(f"selector.channels_path={path!r} does not exist")
+    st = os.stat(path)
+    return _read_version(path, st.st_mtime_ns, st.st_size)  # a rewritten file is read again
+
+
+@functools.lru_cache(maxsize=None)
+def _read_version(path: str, mtime_ns: int, size: int) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -1,0 +1,235 @@
+"""twilight.cache.LayerCache: consistency of every derived structure under random append sequences."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twilight.cache import LayerCache
+from twilight.quant import INT4_TILE, int4_codes, int4_params, quantize_int8, unpack_int4
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _brute_page_bounds(keys: torch.Tensor, start: torch.Tensor, page_size: int):
+    """Per page, per channel, exact max and min of the valid keys; ``has`` marks pages with a valid token.
+    keys ``[B, H, L, D]`` -> ``hi, lo [B, H, P, D]`` float64, ``has [B, P]``."""
+    B, H, L, D = keys.shape
+    P = -(-L // page_size)
+    padded = torch.zeros(B, H, P * page_size, D, dtype=torch.float64)
+    padded[:, :, :L] = keys.double()
+    pos = torch.arange(P * page_size)
+    valid = (pos.view(1, -1) >= start.view(-1, 1)) & (pos.view(1, -1) < L)  # [B, P * ps]
+    v = valid.view(B, 1, P * page_size, 1)
+    hi = padded.masked_fill(~v, float("-inf")).view(B, H, P, page_size, D).amax(3)
+    lo = padded.masked_fill(~v, float("inf")).view(B, H, P, page_size, D).amin(3)
+    return hi, lo, valid.view(B, P, page_size).any(-1)
+
+
+def check_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+    """Everything the cache holds agrees with a fresh computation from the concatenated ``k, v``."""
+    L = k.shape[2]
+    assert cache.length == L
+    assert cache.capacity >= L and cache.capacity % INT4_TILE == 0 and cache.capacity % cache.page_size == 0
+    assert torch.equal(cache.keys(), k) and torch.equal(cache.values(), v)
+    assert cache.keys().dtype == cache.dtype
+    assert cache.lengths().tolist() == [max(L - int(s), 0) for s in start]
+    assert cache.num_pages == -(-L // cache.page_size)
+    if L == 0:
+        return
+    if cache.quant_bits == 4:
+        qp = int4_params(k)
+        assert torch.equal(cache.k_qparams[:, :, :L], qp)
+        codes = unpack_int4(cache.k_int4[:, :, :-(-L // INT4_TILE) * INT4_TILE])[:, :, :L]
+        assert torch.equal(codes, int4_codes(k, qp))
+    elif cache.quant_bits == 8:
+        codes, qp = quantize_int8(k)
+        assert torch.equal(cache.k_int8[:, :, :L], codes)
+        assert torch.equal(cache.k_qparams[:, :, :L], qp)
+    if cache.keep_page_bounds:
+        hi, lo, has = _brute_page_bounds(k, start, cache.page_size)
+        bounds = cache.page_bounds[:, :, :cache.num_pages]
+        assert bounds.dtype == (torch.float16 if cache.dtype == torch.float16 else torch.bfloat16)
+        c_hi, c_lo = bounds[:, :, :, 0], bounds[:, :, :, 1]
+        sel = has.view(cache.batch, 1, -1, 1).expand_as(hi)
+        # bounds bound the exact values ...
+        assert bool((c_hi.double() >= hi)[sel].all()), "page max below a key"
+        assert bool((c_lo.double() <= lo)[sel].all()), "page min above a key"
+        # ... and are the tightest such values of the bounds dtype (outward rounding, not padding)
+        up = torch.tensor(float("inf"), dtype=bounds.dtype)
+        down = torch.tensor(float("-inf"), dtype=bounds.dtype)
+        assert bool((torch.nextafter(c_hi, down).double() < hi)[sel].all()), "page max not tight"
+        assert bool((torch.nextafter(c_lo, up).double() > lo)[sel].all()), "page min not tight"
+    if cache.label_channels is not None:
+        idx = cache.label_channels.view(1, cache.num_kv_heads, 1, -1).expand(cache.batch, -1, L, -1)
+        assert torch.equal(cache.k_label[:, :, :L], torch.gather(k, 3, idx))
+
+
+@st.composite
+def cache_scenarios(draw):
+    batch = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, 3))
+    quant = draw(st.sampled_from([4, 8, None]))
+    head_dim = draw(st.sampled_from([2, 4, 6, 16] if quant == 4 else [1, 3, 4, 16]))
+    page_size = draw(st.one_of(st.sampled_from([1, 16, 64]), st.integers(1, 64)))
+    dtype = draw(st.sampled_from(DTYPES))
+    appends = draw(st.lists(st.one_of(st.just(1), st.integers(0, 200)), min_size=1, max_size=8))
+    if draw(st.integers(0, 4)) == 0:  # sometimes a bulk append crossing the cache's 2048-token update chunks
+        appends.insert(draw(st.integers(0, len(appends))), draw(st.integers(1900, 2300)))
+    total = sum(appends)
+    start = draw(st.lists(st.integers(0, total + 2), min_size=batch, max_size=batch))
+    start_mode = draw(st.sampled_from(["init", "later", "none"]))
+    seed = draw(st.integers(0, 2 ** 16))
+    return batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cache_scenarios())
+def test_random_append_sequences(scenario):
+    batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed = scenario
+    g = torch.Generator().manual_seed(seed)
+    start_t = torch.tensor(start, dtype=torch.int32)
+    label = torch.stack([torch.randperm(head_dim, generator=g)[:max(1, head_dim // 2)] for _ in range(heads)])
+    cache = LayerCache(batch, heads, head_dim, dtype=dtype, page_size=page_size, quant_bits=quant,
+                       label_channels=label, start=start_t if start_mode == "init" else None)
+    eff_start = start_t if start_mode == "init" else torch.zeros(batch, dtype=torch.int32)
+    ks, vs = [], []
+    for i, T in enumerate(appends):
+        k = (torch.randn(batch, heads, T, head_dim, generator=g) * (1 + 10 * torch.rand(1, generator=g))).to(dtype)
+        v = torch.randn(batch, heads, T, head_dim, generator=g).to(dtype)
+        cache.append(k, v)
+        ks.append(k)
+        vs.append(v)
+        if start_mode == "later" and i == len(appends) // 2:
+            cache.set_start(start_t)
+            eff_start = start_t
+        check_cache(cache, torch.cat(ks, 2), torch.cat(vs, 2), eff_start)
+
+
+def test_growth_keeps_old_data_and_is_amortised():
+    cache = LayerCache(1, 2, 8, quant_bits=4, page_size=16)
+    ks, vs, caps = [], [], []
+    for _ in range(700):
+        k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+        cache.append(k, v)
+        ks.append(k)
+        vs.append(v)
+        caps.append(cache.capacity)
+    check_cache(cache, torch.cat(ks, 2), torch.cat(vs, 2), torch.zeros(1, dtype=torch.int32))
+    # capacity grows geometrically: few reallocations for many one-token appends
+    assert len(set(caps)) <= 4
+    assert all(b >= 2 * a for a, b in zip(sorted(set(caps)), sorted(set(caps))[1:]))
+
+
+@pytest.mark.parametrize("quant", [4, 8])
+def test_bulk_append_across_update_chunks(quant):
+    """A bulk append larger than the cache's internal update chunk, at an unaligned offset."""
+    cache = LayerCache(1, 1, 4, quant_bits=quant, page_size=48, start=torch.tensor([5]))
+    k1, v1 = torch.randn(1, 1, 37, 4), torch.randn(1, 1, 37, 4)
+    k2, v2 = torch.randn(1, 1, 4200, 4), torch.randn(1, 1, 4200, 4)
+    cache.append(k1, v1)
+    cache.append(k2, v2)
+    check_cache(cache, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), torch.tensor([5]))
+
+
+def test_initial_capacity():
+    cache = LayerCache(1, 1, 4, initial_capacity=1000, page_size=16)
+    assert cache.capacity >= 1000
+    cap = cache.capacity
+    cache.append(torch.randn(1, 1, 1000, 4), torch.randn(1, 1, 1000, 4))
+    assert cache.capacity == cap
+
+
+def test_zero_length_append_is_noop():
+    cache = LayerCache(1, 1, 4)
+    cache.append(torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4))
+    assert cache.length == 0 and cache.keys().shape == (1, 1, 0, 4)
+
+
+def test_without_page_bounds_or_quant():
+    cache = LayerCache(1, 1, 4, quant_bits=None, keep_page_bounds=False)
+    cache.append(torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 4))
+    for name in ("k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
+        assert not hasattr(cache, name)
+    mem = cache.memory_bytes()
+    assert mem["extra"] == 0 and mem["overhead_ratio"] == 0
+
+
+@pytest.mark.parametrize("dtype,page_size", [(torch.float16, 16), (torch.bfloat16, 64), (torch.float32, 16)])
+def test_memory_bytes_overhead(dtype, page_size):
+    D = 128
+    cache = LayerCache(2, 4, D, dtype=dtype, page_size=page_size, quant_bits=4)
+    cache.append(torch.randn(2, 4, 300, D, dtype=dtype), torch.randn(2, 4, 300, D, dtype=dtype))
+    mem = cache.memory_bytes()
+    n = 2 * 4 * cache.capacity  # token slots
+    el = torch.tensor([], dtype=dtype).element_size()
+    assert mem["kv"] == 2 * n * D * el
+    assert mem["k_int4"] == n * D // 2
+    assert mem["k_qparams"] == n * 2 * 4
+    assert mem["page_bounds"] == (n // page_size) * 2 * D * 2
+    assert mem["extra"] == mem["k_int4"] + mem["k_qparams"] + mem["page_bounds"]
+    expected = (D / 2 + 8 + 4 * D / page_size) / (2 * D * el)
+    assert mem["overhead_ratio"] == pytest.approx(expected)
+    # sensible: for half-precision caches with Quest pages of 16, int4 + params + bounds stay near 20% of K/V
+    if el == 2 and page_size == 16:
+        assert 0.15 < mem["overhead_ratio"] < 0.25
+    print(f"overhead ratio ({dtype}, page {page_size}): {mem['overhead_ratio']:.3f}")
+
+
+def test_int8_memory():
+    cache = LayerCache(1, 1, 64, dtype=torch.float16, quant_bits=8, keep_page_bounds=False)
+    cache.append(torch.randn(1, 1, 10, 64, dtype=torch.float16), torch.randn(1, 1, 10, 64, dtype=torch.float16))
+    mem = cache.memory_bytes()
+    assert mem["k_int8"] == cache.capacity * 64
+    assert mem["overhead_ratio"] == pytest.approx((64 + 8) / (2 * 64 * 2))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="page_size"):
+        LayerCache(1, 1, 4, page_size=0)
+    with pytest.raises(ValueError, match="quant_bits"):
+        LayerCache(1, 1, 4, quant_bits=2)
+    with pytest.raises(ValueError, match="head_dim"):
+        LayerCache(1, 1, 5, quant_bits=4)
+    with pytest.raises(ValueError, match="batch"):
+        LayerCache(0, 1, 4)
+    with pytest.raises(ValueError, match="label_channels"):
+        LayerCache(1, 2, 4, label_channels=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="label_channels"):
+        LayerCache(1, 2, 4, label_channels=torch.zeros(2, dtype=torch.long))
+
+
+def test_start_errors():
+    cache = LayerCache(2, 1, 4)
+    with pytest.raises(ValueError, match="start"):
+        cache.set_start(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="start"):
+        cache.set_start(torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match="start"):
+        LayerCache(2, 1, 4, start=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("shape,needle", [
+    ((2, 2, 3, 8), "k must be"),   # batch
+    ((1, 3, 3, 8), "k must be"),   # heads
+    ((1, 2, 3, 7), "k must be"),   # head_dim
+    ((1, 2, 8), "k must be"),      # rank
+])
+def test_append_shape_errors(shape, needle):
+    cache = LayerCache(1, 2, 8)
+    k = torch.randn(*shape)
+    with pytest.raises(ValueError, match=needle):
+        cache.append(k, k.clone())
+    assert cache.length == 0
+
+
+def test_append_value_shape_and_dtype_errors():
+    cache = LayerCache(1, 2, 8, dtype=torch.float32)
+    k = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="v shape"):
+        cache.append(k, torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        cache.append(k.half(), k.half())
+    with pytest.raises(ValueError, match="dtype"):
+        cache.append(k, k.double())
+    assert cache.length == 0
