@@ -1,0 +1,418 @@
+"""`twilight.patch` on tiny randomly initialised Llama, Mistral, Qwen2 and Qwen3 models (no download).
+
+Each model has 4 layers, hidden size 64, 4 query / 2 kv heads (GQA) of dim 16 and a 1000-token vocabulary;
+``initializer_range=0.1`` makes logits peaked enough that greedy decoding is not decided by float noise.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+import twilight
+from twilight.integrations import hf
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+# Sparse configs small enough to prune on contexts of ~100 tokens.
+TOP_P = {"selector": {"type": "full"}, "estimator": {"type": "int4"}, "pruner": {"type": "top_p", "p": 0.85},
+         "dense_layers": [0]}
+QUEST_TOP_P = {"selector": {"type": "quest", "token_budget": 32, "page_size": 16}, "estimator": {"type": "int4"},
+               "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [0]}
+STREAMING = {"selector": {"type": "streaming", "sink_tokens": 4, "window": 16}, "estimator": {"type": "exact"},
+             "pruner": {"type": "none"}, "dense_layers": [0]}
+PAD = 0
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    config_cls, model_cls = FAMILIES[family]
+    kwargs = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=PAD, bos_token_id=1,
+                  eos_token_id=2, initializer_range=0.1)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    model.generation_config.eos_token_id = None  # always generate the requested number of tokens
+    return model
+
+
+def prompts(lengths, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (1, n), generator=g) for n in lengths]
+
+
+def left_pad(seqs):
+    """``(input_ids, attention_mask)`` of a left-padded batch."""
+    width = max(s.shape[1] for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - s.shape[1]:] = s[0]
+        mask[i, width - s.shape[1]:] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask=None, n=8, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=PAD,
+                          **kwargs)
+
+
+def assert_unpatched(model, attn="sdpa"):
+    assert not hf.is_patched(model)
+    assert model.config._attn_implementation == attn
+    assert "forward" not in model.get_decoder().__dict__
+    assert "_prepare_cache_for_generation" not in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_preset_and_unpatch_give_identical_greedy_output(family):
+    model = tiny_model(family)
+    ids = torch.cat(prompts([90, 90]))
+    ref = greedy(model, ids, n=12)
+    assert twilight.patch(model, "dense") is model
+    assert torch.equal(greedy(model, ids, n=12), ref)
+    twilight.patch(model, TOP_P)
+    sparse = greedy(model, ids, n=12)
+    assert sparse.shape == ref.shape
+    assert twilight.budget_stats(model).as_dict()["attended_fraction"] < 1.0  # it really pruned
+    twilight.unpatch(model)
+    assert_unpatched(model)
+    assert torch.equal(greedy(model, ids, n=12), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", ["dense", "top_p", "streaming"])
+def test_left_padded_batch_matches_per_sample_runs(family, preset):
+    """Padding is never selected: a padded sequence decodes as it does alone (streaming's sinks would be
+    padding otherwise; top-p over all candidates depends on the sequence only)."""
+    spec = {"dense": "dense", "top_p": TOP_P, "streaming": STREAMING}[preset]
+    model = tiny_model(family)
+    seqs = prompts([100, 70, 37])
+    ids, mask = left_pad(seqs)
+    twilight.patch(model, spec)
+    single = [greedy(model, s)[0, s.shape[1]:] for s in seqs]
+    batch = greedy(model, ids, mask)[:, ids.shape[1]:]
+    for b in range(len(seqs)):
+        assert torch.equal(batch[b], single[b]), f"sequence {b} differs in the batch"
+
+
+def test_quest_never_selects_padding():
+    """Quest on a left-padded batch: decode-step selections stay inside each sequence's tokens."""
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([100, 57, 23]))
+    twilight.patch(model, QUEST_TOP_P)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask).past_key_values
+    pipeline = cache.pipeline
+    for layer in (1, 2, 3):
+        lc = cache.layer_cache(layer)
+        for _ in range(5):
+            q = torch.randn(3, 4, 16) * 3
+            for sel in (pipeline.select(layer, q, lc), pipeline.prune(q, lc, pipeline.select(layer, q, lc), 0.25)[0]):
+                selected = sel.to_mask(lc.length)  # [B, Hkv, L]
+                assert not selected[1, :, :43].any() and not selected[2, :, :77].any()
+                assert (sel.counts >= 1).all()
+
+
+def test_padding_becomes_each_sequences_start():
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(prompts([50, 20, 45]))
+    twilight.patch(model, QUEST_TOP_P)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, hf.TwilightCache)
+    for layer in range(4):
+        lc = cache.layer_cache(layer)
+        assert lc.start.tolist() == [0, 30, 5]
+        assert lc.lengths().tolist() == [50, 20, 45]
+
+
+# ---------------------------------------------------------------------------------------------------- stats
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_stats_are_consistent_with_the_context(family):
+    model = tiny_model(family)
+    P, N, B = 80, 9, 2
+    twilight.patch(model, QUEST_TOP_P)
+    greedy(model, torch.cat(prompts([P] * B)), n=N)
+    stats = twilight.budget_stats(model)
+    d = stats.as_dict()
+    # The first new token comes from prefill; each later one is a decode step over P + i tokens (i = 1..N-1).
+    assert d["decode_steps"] == (N - 1) * B
+    assert d["mean_context_tokens"] == pytest.approx(P + N / 2)
+    assert 1 <= d["min_attended_tokens"] <= d["mean_attended_tokens"] <= d["max_attended_tokens"] <= P + N - 1
+    assert d["mean_kv_tokens_read"] <= QUEST_TOP_P["selector"]["token_budget"]
+    assert [row["layer"] for row in d["per_layer"]] == [0, 1, 2, 3]
+    assert d["per_layer"][0]["dense"] and d["per_layer"][0]["mean_attended_tokens"] == pytest.approx(P + N / 2)
+    assert all(row["steps"] == (N - 1) * B for row in d["per_layer"])
+    assert all(len(heads) == 4 and max(heads) <= P + N - 1 for heads in d["per_head"])
+    assert "decode steps" in stats.summary()
+    stats.reset()
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 0
+
+
+def test_budget_stats_context_excludes_padding():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([60, 30]))
+    twilight.patch(model, "dense")
+    greedy(model, ids, mask, n=5)
+    d = twilight.budget_stats(model).as_dict()
+    assert d["decode_steps"] == 4 * 2
+    assert d["mean_context_tokens"] == pytest.approx((60 + 30) / 2 + 2.5)
+
+
+def test_budget_stats_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    model = tiny_model("llama")
+    twilight.patch(model, QUEST_TOP_P)
+    greedy(model, prompts([70])[0], n=4)
+    path = tmp_path / "budget.png"
+    twilight.budget_stats(model).plot(str(path))
+    assert path.stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------- generate modes
+def test_sampling_beam_search_and_multiple_return_sequences():
+    model = tiny_model("mistral")
+    ids = torch.cat(prompts([50, 50]))
+    torch.manual_seed(5)
+    ref_sample = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=50)
+    ref_beam = greedy(model, ids, n=6, num_beams=3)
+    twilight.patch(model, "dense")
+    torch.manual_seed(5)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, top_k=50), ref_sample)
+    assert torch.equal(greedy(model, ids, n=6, num_beams=3), ref_beam)  # reorders the cache
+    twilight.patch(model, TOP_P)
+    out = model.generate(ids, max_new_tokens=6, do_sample=True, num_return_sequences=3)
+    assert out.shape == (6, 56)
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 5 * 6
+
+
+def test_manual_forward_loop_matches_generate():
+    model = tiny_model("qwen3")
+    ids = torch.cat(prompts([64, 64]))
+    twilight.patch(model, TOP_P)
+    expected = greedy(model, ids, n=6)[:, 64:]
+    twilight.budget_stats(model).reset()
+    with torch.no_grad():
+        out = model(ids)  # positional input, use_cache from the config
+        cache = out.past_key_values
+        assert isinstance(cache, hf.TwilightCache) and cache.get_seq_length() == 64
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(5):
+            out = model(tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), expected)
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 5 * 2
+    with torch.no_grad():  # use_cache=False: a plain dense forward, no cache, nothing recorded
+        assert model(ids, use_cache=False).past_key_values is None
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 5 * 2
+
+
+def test_user_cache_from_make_cache():
+    model = tiny_model("llama")
+    ids = torch.cat(prompts([40]))
+    twilight.patch(model, TOP_P)
+    expected = greedy(model, ids, n=5)
+    cache = hf.make_cache(model)
+    out = greedy(model, ids, n=5, past_key_values=cache)
+    assert torch.equal(out, expected)
+    assert cache.get_seq_length() == 44
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", {"sliding_window": 24}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 2}),
+])
+def test_sliding_window_models_keep_their_window(family, overrides):
+    model = tiny_model(family, **overrides)
+    ids = torch.cat(prompts([60, 60]))
+    ref = greedy(model, ids, n=10)
+    twilight.patch(model, "dense")
+    assert torch.equal(greedy(model, ids, n=10), ref)
+    twilight.patch(model, TOP_P)
+    greedy(model, ids, n=10)
+    d = twilight.budget_stats(model).as_dict()
+    sliding = [i for i, t in enumerate(getattr(model.config, "layer_types", None) or ["sliding_attention"] * 4)
+               if t == "sliding_attention"]
+    assert all(max(d["per_head"][i]) <= 24 for i in sliding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs(dtype):
+    model = tiny_model("llama").to(dtype)
+    ids, mask = left_pad(prompts([70, 50]))
+    twilight.patch(model, QUEST_TOP_P)
+    out = greedy(model, ids, mask, n=6)
+    assert out.shape == (2, 76)
+    assert ((out >= 0) & (out < 1000)).all()
+    cache = model(input_ids=ids, attention_mask=mask).past_key_values
+    assert cache.layer_cache(2).k.dtype == dtype
+    assert 0 < twilight.budget_stats(model).as_dict()["attended_fraction"] <= 1
+
+
+def test_eager_attention_model():
+    model = tiny_model("llama", attn_implementation="eager")
+    ids = torch.cat(prompts([50]))
+    ref = greedy(model, ids)
+    twilight.patch(model, "dense")
+    assert model.config._attn_implementation == "twilight_eager"
+    assert torch.equal(greedy(model, ids), ref)
+    twilight.unpatch(model)
+    assert_unpatched(model, attn="eager")
+
+
+# ---------------------------------------------------------------------------------------------------- lifecycle
+def test_patch_twice_and_change_config():
+    model = tiny_model("llama")
+    ids = torch.cat(prompts([80]))
+    ref = greedy(model, ids)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    twilight.patch(model, QUEST_TOP_P)
+    greedy(model, ids)
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 7
+    config = twilight.TwilightConfig.load("dense")
+    twilight.patch(model, config)  # replaces the config and starts new stats
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 0
+    config.selector.type = "streaming"  # the model keeps its own copy
+    assert torch.equal(greedy(model, ids), ref)
+    twilight.patch(model, "dense")
+    twilight.unpatch(model)
+    assert_unpatched(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert torch.equal(greedy(model, ids), ref)
+    with pytest.raises(ValueError, match="not patched"):
+        twilight.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        twilight.budget_stats(model)
+
+
+def test_two_patched_models_in_one_process():
+    a, b = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
+    ids = torch.cat(prompts([60]))
+    ref_a = greedy(a, ids)
+    twilight.patch(b, TOP_P)
+    solo_b = greedy(b, ids)
+    twilight.budget_stats(b).reset()
+    twilight.patch(a, "dense")
+    out_a, out_b, out_a2 = greedy(a, ids), greedy(b, ids), greedy(a, ids)
+    assert torch.equal(out_a, ref_a) and torch.equal(out_a2, ref_a) and torch.equal(out_b, solo_b)
+    assert twilight.budget_stats(a).as_dict()["decode_steps"] == 14
+    assert twilight.budget_stats(b).as_dict()["decode_steps"] == 7
+    assert twilight.budget_stats(a).as_dict()["attended_fraction"] == 1.0
+    twilight.unpatch(a)
+    assert torch.equal(greedy(b, ids), solo_b)  # b stays patched
+
+
+def test_config_that_does_not_fit_leaves_the_model_untouched():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="dense_layers"):
+        twilight.patch(model, {**TOP_P, "dense_layers": [7]})
+    assert_unpatched(model)
+    with pytest.raises(twilight.ConfigError):
+        twilight.patch(model, "no-such-preset")
+    assert_unpatched(model)
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+def test_unsupported_model_family_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0,
+                                       eos_token_id=0))
+    with pytest.raises(ValueError, match=r"gpt2.*llama, mistral, qwen2, qwen3"):
+        twilight.patch(model, "dense")
+    assert not hf.is_patched(model) and model.config._attn_implementation != "twilight_sdpa"
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        twilight.patch(torch.nn.Linear(2, 2), "dense")
+
+
+@pytest.mark.parametrize("version", ["4.57.1", "6.0.0", "5.0.0.dev0"])
+def test_unsupported_transformers_version_is_refused(monkeypatch, version):
+    # transformers replaces its lazy module in sys.modules as models are imported: patch the live one
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match=r"transformers>=5\.0,<6"):
+        twilight.patch(model, "dense")
+    assert_unpatched(model)
+
+
+def test_supported_range_matches_setup_py():
+    hf.check_transformers_version("5.0.0")
+    hf.check_transformers_version("5.23.0")
+    hf.check_transformers_version("5.24.0.dev0")  # a source install of the next release
+    hf.check_transformers_version(transformers.__version__)
+    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
+    assert f'"transformers{hf.SUPPORTED_TRANSFORMERS}"' in setup
+
+
+def test_right_padding_is_refused_at_decode():
+    model = tiny_model("llama")
+    ids, _ = left_pad(prompts([30, 20]))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0  # right padding
+    twilight.patch(model, TOP_P)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)  # a single forward is fine
+        with pytest.raises(ValueError, match="left"):
+            model(input_ids=ids[:, :1], past_key_values=out.past_key_values,
+                  attention_mask=torch.cat([mask, mask[:, :1]], 1))
+
+
+def test_foreign_cache_warns_and_runs_dense():
+    model = tiny_model("llama")
+    ids = torch.cat(prompts([40]))
+    ref = greedy(model, ids, n=4)
+    twilight.patch(model, TOP_P)
+    with pytest.warns(RuntimeWarning, match="not a Twilight cache"):
+        out = greedy(model, ids, n=4, past_key_values=DynamicCache(config=model.config))
+    assert torch.equal(out, ref)
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 0
+
+
+def test_static_cache_implementation_is_refused():
+    model = tiny_model("llama")
+    twilight.patch(model, TOP_P)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        greedy(model, torch.cat(prompts([20])), n=3, cache_implementation="static")
+
+
+def test_changing_attn_implementation_after_patch_warns():
+    model = tiny_model("llama")
+    ids = torch.cat(prompts([30]))
+    twilight.patch(model, TOP_P)
+    model.set_attn_implementation("eager")
+    with pytest.warns(RuntimeWarning, match="changed"):
+        greedy(model, ids, n=3)
+    twilight.patch(model, TOP_P)  # starts over from eager
+    assert model.config._attn_implementation == "twilight_eager"
+    twilight.unpatch(model)
+    assert_unpatched(model, attn="eager")
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda(dtype):
+    model = tiny_model("qwen3").to("cuda", dtype)
+    ids, mask = left_pad(prompts([90, 60]))
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = greedy(model, ids, mask)
+    twilight.patch(model, {**twilight.PRESETS["dense"], "backend": "torch"})
+    assert torch.equal(greedy(model, ids, mask), ref)
+    twilight.patch(model, QUEST_TOP_P)  # backend "auto": the fastest available on the GPU
+    out = greedy(model, ids, mask)
+    assert out.shape == ref.shape and out.device.type == "cuda"
+    assert 0 < twilight.budget_stats(model).as_dict()["attended_fraction"] < 1
+    twilight.unpatch(model)
+    assert torch.equal(greedy(model, ids, mask), ref)
