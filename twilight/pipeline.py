@@ -73,6 +73,10 @@ class TwilightPipeline:
         """Stage 1: the candidate ``Selection``."""
         if self.is_dense(layer_idx):
             return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=q.device, start=cache.start)
+        sel_cfg = self.config.selector
+        backend = self.backend(q.device)
+        if sel_cfg.type == "quest" and hasattr(backend, "quest_select"):  # a fused kernel (GPU backends)
+            return backend.quest_select(q, cache, sel_cfg.token_budget, sel_cfg.page_size)
         return self._selector(layer_idx)(q, cache)
 
     def prune(self, q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float) -> tuple[Selection, torch.Tensor]:
@@ -82,6 +86,10 @@ class TwilightPipeline:
         """
         backend = self.backend(q.device)
         cfg = self.config
+        if cfg.pruner.type == "top_p" and hasattr(backend, "prune_to_selection"):
+            # Fused GPU kernels: top-p on the raw scores (scaled inside), GQA union and compaction in one go.
+            scores = backend.estimate(q, cache, sel, cfg.estimator.type)  # [B, Hq, K]
+            return backend.prune_to_selection(scores, sel, cfg.pruner.p, scale=scale)
         logits = backend.estimate(q, cache, sel, cfg.estimator.type) * scale  # [B, Hq, K]
         if cfg.pruner.type == "top_p":
             keep = backend.prune_top_p(logits, cfg.pruner.p)

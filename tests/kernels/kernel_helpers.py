@@ -1,0 +1,162 @@
+"""Shared helpers of the kernel tests: devices, cache/selection builders and float64 references."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from twilight.cache import LayerCache
+from twilight.quant import dequantize_int4
+from twilight.selection import Selection
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def gpu_param(value="cuda", reason="needs a CUDA device"):
+    return pytest.param(value, marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason=reason)], id="cuda")
+
+
+#: Devices the Triton kernels run on here: the CPU interpreter, and a GPU (compiled kernels) when present.
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on the CPU needs TRITON_INTERPRET=1"),
+                 id="interp"),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"),
+                                pytest.mark.skipif(INTERPRET, reason="compiled Triton kernels: run without "
+                                                                     "TRITON_INTERPRET")], id="cuda"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def make_cache(batch=2, heads=2, head_dim=64, length=300, dtype=torch.float16, device="cpu", page_size=16,
+               start=None, quant_bits=4, seed=0, key_scale=1.0):
+    """A filled ``LayerCache`` (random K/V built on the CPU, so every device sees the same numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = LayerCache(batch, heads, head_dim, dtype=dtype, device=device, page_size=page_size,
+                       quant_bits=quant_bits, start=None if start is None else torch.tensor(start))
+    k = (torch.randn(batch, heads, length, head_dim, generator=g) * key_scale).to(dtype)
+    v = torch.randn(batch, heads, length, head_dim, generator=g).to(dtype)
+    cache.append(k.to(device), v.to(device))
+    return cache
+
+
+def random_selection(cache: LayerCache, counts, width=None, seed=0, sort=False) -> Selection:
+    """Distinct random valid positions per (b, h) row with the given ``counts [B][Hkv]``; padding slots hold
+    arbitrary valid positions (not 0), as the Selection contract allows."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts, dtype=torch.int32)
+    B, H = counts.shape
+    width = width or max(int(counts.max()), 1)
+    idx = torch.zeros(B, H, width, dtype=torch.int32)
+    start = cache.start.cpu()
+    for b in range(B):
+        valid = torch.arange(int(start[b]), cache.length)
+        for h in range(H):
+            n = int(counts[b, h])
+            assert n <= valid.numel()
+            pick = valid[torch.randperm(valid.numel(), generator=g)[:n]]
+            if sort:
+                pick = pick.sort().values
+            pad = valid[torch.randint(valid.numel(), (width - n,), generator=g)] if valid.numel() else torch.zeros(
+                width - n, dtype=torch.long)
+            idx[b, h] = torch.cat([pick, pad]).to(torch.int32)
+    return Selection(idx.to(cache.device), counts.to(cache.device))
+
+
+# ---------------------------------------------------------------------------------------------- references
+def int4_reference(q: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
+    """float64 ``q·k`` against the dequantized int4 keys at the selected positions, ``-inf`` at padding."""
+    keys = dequantize_int4(cache.k_int4.cpu(), cache.k_qparams.cpu())  # whole capacity: whole tiles
+    B, H, K = sel.indices.shape
+    G = q.shape[1] // H
+    idx = sel.indices.cpu().long()
+    gathered = torch.gather(keys.double(), 2, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+    qg = q.cpu().double().view(B, H, G, -1)
+    scores = torch.einsum("bhgd,bhkd->bhgk", qg, gathered)
+    scores = scores.masked_fill(~sel.valid().cpu().unsqueeze(2), float("-inf"))
+    return scores.reshape(B, H * G, K)
+
+
+def attention_reference(q: torch.Tensor, cache: LayerCache, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """float64 softmax attention of ``q [B, Hq, D]`` over the cache's tokens in ``mask [B, Hkv, L]``."""
+    B, Hq, D = q.shape
+    H = cache.num_kv_heads
+    G = Hq // H
+    k = cache.keys().cpu().double().repeat_interleave(G, 1)
+    v = cache.values().cpu().double().repeat_interleave(G, 1)
+    m = mask.cpu().repeat_interleave(G, 1)
+    logits = torch.einsum("bhd,bhld->bhl", q.cpu().double(), k) * scale
+    probs = torch.softmax(logits.masked_fill(~m, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("bhl,bhld->bhd", probs, v)
+
+
+def top_p_margins(logits: torch.Tensor, p) -> torch.Tensor:
+    """Per row, the distance (in mass fraction, float64) between ``p`` and the nearest cumulative sum of the
+    sorted probabilities: rows closer than float32 resolution may legitimately resolve either way."""
+    n = logits.shape[-1]
+    x = logits.detach().cpu().double().reshape(-1, n)
+    ps = (p.detach().cpu().double().reshape(-1) if isinstance(p, torch.Tensor)
+          else torch.full((x.shape[0],), float(p), dtype=torch.float64))
+    probs = torch.softmax(x, -1).nan_to_num(0.0)
+    cum = torch.cumsum(torch.sort(probs, -1, descending=True).values, -1)
+    return (cum - ps.unsqueeze(-1)).abs().amin(-1)
+
+
+def assert_top_p_guarantee(logits: torch.Tensor, p, mask: torch.Tensor, tol: float = 2e-5) -> None:
+    """Row by row: kept mass >= p, closed upwards, minimal (dropping the least weight group goes below p);
+    -inf never kept; a row with candidates keeps something; p >= 1 keeps every finite candidate."""
+    n = logits.shape[-1]
+    x = logits.detach().cpu().double().reshape(-1, n)
+    mask = mask.detach().cpu().reshape(-1, n)
+    ps = (p.detach().cpu().double().reshape(-1) if isinstance(p, torch.Tensor)
+          else torch.full((x.shape[0],), float(p), dtype=torch.float64))
+    for r in range(x.shape[0]):
+        finite = torch.isfinite(x[r])
+        assert not (mask[r] & ~finite).any(), f"row {r}: kept a -inf candidate"
+        if not finite.any():
+            assert not mask[r].any(), f"row {r}: kept something in an empty row"
+            continue
+        if ps[r] >= 1.0:
+            assert torch.equal(mask[r], finite), f"row {r}: p = 1 must keep every finite candidate"
+            continue
+        probs = torch.softmax(x[r], 0)
+        kept = probs[mask[r]]
+        assert kept.numel() > 0, f"row {r}: nothing kept"
+        assert float(kept.sum()) >= ps[r] - tol, f"row {r}: kept mass {float(kept.sum())} < p={float(ps[r])}"
+        low = float(kept.min())
+        dropped = probs[finite & ~mask[r]]
+        if dropped.numel():
+            assert float(dropped.max()) <= low * (1 + 1e-5), f"row {r}: dropped a likelier candidate"
+        rest = float(probs[mask[r] & (probs > low * (1 + 1e-5))].sum())
+        assert rest < ps[r] + tol, f"row {r}: not minimal ({rest} >= p without the least kept group)"
+
+
+def assert_top_p_matches(logits: torch.Tensor, p, mask: torch.Tensor, reference: torch.Tensor,
+                         margin: float = 1e-5) -> None:
+    """``mask`` equals ``reference`` on every row whose p is not within float rounding of a cumulative mass
+    boundary; every row satisfies the nucleus guarantees."""
+    n = logits.shape[-1]
+    diff = (mask.cpu() != reference.cpu()).reshape(-1, n).any(-1)
+    if diff.any():
+        close = top_p_margins(logits, p) < margin
+        assert not (diff & ~close).any(), f"rows {diff.nonzero().flatten().tolist()} differ from the reference"
+    assert_top_p_guarantee(logits, p, mask)
+
+
+def tol_for(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    """``|actual - expected| <= rtol * max(|expected|, 1)`` elementwise (finite entries), same ``-inf`` pattern."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    fa, fe = torch.isfinite(a), torch.isfinite(e)
+    assert torch.equal(fa, fe), f"{what}: different -inf pattern"
+    err = (a[fa] - e[fe]).abs()
+    bound = rtol * e[fe].abs().clamp_min(1.0)
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    assert worst <= 1.0, f"{what}: error {float(err.max()):.3g} exceeds the tolerance (x{worst:.2f})"
+

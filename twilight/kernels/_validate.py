@@ -1,0 +1,94 @@
+"""Input checks shared by the kernel wrappers: every mistake is a ``ValueError`` that names the argument."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from twilight.cache import LayerCache
+from twilight.selection import Selection
+
+
+def check_q(q: torch.Tensor, cache: LayerCache) -> int:
+    """``q [B, Hq, D]`` matching ``cache``; returns the GQA group size ``G = Hq // Hkv``."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
+        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
+                         f"D={cache.head_dim}], got {tuple(q.shape)}")
+    if q.device != cache.device:
+        raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
+    return Hq // cache.num_kv_heads
+
+
+def check_selection(sel: Selection, cache: LayerCache) -> None:
+    if tuple(sel.indices.shape[:2]) != (cache.batch, cache.num_kv_heads):
+        raise ValueError(f"selection must be [B={cache.batch}, Hkv={cache.num_kv_heads}, K], "
+                         f"got {tuple(sel.indices.shape)}")
+    if sel.indices.device != cache.device or sel.counts.device != cache.device:
+        raise ValueError(f"selection is on {sel.indices.device} but the cache is on {cache.device}")
+
+
+def check_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)})")
+
+
+def rows_p(p, rows_shape: tuple, device: torch.device) -> torch.Tensor:
+    """``p`` (a float or a tensor of shape ``rows_shape``) as a contiguous float32 tensor ``[prod(rows_shape)]``,
+    validated like ``twilight.prune.top_p_mask`` does."""
+    from twilight.prune import _check_p
+
+    _check_p(p)
+    n = 1
+    for s in rows_shape:
+        n *= s
+    if isinstance(p, torch.Tensor):
+        p = p.to(device=device, dtype=torch.float32)
+        if p.dim() == 0:
+            return p.reshape(1).expand(n).contiguous()
+        if tuple(p.shape) != tuple(rows_shape):
+            raise ValueError(f"per-row p must have shape {tuple(rows_shape)}, got {tuple(p.shape)}")
+        return p.reshape(n).contiguous()
+    return torch.full((n,), float(p), dtype=torch.float32, device=device)
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU (a no-op for CPU tensors under the Triton interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def as_float_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., N]`` as float32 rows ``[R, N]`` with a unit last stride (a view when possible)."""
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    x = logits.reshape(-1, logits.shape[-1])
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    return x
+
+
+def check_prune_inputs(scores: torch.Tensor, sel: Selection) -> tuple[int, int, int, int, int]:
+    """``scores [B, Hq, K]`` against candidates ``sel [B, Hkv, K]``; returns ``(B, Hq, K, Hkv, G)``."""
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [B, Hq, K], got shape {tuple(scores.shape)}")
+    B, Hq, K = scores.shape
+    Hkv = sel.indices.shape[1]
+    if sel.indices.shape[0] != B or sel.indices.shape[2] != K or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"scores {tuple(scores.shape)} do not match the selection {tuple(sel.indices.shape)}: "
+                         "need [B, Hq, K] with Hq a multiple of Hkv")
+    if scores.device != sel.indices.device:
+        raise ValueError(f"scores are on {scores.device} but the selection is on {sel.indices.device}")
+    return B, Hq, K, Hkv, Hq // Hkv

@@ -1,0 +1,204 @@
+"""The ``cuda`` backend: hand-written CUDA kernels from ``csrc/``, built just in time.
+
+=====================  ========================================================================================
+kernel (csrc/)         what it computes
+=====================  ========================================================================================
+``top_p.cu``           exact sorting-free top-p threshold per row (30-step bitwise search, one block per row,
+                       weights cached in shared memory), its mask; GQA union + compaction into a `Selection`
+``int4_spgemv.cu``     estimated ``q·k`` of the candidates from the packed int4 K cache, all query heads of a
+                       GQA group per pass, one thread per candidate
+=====================  ========================================================================================
+
+The extension is compiled by ``torch.utils.cpp_extension.load`` the first time a CUDA tensor reaches one of
+these functions (or ``CudaBackend`` is built), for the current device's architecture; it is cached by torch
+afterwards. ``CudaBackend`` overrides ``estimate`` (int4), ``prune_top_p`` and ``prune_to_selection``, and takes
+Quest selection and attention from the Triton backend (or torch when Triton is missing).
+
+Without a GPU, ``enable_emulation()`` builds the same kernel sources with ``-DTWILIGHT_CUDA_EMULATE`` against a
+small CPU emulation of the CUDA execution model (``csrc/cuda_emulation.h``) and lets these functions take CPU
+tensors: that is how the test suite runs the kernels here. It is slow and meant for tests only.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from twilight.backends import BackendUnavailableError, TorchBackend
+from twilight.kernels._validate import (as_float_rows, check_contiguous, check_prune_inputs, check_q,
+                                        check_selection, rows_p)
+from twilight.selection import Selection
+
+try:  # Quest selection and attention come from Triton when it is installed
+    from twilight.kernels.triton import TritonBackend as _Base
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    _Base = TorchBackend
+
+__all__ = ["CudaBackend", "int4_scores", "top_p_mask", "top_p_threshold", "prune_to_selection", "load",
+           "load_emulated", "enable_emulation", "CSRC_DIR", "GPU_SOURCES"]
+
+#: The CUDA sources, at the repository root (an editable install or a source checkout).
+CSRC_DIR = Path(os.environ.get("TWILIGHT_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
+GPU_SOURCES = ("top_p.cu", "int4_spgemv.cu", "bindings.cpp")
+EMULATED_SOURCES = ("emulated_kernels.cpp", "bindings.cpp")
+_EMULATION = False
+
+
+def _sources(names) -> list[str]:
+    paths = [CSRC_DIR / n for n in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise BackendUnavailableError(f"the CUDA sources are missing ({', '.join(missing)}): the cuda backend needs "
+                                      "a source checkout or an editable install (pip install -e .), or "
+                                      "TWILIGHT_CSRC pointing at csrc/")
+    return [str(p) for p in paths]
+
+
+def _source_hash_flag() -> str:
+    """A define carrying the hash of every file in csrc/: torch's JIT versioning hashes only the listed sources,
+    not the headers and .cu files they include, so any edit must also change the build flags."""
+    digest = hashlib.sha1()
+    for path in sorted(CSRC_DIR.glob("*")):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return f"-DTWILIGHT_CSRC_HASH={digest.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def load(verbose: bool = False):
+    """The compiled extension (built on first call with nvcc for the current GPU; cached by torch)."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("the cuda backend needs a CUDA device (torch.cuda.is_available() is False)")
+    from torch.utils.cpp_extension import CUDA_HOME, load as load_extension
+
+    if CUDA_HOME is None:
+        raise BackendUnavailableError("the cuda backend compiles csrc/ with nvcc, which was not found "
+                                      "(set CUDA_HOME or put nvcc on PATH)")
+    sources = _sources(GPU_SOURCES)
+    try:
+        flag = _source_hash_flag()
+        return load_extension(name="twilight_cuda_kernels", sources=sources, extra_include_paths=[str(CSRC_DIR)],
+                              extra_cflags=["-O3", flag], extra_cuda_cflags=["-O3", "-lineinfo", flag],
+                              verbose=verbose)
+    except (RuntimeError, OSError) as err:
+        raise BackendUnavailableError(f"building the cuda kernels from {CSRC_DIR} failed: {err}") from err
+
+
+@functools.lru_cache(maxsize=None)
+def load_emulated(verbose: bool = False):
+    """The same kernels built for the CPU emulation (g++ only; for tests on machines without a GPU)."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    return load_extension(name="twilight_cuda_emulated", sources=_sources(EMULATED_SOURCES),
+                          extra_include_paths=[str(CSRC_DIR)],
+                          extra_cflags=["-O1", "-DTWILIGHT_CUDA_EMULATE", _source_hash_flag()], verbose=verbose)
+
+
+def enable_emulation(enabled: bool = True) -> None:
+    """Let the functions of this module take CPU tensors, running the kernels under the CPU emulation."""
+    global _EMULATION
+    _EMULATION = bool(enabled)
+
+
+def _ops(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return load()
+    if _EMULATION:
+        return load_emulated()
+    raise ValueError(f"the cuda kernels need CUDA tensors (got {t.device}); for the CPU emulation (tests only) "
+                     "call twilight.kernels.cuda.enable_emulation()")
+
+
+def int4_scores(q: torch.Tensor, cache, sel: Selection) -> torch.Tensor:
+    """Approximate ``q·k`` of each query head for its kv-head's candidates, from the int4 K cache.
+
+    Args:
+        q: ``[B, Hq, D]`` fp32/fp16/bf16; cache: a ``LayerCache`` with ``quant_bits=4``;
+        sel: candidates ``indices [B, Hkv, K_max]`` / ``counts [B, Hkv]`` int32.
+    Returns:
+        ``[B, Hq, K_max]`` float32 raw dot products, ``-inf`` at slots ``>= counts``
+        (the contract of ``twilight.estimate.estimate_scores(..., "int4")``).
+
+    Example::
+
+        >>> est = int4_scores(q, cache, sel)   # all on one GPU
+    """
+    check_q(q, cache)
+    check_selection(sel, cache)
+    if cache.quant_bits != 4:
+        raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
+    check_contiguous(k_int4=cache.k_int4, k_qparams=cache.k_qparams)
+    return _ops(q).int4_spgemv(q.float().contiguous(), cache.k_int4, cache.k_qparams, sel.indices.contiguous(),
+                               sel.counts.contiguous())
+
+
+def top_p_threshold(logits: torch.Tensor, p, scale: float = 1.0):
+    """Per-row exact top-p threshold of ``logits * scale``: ``(threshold_bits, row_max, kept)``, each ``[R]``.
+
+    Same encoding as ``twilight.kernels.triton.top_p.top_p_threshold``.
+    """
+    x = as_float_rows(logits).contiguous()
+    thr, rowmax, kept, _ = _ops(x).top_p_threshold(x, rows_p(p, tuple(logits.shape[:-1]), x.device), float(scale),
+                                                   None, 1, False)
+    return thr, rowmax, kept
+
+
+def top_p_mask(logits: torch.Tensor, p, scale: float = 1.0) -> torch.Tensor:
+    """Smallest set of each row of ``logits * scale`` holding ``p`` of its softmax mass (sorting-free, exact).
+
+    Args:
+        logits: ``[..., N]`` float; ``-inf`` marks non-candidates. p: float in ``(0, 1]`` or a tensor of shape
+            ``logits.shape[:-1]``. scale: multiplies the logits first.
+    Returns:
+        ``[..., N]`` bool — ``twilight.prune.top_p_mask(logits * scale, p)`` up to float summation order at exact
+        mass ties.
+
+    Example::
+
+        >>> top_p_mask(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], device="cuda")), 0.8)
+        tensor([[ True,  True, False, False]], device='cuda:0')
+    """
+    x = as_float_rows(logits).contiguous()
+    _, _, _, mask = _ops(x).top_p_threshold(x, rows_p(p, tuple(logits.shape[:-1]), x.device), float(scale),
+                                            None, 1, True)
+    return mask.reshape(logits.shape)
+
+
+def prune_to_selection(scores: torch.Tensor, sel: Selection, p, scale: float = 1.0) -> tuple[Selection, torch.Tensor]:
+    """Top-p per query head, union over the GQA group, compacted into the pruned `Selection` (no host sync).
+
+    Same contract as ``twilight.kernels.triton.top_p.prune_to_selection``: ``scores [B, Hq, K]`` (only the first
+    ``sel.counts`` slots of each row are read), ``sel [B, Hkv, K]``, ``p`` a float or ``[B, Hq]`` tensor, ``scale``
+    applied inside. Returns ``(Selection [B, Hkv, K], q_counts [B, Hq] int32)``.
+    """
+    B, Hq, K, Hkv, G = check_prune_inputs(scores, sel)
+    x = as_float_rows(scores).contiguous()
+    ops = _ops(x)
+    counts = sel.counts.contiguous()
+    _, _, kept, mask = ops.top_p_threshold(x, rows_p(p, (B, Hq), x.device), float(scale), counts.view(-1), G, True)
+    out_idx, out_cnt = ops.union_compact(mask, sel.indices.contiguous(), counts)
+    return Selection(out_idx, out_cnt), kept.view(B, Hq)
+
+
+class CudaBackend(_Base):
+    """csrc/ kernels for int4 estimation and top-p pruning; Quest and attention from the Triton backend."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        if torch.cuda.is_available():
+            load()  # build now, so that an unusable toolchain shows up when the backend is chosen
+
+    def estimate(self, q: torch.Tensor, cache, sel, kind: str) -> torch.Tensor:
+        if kind == "int4":
+            return int4_scores(q, cache, sel)
+        return super().estimate(q, cache, sel, kind)
+
+    def prune_top_p(self, logits: torch.Tensor, p) -> torch.Tensor:
+        return top_p_mask(logits, p)
+
+    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0):
+        return prune_to_selection(scores, sel, p, scale)

@@ -1,0 +1,257 @@
+"""Sorting-free top-p in Triton, and its fusion with the GQA union and compaction into a `Selection`.
+
+Semantics are those of ``twilight.prune.top_p_mask``: with weights ``w = exp(x - max(x))`` (float32), keep every
+candidate whose weight is ``>= w*``, where ``w*`` is the largest weight such that the candidates ``>= w*`` hold at
+least ``p`` of the row's mass (ties kept; ``p = 1`` keeps every finite candidate, ``-inf`` is never kept).
+
+The threshold is found exactly: the bit pattern of a non-negative float32 orders like the float, and every
+weight is ``<= 1.0`` (bits ``< 2**30``), so ``w*``'s bit pattern is built from bit 29 down to bit 0, keeping the
+largest bits such that the mass of the weights at or above the pattern still reaches ``p * sum(w)`` — a binary
+search decided two bits per pass (three independent row sums), 15 dependent rounds, no sort, no tolerance.
+One program per row; a row of up to ``_MAX_SINGLE`` candidates stays in registers for the whole search (one
+read of the logits), a longer one is streamed in chunks per pass.
+
+- ``top_p_mask(logits, p, scale=1.0) -> bool [..., N]`` (the backend's ``prune_top_p``).
+- ``prune_to_selection(scores, sel, p, scale=1.0) -> (Selection, q_counts)``: top-p per query head over each
+  kv-head's candidates, union over the GQA group, compacted straight into the pruned `Selection`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from twilight.kernels._validate import as_float_rows, check_prune_inputs, next_pow2, rows_p
+from twilight.kernels.triton._common import launch_guard
+from twilight.selection import Selection
+
+__all__ = ["top_p_mask", "top_p_threshold", "prune_to_selection"]
+
+_MAX_SINGLE = 8192  # longest row searched entirely in registers
+_CHUNK = 2048  # chunk of a longer row
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _pick(thr, shift, m1, m2, m3, target):
+    """The next two bits of the threshold: the largest of ``01, 10, 11`` (at ``shift``) whose mass reaches target."""
+    return tl.where(m3 >= target, thr | (3 << shift),
+                    tl.where(m2 >= target, thr | (2 << shift), tl.where(m1 >= target, thr | (1 << shift), thr)))
+
+
+@triton.jit
+def _search_threshold(w, target):
+    """Bit pattern of the largest weight ``w*`` with ``sum(w[w >= w*]) >= target`` (``w`` in registers).
+
+    Two bits per pass: three independent row sums (their latencies overlap), 15 dependent rounds for 30 bits.
+    """
+    bits = w.to(tl.int32, bitcast=True)
+    thr = tl.full([], 0, tl.int32)
+    for i in range(15):
+        shift = 28 - 2 * i
+        m1 = tl.sum(tl.where(bits >= (thr | (1 << shift)), w, 0.0), axis=0)
+        m2 = tl.sum(tl.where(bits >= (thr | (2 << shift)), w, 0.0), axis=0)
+        m3 = tl.sum(tl.where(bits >= (thr | (3 << shift)), w, 0.0), axis=0)
+        thr = _pick(thr, shift, m1, m2, m3, target)
+    return thr
+
+
+@triton.jit
+def _top_p_threshold_kernel(x_ptr, stride_x, len_ptr, p_ptr, scale, N, G, thr_ptr, max_ptr, kept_ptr, mask_ptr,
+                            stride_m, HAS_LEN: tl.constexpr, WRITE_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                            SINGLE: tl.constexpr):
+    r = tl.program_id(0)
+    n = N
+    if HAS_LEN:  # rows of query heads; their length is their kv-head's candidate count
+        n = tl.minimum(tl.load(len_ptr + r // G), N)
+    p = tl.load(p_ptr + r)
+    xrow = x_ptr + r.to(tl.int64) * stride_x
+    mrow = mask_ptr + r.to(tl.int64) * stride_m
+    offs = tl.arange(0, BLOCK)
+    if SINGLE:
+        ok = offs < n
+        y = tl.load(xrow + offs, mask=ok, other=_NEG_INF) * scale
+        m = tl.max(y, axis=0)
+        m = tl.where(m == _NEG_INF, 0.0, m)  # a row without candidates: all weights 0
+        w = tl.exp(y - m)
+        target = p * tl.sum(w, axis=0)
+        thr = _search_threshold(w, target)
+        thr = tl.where(p >= 1.0, -1, thr)  # -1: keep every finite candidate
+        keep = (y > _NEG_INF) & (((w.to(tl.int32, bitcast=True) >= thr) & (w > 0)) | (thr < 0))
+        kept = tl.sum(keep.to(tl.int32), axis=0)
+        if WRITE_MASK:  # (with HAS_LEN, slots past the row's length are left unwritten: nobody reads them)
+            tl.store(mrow + offs, keep, mask=offs < n)
+    else:
+        m = tl.full([], _NEG_INF, tl.float32)
+        for c0 in range(0, n, BLOCK):
+            o = c0 + offs
+            y = tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale
+            m = tl.maximum(m, tl.max(y, axis=0))
+        m = tl.where(m == _NEG_INF, 0.0, m)
+        total = tl.full([], 0.0, tl.float32)
+        for c0 in range(0, n, BLOCK):
+            o = c0 + offs
+            y = tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale
+            total += tl.sum(tl.exp(y - m), axis=0)
+        target = p * total
+        thr = tl.full([], 0, tl.int32)
+        for i in range(15):  # two bits per pass over the row, as in _search_threshold
+            shift = 28 - 2 * i
+            m1 = tl.full([], 0.0, tl.float32)
+            m2 = tl.full([], 0.0, tl.float32)
+            m3 = tl.full([], 0.0, tl.float32)
+            for c0 in range(0, n, BLOCK):
+                o = c0 + offs
+                w = tl.exp(tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale - m)
+                bits = w.to(tl.int32, bitcast=True)
+                m1 += tl.sum(tl.where(bits >= (thr | (1 << shift)), w, 0.0), axis=0)
+                m2 += tl.sum(tl.where(bits >= (thr | (2 << shift)), w, 0.0), axis=0)
+                m3 += tl.sum(tl.where(bits >= (thr | (3 << shift)), w, 0.0), axis=0)
+            thr = _pick(thr, shift, m1, m2, m3, target)
+        thr = tl.where(p >= 1.0, -1, thr)
+        kept = tl.full([], 0, tl.int32)
+        for c0 in range(0, n, BLOCK):
+            o = c0 + offs
+            y = tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale
+            w = tl.exp(y - m)
+            keep = (y > _NEG_INF) & (((w.to(tl.int32, bitcast=True) >= thr) & (w > 0)) | (thr < 0))
+            kept += tl.sum(keep.to(tl.int32), axis=0)
+            if WRITE_MASK:
+                tl.store(mrow + o, keep, mask=o < n)
+    tl.store(thr_ptr + r, thr)
+    tl.store(max_ptr + r, m)
+    tl.store(kept_ptr + r, kept)
+
+
+def _launch_threshold(x2d: torch.Tensor, p_rows: torch.Tensor, scale: float, mask: torch.Tensor | None,
+                      lengths: torch.Tensor | None = None, group: int = 1):
+    R, N = x2d.shape
+    thr = torch.empty(R, dtype=torch.int32, device=x2d.device)
+    rowmax = torch.empty(R, dtype=torch.float32, device=x2d.device)
+    kept = torch.empty(R, dtype=torch.int32, device=x2d.device)
+    if R == 0:
+        return thr, rowmax, kept
+    single = N <= _MAX_SINGLE
+    block = max(16, next_pow2(N)) if single else _CHUNK
+    warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    with launch_guard(x2d):
+        _top_p_threshold_kernel[(R,)](
+            x2d, x2d.stride(0), lengths if lengths is not None else thr, p_rows, float(scale), N, group,
+            thr, rowmax, kept, mask if mask is not None else thr, mask.stride(0) if mask is not None else 0,
+            HAS_LEN=lengths is not None, WRITE_MASK=mask is not None, BLOCK=block, SINGLE=single, num_warps=warps,
+            enable_fp_fusion=False)  # round x * scale before subtracting the max, as torch does
+    return thr, rowmax, kept
+
+
+def top_p_threshold(logits: torch.Tensor, p, scale: float = 1.0):
+    """Per-row exact top-p threshold of ``logits * scale``.
+
+    Returns ``(threshold_bits [R] int32, row_max [R] float32, kept [R] int32)`` over the rows
+    ``R = prod(logits.shape[:-1])``: a candidate ``x`` is kept iff ``x > -inf`` and either ``threshold_bits < 0``
+    (``p >= 1``) or ``w = exp(x * scale - row_max)`` is positive with float32 bit pattern ``>= threshold_bits``.
+
+    Example::
+
+        >>> thr, row_max, kept = top_p_threshold(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], device="cuda")), 0.8)
+        >>> kept
+        tensor([2], device='cuda:0', dtype=torch.int32)
+    """
+    x = as_float_rows(logits)
+    return _launch_threshold(x, rows_p(p, tuple(logits.shape[:-1]), x.device), scale, None)
+
+
+def top_p_mask(logits: torch.Tensor, p, scale: float = 1.0) -> torch.Tensor:
+    """Smallest set of each row of ``logits * scale`` holding ``p`` of its softmax mass (sorting-free, exact).
+
+    Args:
+        logits: ``[..., N]`` float (any float dtype; computed in float32); ``-inf`` marks non-candidates.
+        p: a float in ``(0, 1]`` or a tensor of shape ``logits.shape[:-1]``.
+        scale: multiplies the logits first (e.g. the softmax scale, saving a pass over raw scores).
+    Returns:
+        ``[..., N]`` bool, identical to ``twilight.prune.top_p_mask(logits * scale, p)`` up to float summation
+        order at exact mass ties.
+
+    Example::
+
+        >>> top_p_mask(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], device="cuda")), 0.8)
+        tensor([[ True,  True, False, False]], device='cuda:0')
+    """
+    x = as_float_rows(logits)
+    p_rows = rows_p(p, tuple(logits.shape[:-1]), x.device)
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    _launch_threshold(x, p_rows, scale, mask)
+    return mask.reshape(logits.shape)
+
+
+@triton.jit
+def _union_compact_kernel(mask_ptr, idx_ptr, count_ptr, out_idx_ptr, out_count_ptr, G, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # b * Hkv + h
+    count = tl.load(count_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    irow = idx_ptr + row.to(tl.int64) * K
+    orow = out_idx_ptr + row.to(tl.int64) * K
+    written = tl.full([], 0, tl.int32)
+    first = tl.full([], 0, tl.int32)
+    for c0 in range(0, count, BLOCK):
+        o = c0 + offs
+        ok = o < count
+        keep = tl.zeros([BLOCK], dtype=tl.int32)
+        for g in range(0, G):
+            mk = tl.load(mask_ptr + (row * G + g).to(tl.int64) * K + o, mask=ok, other=0)
+            keep = keep | mk.to(tl.int32)
+        keep = keep & ok.to(tl.int32)
+        idx = tl.load(irow + o, mask=ok, other=0)
+        slot = written + tl.cumsum(keep, axis=0) - 1
+        tl.store(orow + slot, idx, mask=keep != 0)
+        first += tl.sum(tl.where((keep != 0) & (slot == 0), idx, 0), axis=0)
+        written += tl.sum(keep, axis=0)
+    tl.store(out_count_ptr + row, written)
+    # Padding repeats the first kept position (or 0), as twilight.select.compact does: valid, and write-only.
+    for c0 in range((written // BLOCK) * BLOCK, K, BLOCK):
+        o = c0 + offs
+        tl.store(orow + o, tl.zeros([BLOCK], tl.int32) + first, mask=(o >= written) & (o < K))
+
+
+def prune_to_selection(scores: torch.Tensor, sel: Selection, p, scale: float = 1.0) -> tuple[Selection, torch.Tensor]:
+    """Top-p per query head over its kv-head's candidates, union over the GQA group, compacted into a `Selection`.
+
+    Equivalent to (torch path of ``TwilightPipeline.prune``)::
+
+        keep = twilight.prune.top_p_mask(scores * scale, p)                      # [B, Hq, K]
+        keep_kv = keep.view(B, Hkv, G, K).any(2)
+        indices, counts = twilight.select.compact(sel.indices, keep_kv)
+        return Selection(indices, counts), keep.sum(-1, dtype=torch.int32)
+
+    but without a host synchronisation: the output keeps the input's width ``K`` (``compact`` shrinks it to the
+    largest count); kept candidates come first in their input order and slots past a row's count repeat its first
+    kept position (or 0), as ``compact`` does.
+
+    Args:
+        scores: ``[B, Hq, K]`` estimated ``q·k`` (``estimate``'s output); only the first ``sel.counts`` slots of
+            each row are read (later slots are treated as ``-inf``).
+        sel: the candidates ``[B, Hkv, K]`` the scores belong to.
+        p: float in ``(0, 1]`` or a tensor ``[B, Hq]``.
+        scale: softmax scale applied to ``scores`` inside the kernel.
+    Returns:
+        ``(Selection [B, Hkv, K], q_counts [B, Hq] int32)``: the pruned selection and each query head's count.
+
+    Example::
+
+        >>> scores = backend.estimate(q, cache, sel, "int4")
+        >>> pruned, q_counts = prune_to_selection(scores, sel, 0.85, scale=q.shape[-1] ** -0.5)
+    """
+    B, Hq, K, Hkv, G = check_prune_inputs(scores, sel)
+    x = as_float_rows(scores)
+    counts = sel.counts.contiguous()
+    p_rows = rows_p(p, (B, Hq), x.device)
+    keep = torch.empty(B * Hq, K, dtype=torch.bool, device=x.device)
+    _, _, kept = _launch_threshold(x, p_rows, scale, keep, lengths=counts, group=G)
+    out_idx = torch.empty(B, Hkv, K, dtype=torch.int32, device=x.device)
+    out_cnt = torch.empty(B, Hkv, dtype=torch.int32, device=x.device)
+    if B * Hkv and K:
+        with launch_guard(x):
+            _union_compact_kernel[(B * Hkv,)](keep, sel.indices.contiguous(), counts, out_idx, out_cnt, G, K,
+                                              BLOCK=min(1024, max(16, next_pow2(K))), num_warps=4)
+    else:
+        out_cnt.zero_()
+    return Selection(out_idx, out_cnt), kept.view(B, Hq)
