@@ -1,4 +1,6 @@
 """Package metadata for Twilight (library ``twilight``, evaluations ``twilight_eval``)."""
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -8,10 +10,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["twilight", "twilight.*"]) + ["twilight_eval", "twilight_eval.data"],
+    packages=(find_packages(include=["twilight", "twilight.*"])
+              + ["twilight_eval"] + [f"twilight_eval.{p}" for p in find_packages("eval")]),
     package_dir={"twilight_eval": "eval"},
-    package_data={"twilight_eval": ["data/*"], "twilight": ["presets/*.json"]},
+    package_data={"twilight_eval": ["data/*"]},
     include_package_data=True,
+    # The cuda backend compiles these just in time; a regular (non-editable) install keeps a copy here.
+    data_files=[("share/twilight/csrc", sorted(glob("csrc/*")))],
     install_requires=[
         "torch>=2.4",
         "numpy",

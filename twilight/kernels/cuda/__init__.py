@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -40,8 +41,18 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 __all__ = ["CudaBackend", "int4_scores", "top_p_mask", "top_p_threshold", "prune_to_selection", "load",
            "load_emulated", "enable_emulation", "CSRC_DIR", "GPU_SOURCES"]
 
-#: The CUDA sources, at the repository root (an editable install or a source checkout).
-CSRC_DIR = Path(os.environ.get("TWILIGHT_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
+def _find_csrc() -> Path:
+    """``$TWILIGHT_CSRC``, else the repository's csrc/ (source checkout, editable install), else the copy a
+    regular install puts in ``<prefix>/share/twilight/csrc``."""
+    if "TWILIGHT_CSRC" in os.environ:
+        return Path(os.environ["TWILIGHT_CSRC"])
+    checkout = Path(__file__).resolve().parents[3] / "csrc"
+    installed = Path(sys.prefix) / "share" / "twilight" / "csrc"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+#: The CUDA sources.
+CSRC_DIR = _find_csrc()
 GPU_SOURCES = ("top_p.cu", "int4_spgemv.cu", "bindings.cpp")
 EMULATED_SOURCES = ("emulated_kernels.cpp", "bindings.cpp")
 _EMULATION = False
