@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from twilight.cache import LayerCache
 from twilight.estimate import gather_tokens
+from twilight.prune import exp_weights
 from twilight.selection import Selection
 
 __all__ = ["sparse_decode_attention", "dense_decode_attention"]
@@ -65,7 +66,8 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
     values = gather_tokens(cache.v, sel.indices)
     qg = q.view(B, H, G, D)
     logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, K]
-    logits = logits.masked_fill(~sel.valid().unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, -1).nan_to_num_(0.0)  # an empty row is all -inf: weights 0
+    logits = logits.masked_fill_(~sel.valid().unsqueeze(2), float("-inf"))
+    weights = exp_weights(logits)  # exp(logits - max), subnormals flushed to 0; an empty row is all 0
+    probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.matmul(probs, values.float())  # [B, Hkv, G, D]
     return out.reshape(B, Hq, D).to(q.dtype)

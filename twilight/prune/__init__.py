@@ -14,7 +14,7 @@ import torch
 from twilight._compat import INDEX_DTYPE
 from twilight.config import PRUNER_TYPES
 
-__all__ = ["top_p_mask", "top_k_mask", "threshold_mask", "prune_mask", "PRUNER_TYPES"]
+__all__ = ["top_p_mask", "top_k_mask", "threshold_mask", "prune_mask", "exp_weights", "PRUNER_TYPES"]
 
 # Radix digits of a non-negative float32's 31-bit pattern, most significant first, as (shift, width).
 _RADIX_ROUNDS = ((20, 11), (10, 10), (0, 10))
@@ -36,8 +36,12 @@ def _check_p(p: float | torch.Tensor, name: str = "p") -> None:
 _EXP_FLUSH = -87.0
 
 
-def _stable_weights(logits: torch.Tensor) -> torch.Tensor:
-    """``exp(logits - rowmax)`` in float32: in ``[0, 1]``, 0 for ``-inf``, all 0 for an empty row."""
+def exp_weights(logits: torch.Tensor) -> torch.Tensor:
+    """``exp(logits - rowmax)`` in float32: in ``[0, 1]``, 0 for ``-inf``, all 0 for an empty row.
+
+    Weights that would be subnormal (``logits - rowmax < -87``) are flushed to 0: softmax numerators without
+    the ~30x slowdown subnormal arithmetic costs on x86 CPUs.
+    """
     x = logits.float()
     m = x.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -81,7 +85,7 @@ def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     elif float(p) >= 1.0:
         return logits > float("-inf")
     lead, n = logits.shape[:-1], logits.shape[-1]
-    w = _stable_weights(logits).reshape(-1, n)  # [R, N]
+    w = exp_weights(logits).reshape(-1, n)  # [R, N]
     rows = w.shape[0]
     target = (p.reshape(-1) if isinstance(p, torch.Tensor) and p.dim() else torch.as_tensor(p)) * w.sum(-1)
     bits = w.view(torch.int32)
@@ -145,7 +149,7 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
 def threshold_mask(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Candidates whose softmax weight is ``>= threshold`` (the row's best is always kept)."""
     _check_p(threshold, "threshold")
-    w = _stable_weights(logits)
+    w = exp_weights(logits)
     probs = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return ((probs >= threshold) | (w >= 1.0)) & (logits > float("-inf"))
 
