@@ -72,6 +72,7 @@ class LayerCache:
             raise ValueError(f"label_channels must be [Hkv={num_kv_heads}, C], got {tuple(self.label_channels.shape)}")
         self.length = 0
         self.start = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.min_start = self.max_start = 0  # host copies of start's extremes (no device sync in decode steps)
         if start is not None:
             self.set_start(start)
         # The capacity is a multiple of both the int4 tile and the page size.
@@ -120,6 +121,7 @@ class LayerCache:
         if bool((start < 0).any()):
             raise ValueError("start must be >= 0")
         self.start = start
+        self.min_start, self.max_start = int(start.min()), int(start.max())
         if self.length and self.keep_page_bounds:
             self._update_page_bounds(0, self.length)
 
@@ -131,6 +133,7 @@ class LayerCache:
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).index_select(0, index))
         self.start = self.start.index_select(0, index)
+        self.min_start, self.max_start = int(self.start.min()), int(self.start.max())
         self.batch = index.numel()
 
     # ------------------------------------------------------------------ appends

@@ -11,7 +11,7 @@ class Selection:
     """Padded per-(batch, kv-head) token index lists.
 
     indices: ``[B, Hkv, K_max]`` int32 positions into the cache; entries at ``>= counts`` are padding
-        (their value is unspecified but always a valid position, so kernels may read them).
+        (their value is unspecified but always inside the cache's storage, so kernels may read them).
     counts: ``[B, Hkv]`` int32 number of valid entries per row.
 
     Valid entries of a row are distinct; they need not be sorted.

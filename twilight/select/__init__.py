@@ -5,7 +5,8 @@ with ``q [B, Hq, D]`` the step's queries and ``cache`` a ``LayerCache``. Selecti
 under GQA a token is a candidate for the whole group.
 
 - ``full``: every valid token.
-- ``quest``: the pages with the highest upper bound of ``q·k`` (Quest), ``token_budget`` tokens in all.
+- ``quest``: the pages with the highest upper bound of ``q·k`` (Quest), ``token_budget`` tokens in all
+  (rounded up to whole pages); the most recent page is always among them.
 - ``streaming``: ``sink_tokens`` first tokens plus the ``window`` most recent (StreamingLLM).
 - ``double_sparse``: top tokens by ``q·k`` over a few calibrated label channels (Double Sparsity).
 - ``oracle_topk``: top tokens by exact ``q·k`` (research baseline; reads all of K).
@@ -99,13 +100,24 @@ class _Quest:
     def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
         if cache.page_size != self.page_size:
             raise ValueError(f"selector.page_size={self.page_size} differs from the cache's page_size={cache.page_size}")
-        if int(cache.lengths().max()) <= self.budget:
+        if cache.length - cache.min_start <= self.budget:
             return _full(q, cache)
         ps = self.page_size
         n_pages = min(-(-self.budget // ps), cache.num_pages)
-        scores = quest_page_scores(q, cache)
-        pages = torch.topk(scores, n_pages, dim=-1, sorted=False).indices  # [B, Hkv, n_pages]
-        tokens = (pages.unsqueeze(-1) * ps + torch.arange(ps, device=q.device)).flatten(-2)  # [B, Hkv, n*ps]
+        scores = quest_page_scores(q, cache)  # [B, Hkv, P]
+        arange_ps = torch.arange(ps, device=q.device, dtype=torch.int32)
+        if cache.max_start == 0:
+            # No padding: only the last page can hold invalid (not yet written) positions. Keep it always, as
+            # Quest does with the most recent page, and last, so the valid tokens form a prefix of the row.
+            last = cache.num_pages - 1
+            pages = torch.topk(scores[..., :last], n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
+            pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)
+            tokens = (pages.unsqueeze(-1) * ps + arange_ps).flatten(-2)  # [B, Hkv, n * ps]
+            counts = torch.full(pages.shape[:2], (n_pages - 1) * ps + cache.length - last * ps,
+                                dtype=torch.int32, device=q.device)
+            return Selection(tokens.contiguous(), counts)
+        pages = torch.topk(scores, n_pages, dim=-1, sorted=False).indices.to(torch.int32)  # [B, Hkv, n_pages]
+        tokens = (pages.unsqueeze(-1) * ps + arange_ps).flatten(-2)  # [B, Hkv, n*ps]
         out, counts = compact(tokens, _valid_positions(cache, tokens))
         return Selection(out, counts)
 
