@@ -1,0 +1,23 @@
+"""Twilight evaluation harnesses, installed as the package ``twilight_eval``.
+
+Reached through the console command ``twilight eval {passkey,ruler,longbench,ppl}``
+(see ``eval/README.md``). Every harness compares several Twilight configurations
+against dense attention on the same, deterministically generated samples, writes
+per-sample JSONL, a summary JSON, a Markdown table and PNG plots, and resumes an
+interrupted run without redoing finished samples.
+
+Layout:
+
+- ``common``   -- the :class:`Sample` record, prompt encoding, token-exact length fitting.
+- ``metrics``  -- RULER and LongBench metrics, implemented independently.
+- ``tasks/``   -- passkey, RULER (synthetic, generated locally) and LongBench.
+- ``ppl``      -- perplexity where every scored token comes out of a decode step.
+- ``runner``   -- the shared loop: configs x samples, greedy decoding, resume, sharding.
+- ``report``   -- summary JSON, Markdown tables and plots.
+- ``cli``      -- the ``twilight eval`` argument parser.
+"""
+
+__all__ = ["EvalError", "Sample", "TASKS"]
+
+from .common import EvalError, Sample  # noqa: E402
+from .tasks import TASKS  # noqa: E402

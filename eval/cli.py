@@ -1,0 +1,209 @@
+"""``twilight eval {passkey,ruler,longbench,ppl}``: the argument parser and the run.
+
+Also runnable as ``python -m twilight_eval <task> ...`` (handy under
+``accelerate launch -m twilight_eval ...``). Bad input exits with status 2 and a one-line
+``error:`` message naming the parameter and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+
+from .common import EvalError, PromptEncoder
+from .tasks import TASKS, Task
+
+PRESET_NAMES = ("dense", "quest", "twilight", "quest-twilight", "streaming")
+BASELINE = "dense"
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number
+
+
+def _presets() -> str:
+    try:
+        import twilight
+        return ", ".join(getattr(twilight, "PRESETS", PRESET_NAMES))
+    except Exception:  # noqa: BLE001 -- help text only
+        return ", ".join(PRESET_NAMES)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> None:
+    from .modeling import default_model_id
+
+    lengths = " ".join(map(str, task.default_lengths)) or "the model's maximum context"
+    parser.add_argument("--model", default=default_model_id(),
+                        help="Hugging Face id, local directory or .gguf file (default: %(default)s, "
+                             "embedded and loaded offline)")
+    parser.add_argument("--configs", nargs="+", default=["quest-twilight"], metavar="CONFIG",
+                        help=f"Twilight presets ({_presets()}) or JSON config files; "
+                             f"'{BASELINE}' is added first as the baseline (default: quest-twilight)")
+    parser.add_argument("--no-baseline", action="store_true", help=f"do not add '{BASELINE}' to --configs")
+    parser.add_argument("--lengths", nargs="+", type=positive_int, metavar="TOKENS",
+                        help=f"context lengths in the model's tokens, generation included (default: {lengths})")
+    parser.add_argument("--samples", type=positive_int, metavar="N",
+                        help="samples per cell: per task x length (x depth for passkey); for longbench, "
+                             f"rows per dataset (default: {task.default_samples or 'all'})")
+    if task.generates:
+        parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                            help="cap on generated tokens per sample (default: the benchmark's own budget, "
+                                 "e.g. 128 for RULER's NIAH); shorter is much faster on a CPU")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sample generation (default: 0)")
+    parser.add_argument("--out", metavar="DIR",
+                        help=f"results directory; rerunning with the same one resumes (default: results/{task.name})")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--chat", default="auto", choices=("auto", "on", "off"),
+                        help="wrap prompts in the model's chat template (default: auto, if it has one)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_task_parsers(subparsers) -> None:
+    for name, task in TASKS.items():
+        module_doc = sys.modules[task.__module__].__doc__ or ""
+        parser = subparsers.add_parser(name, help=task.help, description=module_doc.strip().split("\n\n")[0],
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_common_arguments(parser, task)
+        task.add_arguments(parser)
+        parser.set_defaults(func=run, task_cls=task, prog=parser.prog)
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``twilight`` command's sub-parsers (see ``twilight/cli.py``)."""
+    parser = subparsers.add_parser("eval", help="accuracy evaluations against dense attention: "
+                                                + ", ".join(TASKS),
+                                   description="Evaluate Twilight configurations against dense attention "
+                                               "on the same samples.")
+    add_task_parsers(parser.add_subparsers(dest="task", metavar="TASK", required=True))
+    return parser
+
+
+def build_parser(prog: str = "python -m twilight_eval") -> argparse.ArgumentParser:
+    """A standalone parser: ``<prog> <task> [options]``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Twilight evaluations (same as `twilight eval`).")
+    add_task_parsers(parser.add_subparsers(dest="task", metavar="TASK", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+# --------------------------------------------------------------------------- the run
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``twilight eval <task>``; user errors exit 2 with one line on stderr."""
+    try:
+        return _run(args)
+    except EvalError as err:
+        print(f"{args.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{args.prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _config_specs(args: argparse.Namespace) -> list[str]:
+    specs = list(dict.fromkeys(args.configs))
+    if not args.no_baseline and BASELINE not in specs:
+        specs.insert(0, BASELINE)
+    return specs
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import report, runner
+    from .modeling import load_model, max_context, resolve_device
+
+    started = time.time()
+    task: Task = args.task_cls(args)
+    task.check_arguments()
+
+    # Configurations first: a typo should not cost a model load.
+    backend = runner.TwilightBackend()
+    configs = [backend.load_config(spec) for spec in _config_specs(args)]
+    names = [name for name, _ in configs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise EvalError(f"--configs: several configurations are named {', '.join(duplicated)}; "
+                        f"rename the JSON files")
+
+    dist = runner.current_dist()
+    device = dist.device if dist.world > 1 and args.device == "auto" else resolve_device(args.device)
+    model, tokenizer = load_model(args.model, args.dtype, device)
+    limit = max_context(model)
+    lengths = sorted(set(args.lengths or task.default_lengths or ([limit] if limit else [])))
+    if not lengths:
+        raise EvalError("--lengths: required, the model does not state its maximum context")
+    too_long = [L for L in lengths if limit and L > limit]
+    if too_long:
+        raise EvalError(f"--lengths {' '.join(map(str, too_long))}: longer than the maximum context of "
+                        f"{args.model} ({limit} tokens, max_position_embeddings)")
+
+    encoder = PromptEncoder(tokenizer, args.chat)
+    samples = task.build_samples(tokenizer, encoder, lengths, args.samples, args.seed)
+    if getattr(args, "max_new_tokens", None):
+        for sample in samples:
+            sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
+    if dist.is_main:
+        for note in task.notes:
+            _log(note)
+        _log(f"{task.name}: {len(samples)} samples x {len(configs)} configs ({', '.join(names)}) "
+             f"on {args.model}, lengths {' '.join(map(str, lengths))}"
+             + (f", {dist.world} processes" if dist.world > 1 else ""))
+
+    out_dir = args.out or os.path.join("results", task.name)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        if args.overwrite:
+            for path in os.listdir(out_dir):
+                if path.startswith("samples") and path.endswith(".jsonl"):
+                    os.remove(os.path.join(out_dir, path))
+    dist.barrier()
+
+    runner.evaluate(task, model, tokenizer, samples, configs, out_dir, backend=backend, dist=dist,
+                    progress=not args.no_progress)
+    dist.barrier()
+    if not dist.is_main:
+        return 0
+
+    records = runner.merge_shards(out_dir) if dist.world > 1 else runner.read_records(out_dir)
+    records = runner.select_records(records, samples, names)
+    info = {"model": args.model, "seed": args.seed, "samples_per_cell": args.samples or task.default_samples
+            or "all", "device": str(device), "dtype": args.dtype, "chat_template": encoder.chat,
+            "processes": dist.world, "python": platform.python_version(),
+            "command": " ".join(sys.argv), "seconds": round(time.time() - started, 1),
+            "options": {k: v for k, v in vars(args).items()
+                        if k not in ("func", "task_cls", "prog") and _is_json(v)}}
+    summary = report.summarize(task, records, names, lengths, info)
+    paths = report.write_reports(summary, out_dir, plots=not args.no_plots)
+    print(report.markdown(summary))
+    _log(f"results: {os.path.join(out_dir, runner.RESULTS_FILE)}, "
+         + ", ".join(paths.values()) + f" ({time.time() - started:.0f} s)")
+    return 0
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False

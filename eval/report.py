@@ -1,0 +1,210 @@
+"""Summaries of a run: ``summary.json``, ``results.md`` and PNG plots next to the JSONL.
+
+Scores are aggregated by the task (mean percent, or perplexity over all scored tokens) per
+configuration x row group (RULER task, passkey depth, LongBench dataset) x length; the
+average row is the mean over groups, as RULER and LongBench report it. Budgets are the
+per-sample means of ``twilight.budget_stats`` over decode steps, averaged over samples.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .tasks.base import Task
+
+LAYER_KEYS = ("mean_attended_tokens", "attended_tokens", "mean_attended", "attended")
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, digits)
+
+
+def _layer_value(item: Any) -> float | None:
+    if isinstance(item, (int, float)):
+        return float(item)
+    if isinstance(item, dict):
+        for key in LAYER_KEYS:
+            if isinstance(item.get(key), (int, float)):
+                return float(item[key])
+    return None
+
+
+def budget_summary(records: Sequence[dict]) -> dict:
+    """Mean decode-step budget over records (``None`` fields where the library recorded nothing)."""
+    budgets = [r.get("budget") or {} for r in records]
+    out = {key: _round(_mean([b.get(key) for b in budgets]), 4)
+           for key in ("mean_attended_tokens", "mean_context_tokens", "attended_fraction")}
+    layers = [[_layer_value(x) for x in b.get("per_layer") or []] for b in budgets]
+    layers = [ls for ls in layers if ls and all(v is not None for v in ls)]
+    if layers and len({len(ls) for ls in layers}) == 1:
+        out["per_layer_attended_tokens"] = [_round(_mean(col), 2) for col in zip(*layers)]
+    return out
+
+
+def summarize(task: Task, records: Sequence[dict], config_names: Sequence[str], lengths: Sequence[int],
+              info: dict) -> dict:
+    """The summary dictionary written as ``summary.json``."""
+    groups = list(dict.fromkeys(r["group"] for r in records))
+    scores: dict[str, dict] = {}
+    average: dict[str, dict] = {}
+    buckets: dict[str, dict] = {}
+    budget: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    for name in config_names:
+        mine = [r for r in records if r["config"] == name]
+        counts[name] = len(mine)
+        scores[name] = {g: {str(L): _round(task.aggregate(cell)) for L in lengths
+                            if (cell := [r for r in mine if r["group"] == g and r["length"] == L])}
+                        for g in groups}
+        average[name] = {}
+        for L in list(lengths) + ["all"]:
+            cell = [r for r in mine if L == "all" or r["length"] == L]
+            if not cell:
+                continue
+            if task.higher_is_better:   # mean over groups, each group aggregated first
+                per_group = [task.aggregate([r for r in cell if r["group"] == g]) for g in groups
+                             if any(r["group"] == g for r in cell)]
+                average[name][str(L)] = _round(_mean(per_group))
+            else:
+                average[name][str(L)] = _round(task.aggregate(cell))
+        if any((r.get("meta") or {}).get("bucket") for r in mine):
+            names = sorted({r["meta"]["bucket"] for r in mine if r["meta"].get("bucket")})
+            buckets[name] = {b: _round(task.aggregate([r for r in mine if r["meta"].get("bucket") == b]))
+                             for b in names}
+        budget[name] = budget_summary(mine)
+        budget[name]["per_length"] = {str(L): budget_summary([r for r in mine if r["length"] == L])
+                                      for L in lengths if any(r["length"] == L for r in mine)}
+    summary = {**info, "task": task.name, "score": task.score_name, "higher_is_better": task.higher_is_better,
+               "configs": list(config_names), "lengths": list(lengths), "groups": groups,
+               "num_records": counts, "scores": scores, "average": average, "budget": budget,
+               "notes": list(task.notes)}
+    if buckets:
+        summary["length_buckets"] = buckets
+    return summary
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    """Markdown tables: score per group x length x config, averages, then budgets."""
+    configs, digits = summary["configs"], 2 if summary["task"] == "ppl" else 1
+    lines = [f"## twilight eval {summary['task']}: {summary['score']}"
+             + (" (lower is better)" if not summary["higher_is_better"] else ""), "",
+             f"model `{summary.get('model')}`, seed {summary.get('seed')}, "
+             f"{summary.get('samples_per_cell')} sample(s) per cell, lengths in tokens", ""]
+    lines += ["| group | length | " + " | ".join(configs) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in configs) + " |"]
+    for group in summary["groups"]:
+        for L in summary["lengths"]:
+            row = [summary["scores"][c].get(group, {}).get(str(L)) for c in configs]
+            if any(v is not None for v in row):
+                lines.append(f"| {group} | {L} | " + " | ".join(_fmt(v, digits) for v in row) + " |")
+    if len(summary["groups"]) > 1 or len(summary["lengths"]) > 1:
+        for L in [*summary["lengths"], "all"]:
+            row = [summary["average"][c].get(str(L)) for c in configs]
+            if any(v is not None for v in row):
+                lines.append(f"| **average** | {L} | " + " | ".join(f"**{_fmt(v, digits)}**" for v in row) + " |")
+    if summary.get("length_buckets"):
+        names = sorted({b for c in configs for b in summary["length_buckets"].get(c, {})})
+        lines += ["", "LongBench-E, by context length (words):", "",
+                  "| config | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+        for c in configs:
+            lines.append(f"| {c} | " + " | ".join(_fmt(summary["length_buckets"].get(c, {}).get(b), digits)
+                                                  for b in names) + " |")
+    lines += ["", "Decode-step attention budget (mean per sample):", "",
+              "| config | attended tokens | context tokens | attended fraction |", "| --- | ---: | ---: | ---: |"]
+    for c in configs:
+        b = summary["budget"][c]
+        lines.append(f"| {c} | {_fmt(b.get('mean_attended_tokens'))} | {_fmt(b.get('mean_context_tokens'))} | "
+                     f"{_fmt(b.get('attended_fraction'), 3)} |")
+    for note in summary.get("notes", []):
+        lines += ["", f"> {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out_dir: str) -> list[str]:
+    """``accuracy_vs_length.png`` and ``budget.png`` (plus ``budget_per_layer.png`` when recorded)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs, lengths = summary["configs"], summary["lengths"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in configs:
+        xs = [L for L in lengths if summary["average"][c].get(str(L)) is not None]
+        ax.plot(xs, [summary["average"][c][str(L)] for L in xs], marker="o", label=c)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(summary["score"])
+    if summary["higher_is_better"]:   # percentages
+        ax.set_ylim(-3, 103)
+    ax.set_title(f"{summary['task']}: {summary['score']} vs context length")
+    if len(lengths) > 1 and min(lengths) > 0 and max(lengths) / min(lengths) >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, "accuracy_vs_length.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    attended = [summary["budget"][c].get("mean_attended_tokens") for c in configs]
+    context = [summary["budget"][c].get("mean_context_tokens") for c in configs]
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(configs) + 2), 4))
+    xs = range(len(configs))
+    ax.bar(xs, [v or 0 for v in context], color="#dddddd", label="context tokens")
+    ax.bar(xs, [v or 0 for v in attended], color="#3b75af", label="attended tokens")
+    for x, a, ctx in zip(xs, attended, context):
+        if a is not None and ctx:
+            ax.annotate(f"{a:.0f} ({a / ctx:.0%})", (x, a), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), configs)
+    ax.set_ylim(0, 1.15 * max([v or 0 for v in context + attended] + [1]))
+    ax.set_ylabel("tokens per decode step (mean)")
+    ax.set_title(f"{summary['task']}: attended budget per configuration")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, "budget.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    per_layer = {c: summary["budget"][c].get("per_layer_attended_tokens") for c in configs}
+    if any(per_layer.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c, values in per_layer.items():
+            if values:
+                ax.plot(range(len(values)), values, marker=".", label=c)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("attended tokens per decode step (mean)")
+        ax.set_title(f"{summary['task']}: budget per layer")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "budget_per_layer.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_reports(summary: dict, out_dir: str, plots: bool = True) -> dict[str, str]:
+    """Write ``summary.json``, ``results.md`` and the plots; returns ``{kind: path}``."""
+    paths = {"summary": os.path.join(out_dir, "summary.json"), "table": os.path.join(out_dir, "results.md")}
+    with open(paths["summary"], "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    with open(paths["table"], "w", encoding="utf-8") as f:
+        f.write(markdown(summary))
+    if plots:
+        for path in plot(summary, out_dir):
+            paths[os.path.splitext(os.path.basename(path))[0]] = path
+    return paths

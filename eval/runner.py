@@ -1,0 +1,245 @@
+"""The loop shared by every harness: configs x samples, with resume and data parallelism.
+
+For each configuration the model is patched once (``twilight.patch``), then every sample of
+this process's shard is greedily decoded (or forced, for ppl), scored, and appended with its
+decode-step budget statistics as one line of JSONL. A line is keyed by
+``(sample id, config name, sample fingerprint)``: rerunning with the same ``--out`` skips
+every key already on disk, so an interrupted run resumes where it stopped, and a sample
+whose content changed (other seed, other tokenizer) is evaluated afresh.
+
+Data parallelism: under ``accelerate launch`` (or any launcher that sets ``RANK`` /
+``WORLD_SIZE``) process ``r`` of ``w`` takes samples ``r, r + w, ...`` and writes
+``samples.rank<r>.jsonl``; after a barrier the main process merges the shards into
+``samples.jsonl`` and writes the reports.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from .common import EvalError, Sample
+from .tasks.base import Task
+
+RESULTS_FILE = "samples.jsonl"
+
+
+# --------------------------------------------------------------------------- the library
+
+class TwilightBackend:
+    """What the runner needs from ``twilight``; tests may substitute a stand-in."""
+
+    def load_config(self, spec: str):
+        """``(display name, config)`` for a preset name or JSON path; ``EvalError`` if invalid."""
+        import twilight
+        try:
+            cfg = twilight.TwilightConfig.load(spec)
+        except (ValueError, OSError) as err:
+            raise EvalError(f"--configs {spec}: {err}") from err
+        return getattr(cfg, "name", None) or str(spec), cfg
+
+    def patch(self, model, cfg) -> None:
+        import twilight
+        try:
+            twilight.patch(model, cfg)
+        except (ValueError, TypeError, NotImplementedError, ImportError, RuntimeError) as err:
+            name = getattr(cfg, "name", cfg)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise EvalError(f"--configs {name}: cannot patch {type(model).__name__}: {first}") from err
+
+    def unpatch(self, model) -> None:
+        import twilight
+        twilight.unpatch(model)
+
+    def reset_stats(self, model) -> None:
+        import twilight
+        twilight.budget_stats(model).reset()
+
+    def read_stats(self, model) -> dict | None:
+        import twilight
+        return jsonable(twilight.budget_stats(model).as_dict())
+
+
+def jsonable(value: Any) -> Any:
+    """Tensors, numpy values and nested containers turned into plain JSON types."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# --------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    """This process's place among the data-parallel workers."""
+    rank: int = 0
+    world: int = 1
+    state: Any = None      # accelerate.PartialState when launched with several processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> str | None:
+        return str(self.state.device) if self.state is not None else None
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def current_dist() -> Dist:
+    """Rank and world size from ``accelerate`` (or the launcher's ``RANK``/``WORLD_SIZE``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist()
+    try:
+        import torch
+        from accelerate import PartialState
+    except ImportError as err:
+        raise EvalError("WORLD_SIZE > 1 but `accelerate` is not installed; pip install accelerate") from err
+    # Shards can take very different times: keep the final barrier from timing out.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+    return Dist(state.process_index, state.num_processes, state)
+
+
+def shard(samples: Sequence[Sample], dist: Dist) -> list[Sample]:
+    return list(samples[dist.rank::dist.world])
+
+
+# --------------------------------------------------------------------------- JSONL
+
+def shard_path(out_dir: str, dist: Dist) -> str:
+    name = RESULTS_FILE if dist.world == 1 else f"samples.rank{dist.rank}.jsonl"
+    return os.path.join(out_dir, name)
+
+
+def read_records(out_dir: str) -> list[dict]:
+    """Every complete record in ``samples.jsonl`` and the per-rank shards (a torn last line is skipped)."""
+    paths = [os.path.join(out_dir, RESULTS_FILE)] + sorted(glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")))
+    records = []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue   # a line cut short by an interruption: that sample is redone
+    return records
+
+
+def record_key(record: dict) -> tuple[str, str, str]:
+    return record["id"], record["config"], record["fingerprint"]
+
+
+def append_record(path: str, record: dict) -> None:
+    """Append one JSON line, first ending a line torn by an earlier interruption."""
+    with open(path, "a+", encoding="utf-8") as f:
+        if f.tell() > 0:
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def merge_shards(out_dir: str) -> list[dict]:
+    """Fold the per-rank shards into ``samples.jsonl`` (one line per key, latest wins)."""
+    merged: dict[tuple, dict] = {}
+    for record in read_records(out_dir):
+        merged[record_key(record)] = record
+    target = os.path.join(out_dir, RESULTS_FILE)
+    tmp = target + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in merged.values():
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, target)
+    for path in glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")):
+        os.remove(path)
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------- the loop
+
+def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: Sequence[tuple[str, Any]],
+             out_dir: str, backend: TwilightBackend | None = None, dist: Dist | None = None,
+             progress: bool = True) -> int:
+    """Run every (config, sample) pair of this process's shard that is not on disk yet.
+
+    Args:
+        configs: ``(name, config)`` pairs, e.g. from :meth:`TwilightBackend.load_config`.
+        out_dir: results directory; records are appended to this process's JSONL shard.
+    Returns:
+        the number of pairs evaluated in this call.
+    """
+    from tqdm.auto import tqdm
+
+    backend = backend or TwilightBackend()
+    dist = dist or Dist()
+    os.makedirs(out_dir, exist_ok=True)
+    path = shard_path(out_dir, dist)
+    done = {record_key(r) for r in read_records(out_dir)}
+    mine = shard(samples, dist)
+    todo = [(name, cfg, [s for s in mine if (s.id, name, s.fingerprint) not in done]) for name, cfg in configs]
+    total = len(mine) * len(configs)
+    remaining = sum(len(pending) for _, _, pending in todo)
+    bar = tqdm(total=total, initial=total - remaining, disable=not progress, position=dist.rank,
+               desc=f"{task.name}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""),
+               unit="sample", dynamic_ncols=True, file=sys.stderr)
+    evaluated, patched = 0, False
+    try:
+        for name, cfg, pending in todo:
+            if not pending:
+                continue
+            backend.patch(model, cfg)
+            patched = True
+            for sample in pending:
+                bar.set_postfix_str(f"{name} {sample.id}", refresh=True)
+                backend.reset_stats(model)
+                start = time.perf_counter()
+                result = task.evaluate(model, tokenizer, sample)
+                seconds = time.perf_counter() - start
+                append_record(path, {
+                    "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
+                    "task": sample.task, "group": sample.group, "length": sample.length,
+                    "input_tokens": sample.input_tokens, "max_new_tokens": sample.max_new_tokens,
+                    "metric": sample.metric, "answers": sample.answers, **result,
+                    "budget": backend.read_stats(model), "seconds": round(seconds, 3), "process": dist.rank,
+                    "meta": jsonable(sample.meta)})
+                evaluated += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        if patched:
+            backend.unpatch(model)
+    return evaluated
+
+
+def select_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
+    """The records of exactly this run's samples and configs (older runs in the same --out are ignored)."""
+    wanted = [(s.id, name, s.fingerprint) for name in config_names for s in samples]
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        latest[record_key(record)] = record
+    return [latest[key] for key in wanted if key in latest]   # in config, then sample order

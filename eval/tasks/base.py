@@ -1,0 +1,69 @@
+"""The interface every harness implements; the runner and the CLI only talk to this."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .. import metrics
+from ..common import PromptEncoder, Sample
+
+
+class Task:
+    """One ``twilight eval <name>`` harness.
+
+    A task turns arguments into a deterministic list of :class:`Sample` (``build_samples``)
+    and scores one sample on a (possibly patched) model (``evaluate``). Everything else --
+    configs, resume, sharding, reports -- is the runner's job.
+
+    To add a task: subclass, set the class attributes, implement ``build_samples`` (and
+    ``add_arguments`` for extra flags), then register the class in ``tasks/__init__.py``.
+    """
+
+    name: str = ""
+    help: str = ""
+    default_lengths: tuple[int, ...] = (2048, 4096)
+    default_samples: int = 1
+    higher_is_better: bool = True
+    generates: bool = True           # greedy generation (False: forced decoding, e.g. ppl)
+    score_name: str = "score (%)"   # what the table's numbers are
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.notes: list[str] = []   # messages for the user and the summary (skipped sub-tasks...)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the task's own flags to its sub-parser."""
+
+    def check_arguments(self) -> None:
+        """Validate the task's own flags before any model is loaded; raise ``EvalError``."""
+
+    def build_samples(self, tokenizer, encoder: PromptEncoder, lengths: Sequence[int],
+                      num_samples: int | None, seed: int) -> list[Sample]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ scoring one sample
+
+    def postprocess(self, sample: Sample, text: str) -> str:
+        """Clean the decoded generation before scoring."""
+        return text.strip()
+
+    def extra_eos_ids(self, sample: Sample, tokenizer) -> list[int]:
+        """Extra token ids that end generation (besides end of turn); at least one token is generated."""
+        return []
+
+    def evaluate(self, model, tokenizer, sample: Sample) -> dict:
+        """Greedy-decode ``sample`` and score it; returns the fields of the result record."""
+        from ..modeling import generate_greedy
+
+        out = generate_greedy(model, tokenizer, sample.input_ids, sample.max_new_tokens,
+                              extra_eos_ids=self.extra_eos_ids(sample, tokenizer))
+        prediction = self.postprocess(sample, out.text)
+        value = metrics.score(sample.metric, prediction, sample.answers, **sample.meta)
+        return {"prediction": prediction, "score": value, "generated_tokens": out.num_tokens}
+
+    # ------------------------------------------------------------------ aggregation
+
+    def aggregate(self, records: Sequence[dict]) -> float:
+        """One number for a group of records (default: mean score in percent)."""
+        return 100.0 * sum(r["score"] for r in records) / len(records) if records else float("nan")

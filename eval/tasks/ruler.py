@@ -1,0 +1,540 @@
+"""RULER's synthetic tasks, generated locally in the evaluated model's own tokens.
+
+Follows the task definitions, templates, generation budgets and metrics of RULER
+(Hsieh et al., 2024, github.com/NVIDIA/RULER, Apache-2.0; the prompt templates below are
+RULER's): 13 tasks in four categories.
+
+================  ===========================================================  ==========
+task              what is hidden / asked                                       metric
+================  ===========================================================  ==========
+niah_single_1     one number for one word key, in repeated noise sentences     match all
+niah_single_2     one number for one word key, in essays                       match all
+niah_single_3     one UUID for one word key, in essays                         match all
+niah_multikey_1   4 keys in essays, one asked                                  match all
+niah_multikey_2   the needle among a haystack of needle-like distractors       match all
+niah_multikey_3   as above with UUID keys and values                           match all
+niah_multivalue   4 values for the same key                                    match all
+niah_multiquery   4 keys, all asked                                            match all
+vt                a chain of 4 variable assignments (VAR X = VAR Y) in noise    match all
+cwe               the 10 most common words of a numbered word list             match all
+fwe               the 3 most frequent words of a Zipf-distributed coded text   match all
+qa_1              SQuAD question among distractor paragraphs                   match part
+qa_2              HotpotQA question among distractor paragraphs                match part
+================  ===========================================================  ==========
+
+Differences from RULER, all deliberate: the essay haystack is the package's own original
+essays (not Paul Graham's); needle keys and common words come from the package's word
+list (not ``wonderwords``); needles are placed at depths drawn from RULER's 40-point depth
+grid for every haystack type, and the depth of each needle is recorded in tokens. The QA
+tasks load SQuAD v2 / HotpotQA through ``datasets`` and are skipped, with a message, when
+the Hugging Face hub (or a local datasets cache) is not reachable.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import string
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate
+from math import pi
+
+from ..common import (
+    EvalError,
+    PromptEncoder,
+    Sample,
+    essay_text,
+    fit_largest,
+    hub_reachable,
+    offline_mode,
+    rng_for,
+    split_sentences,
+    word_lists,
+)
+from .base import Task
+
+# RULER's 40 needle depths, in percent: round(linspace(0, 100, 40)).
+DEPTHS = sorted({round(100 * i / 39) for i in range(40)})
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+
+TEMPLATES = {
+    "niah": (
+        "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+        "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+        "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?",
+        " The special magic {type_needle_v} for {query} mentioned in the provided text are",
+        128),
+    "variable_tracking": (
+        "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
+        "Question: Find all variables that are assigned the value {query} in the text above.",
+        # "assgined" is RULER's spelling; kept so prompts match the benchmark exactly.
+        " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables "
+        "are assgined the value {query}, they are: ",
+        30),
+    "common_words_extraction": (
+        "Below is a numbered list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often.\n{context}\n"
+        "Question: What are the 10 most common words in the above list?",
+        " Answer: The top 10 words that appear most often in the list are:",
+        120),
+    "freq_words_extraction": (
+        "Read the following coded text and track the frequency of each coded word. Find the three most "
+        "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
+        "the dots '....'. What are the three most frequently appeared words in the above coded text?",
+        " Answer: According to the coded text above, the three most frequently appeared words are:",
+        50),
+    "qa": (
+        "Answer the question based on the given documents. Only give me the answer and do not output any "
+        "other words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the "
+        "given documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}",
+        " Answer:",
+        32),
+}
+DOCUMENT = "Document {i}:\n{document}"
+
+
+@dataclass(frozen=True)
+class RulerSpec:
+    kind: str                     # niah | variable_tracking | common_words_extraction | freq_words_extraction | qa
+    haystack: str = "essay"       # niah: noise | essay | needle
+    key_type: str = "words"       # niah: words | numbers | uuids
+    value_type: str = "numbers"
+    num_keys: int = 1
+    num_values: int = 1
+    num_queries: int = 1
+    num_chains: int = 1           # vt
+    num_hops: int = 4             # vt
+    freq_cw: int = 30             # cwe: repeats of each common word
+    freq_ucw: int = 3             # cwe: repeats of each uncommon word
+    num_cw: int = 10              # cwe: number of common words
+    alpha: float = 2.0            # fwe: Zipf exponent
+    dataset: str = ""             # qa: squad | hotpotqa
+
+    @property
+    def metric(self) -> str:
+        return "string_match_part" if self.kind == "qa" else "string_match_all"
+
+
+RULER_TASKS: dict[str, RulerSpec] = {
+    "niah_single_1": RulerSpec("niah", haystack="noise"),
+    "niah_single_2": RulerSpec("niah", haystack="essay"),
+    "niah_single_3": RulerSpec("niah", haystack="essay", value_type="uuids"),
+    "niah_multikey_1": RulerSpec("niah", haystack="essay", num_keys=4),
+    "niah_multikey_2": RulerSpec("niah", haystack="needle"),
+    "niah_multikey_3": RulerSpec("niah", haystack="needle", key_type="uuids", value_type="uuids"),
+    "niah_multivalue": RulerSpec("niah", haystack="essay", num_values=4),
+    "niah_multiquery": RulerSpec("niah", haystack="essay", num_keys=4, num_queries=4),
+    "vt": RulerSpec("variable_tracking"),
+    "cwe": RulerSpec("common_words_extraction"),
+    "fwe": RulerSpec("freq_words_extraction"),
+    "qa_1": RulerSpec("qa", dataset="squad"),
+    "qa_2": RulerSpec("qa", dataset="hotpotqa"),
+}
+
+
+@dataclass
+class Built:
+    """One candidate prompt: the task text, the answer prefix, the answers and the needles."""
+    text: str
+    prefix: str
+    answers: list[str]
+    context: str
+    needles: list[tuple[str, int]]   # (needle text, requested depth in percent)
+
+
+# --------------------------------------------------------------------------- random values
+
+def _random_value(rng, kind: str) -> str:
+    if kind == "numbers":
+        return str(rng.randint(10 ** 6, 10 ** 7 - 1))          # 7 digits, as RULER
+    if kind == "uuids":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    if kind == "words":
+        words = word_lists()
+        return f"{rng.choice(words['adjectives'])}-{rng.choice(words['nouns'])}"
+    raise ValueError(f"unknown needle type {kind!r}")
+
+
+def _distinct(rng, kind: str, count: int, exclude: set[str] = frozenset()) -> list[str]:
+    out: list[str] = []
+    while len(out) < count:
+        value = _random_value(rng, kind)
+        if value not in out and value not in exclude:
+            out.append(value)
+    return out
+
+
+def _insert_at_depths(units: list[str], needles: Sequence[tuple[str, int]]) -> list[str]:
+    """Insert each needle at the unit boundary closest to ``depth``% of the haystack's characters.
+
+    Characters track tokens closely for prose, so the needle's depth in tokens stays within a
+    sentence of the request; for identical units this is boundary ``round(len(units) * depth / 100)``.
+    """
+    ends = list(accumulate(len(u) + 1 for u in units))        # characters up to each boundary
+    total = ends[-1] if ends else 0
+    boundaries = [0, *ends]
+    out = list(units)
+    for text, depth in sorted(needles, key=lambda nd: nd[1], reverse=True):
+        target = total * depth / 100
+        index = min(range(len(boundaries)), key=lambda i: (abs(boundaries[i] - target), i))
+        out.insert(index, text)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _essay_words() -> tuple[str, ...]:
+    return tuple(re.sub(r"\s+", " ", essay_text()).strip().split(" "))
+
+
+def _essay_prefix(num_words: int) -> str:
+    words = _essay_words()
+    repeats = -(-num_words // len(words))
+    return " ".join((words * max(repeats, 1))[:num_words])
+
+
+# --------------------------------------------------------------------------- task builders
+
+def _singularise(template: str) -> str:
+    """RULER's wording for a single expected value ("A special magic number is ...")."""
+    return (template.replace("Some", "A").replace("are all", "is").replace("are", "is")
+            .replace("answers", "answer"))
+
+
+def niah_builder(spec: RulerSpec, rng) -> tuple[Callable[[int], Built], int]:
+    """``(build(haystack_size), max_new_tokens)`` for a needle-in-a-haystack task."""
+    keys = _distinct(rng, spec.key_type, spec.num_keys)
+    values = [_distinct(rng, spec.value_type, spec.num_values) for _ in keys]
+    type_v = spec.value_type
+    needles = [NEEDLE.format(type_needle_v=type_v, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
+    rng.shuffle(needles)
+    depths = sorted(rng.sample(DEPTHS, len(needles)))
+    placed = list(zip(needles, depths))
+    asked = sorted(rng.sample(range(spec.num_keys), spec.num_queries))
+    queries = [keys[i] for i in asked]
+    answers = [v for i in asked for v in values[i]]
+    query = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + ", and " + queries[-1]
+    template, prefix, max_new = TEMPLATES["niah"]
+    if spec.num_queries * spec.num_values == 1:
+        template, prefix, type_v = _singularise(template), _singularise(prefix), type_v[:-1]
+    distractor_rng = rng_for(rng.random(), "distractors")
+    distractors: list[str] = []
+    taken = set(keys) | {v for vs in values for v in vs}
+
+    def haystack_units(n: int) -> list[str]:
+        if spec.haystack == "noise":
+            return [NOISE] * n
+        if spec.haystack == "essay":
+            return split_sentences(_essay_prefix(n))
+        while len(distractors) < n:   # "needle" haystack: needles for other keys
+            key, value = _distinct(distractor_rng, spec.key_type, 1, taken)[0], \
+                _distinct(distractor_rng, spec.value_type, 1, taken)[0]
+            taken.update((key, value))
+            distractors.append(NEEDLE.format(type_needle_v=spec.value_type, key=key, value=value))
+        return distractors[:n]
+
+    def build(n: int) -> Built:
+        joiner = " " if spec.haystack == "essay" else "\n"
+        context = joiner.join(_insert_at_depths(haystack_units(n), placed))
+        return Built(template.format(type_needle_v=type_v, context=context, query=query),
+                     prefix.format(type_needle_v=type_v, query=query), answers, context, placed)
+
+    return build, max_new
+
+
+def _vt_chains(rng, num_chains: int, num_hops: int, name_len: int) -> tuple[list[list[str]], list[list[str]]]:
+    names: list[str] = []
+    while len(names) < num_chains * (num_hops + 1):
+        name = "".join(rng.choices(string.ascii_uppercase, k=name_len))
+        if name not in names:
+            names.append(name)
+    variables, chains = [], []
+    for c in range(num_chains):
+        vs = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
+        chain = [f"VAR {vs[0]} = {rng.randint(10000, 99999)}"]
+        chain += [f"VAR {vs[j + 1]} = VAR {vs[j]}" for j in range(num_hops)]
+        variables.append(vs)
+        chains.append(chain)
+    return variables, chains
+
+
+def _vt_builder(rng, spec: RulerSpec, icl: bool) -> Callable[[int], Built]:
+    """``build(num_noise_lines)`` for one variable-tracking prompt (``icl``: the short example)."""
+    num_hops = min(spec.num_hops, 10) if icl else spec.num_hops
+    variables, chains = _vt_chains(rng, spec.num_chains, num_hops, 3 if icl else 5)
+    statements = [s for chain in chains for s in chain]
+    placed = list(zip(statements, sorted(rng.sample(DEPTHS, len(statements)))))
+    value = chains[0][0].split("=")[-1].strip()
+    template, prefix, _ = TEMPLATES["variable_tracking"]
+    prefix = prefix.format(num_v=len(variables[0]), query=value)
+
+    def build(n: int) -> Built:
+        context = "\n".join(_insert_at_depths([NOISE] * n, placed))
+        return Built(template.format(context=context, query=value), prefix, variables[0], context, placed)
+
+    return build
+
+
+def vt_builder(spec: RulerSpec, rng, encoder: PromptEncoder, length: int) -> tuple[Callable[[int], Built], int]:
+    """Variable tracking, preceded by one short solved example as in RULER."""
+    icl_build = _vt_builder(rng, spec, icl=True)
+
+    def icl_len(n: int) -> int:
+        b = icl_build(n)
+        return encoder.token_count(b.text + b.prefix)
+
+    icl_budget = max(min(500, length // 4), icl_len(0))   # RULER: up to 500 tokens
+    icl = icl_build(fit_largest(icl_len, icl_budget, 0, f"ruler vt example at --lengths {length}"))
+    example = icl.text + icl.prefix + " ".join(icl.answers)
+    build_main = _vt_builder(rng, spec, icl=False)
+
+    def build(n: int) -> Built:
+        b = build_main(n)
+        return Built(example + "\n\n" + b.text, b.prefix, b.answers, b.context, b.needles)
+
+    return build, TEMPLATES["variable_tracking"][2]
+
+
+def _word_pool(rng) -> list[str]:
+    words = word_lists()
+    pool = sorted(set(words["adjectives"] + words["nouns"] + words["verbs"]))
+    rng.shuffle(pool)
+    return pool
+
+
+def _pool_word(pool: list[str], i: int) -> str:
+    """Word ``i`` of the pool; past its end, hyphenated pairs keep words unique."""
+    if i < len(pool):
+        return pool[i]
+    j = i - len(pool)
+    return f"{pool[j % len(pool)]}-{pool[(j // len(pool) + 1 + j) % len(pool)]}"
+
+
+def cwe_builder(spec: RulerSpec, rng, length: int) -> tuple[Callable[[int], Built], int]:
+    """Common words extraction: 10 words repeated ``freq_cw`` times among words repeated ``freq_ucw``."""
+    template, prefix, max_new = TEMPLATES["common_words_extraction"]
+    pool = _word_pool(rng)
+    seed = rng.random()
+    if length < 4096:   # RULER's smaller repeats for short contexts
+        (ex_words, ex_cw, ex_ucw), (cw, ucw) = (20, 3, 1), (6, 1)
+    else:
+        (ex_words, ex_cw, ex_ucw), (cw, ucw) = (40, 10, 3), (spec.freq_cw, spec.freq_ucw)
+
+    def word_list(words: list[str], common_repeats: int, uncommon_repeats: int, salt: object) -> tuple[str, list[str]]:
+        common, uncommon = words[:spec.num_cw], words[spec.num_cw:]
+        items = common * common_repeats + uncommon * uncommon_repeats
+        rng_for(seed, salt, len(words)).shuffle(items)
+        return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), common
+
+    example_words = [_pool_word(pool, len(pool) - 1 - i) for i in range(ex_words)]   # disjoint from the test
+    ex_context, ex_answer = word_list(example_words, ex_cw, ex_ucw, "example")
+    example = (template.format(context=ex_context) + prefix + " "
+               + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_answer)))
+
+    def build(n: int) -> Built:
+        context, answer = word_list([_pool_word(pool, i) for i in range(n)], cw, ucw, "test")
+        return Built(example + "\n" + template.format(context=context), prefix, answer, context, [])
+
+    return build, max_new
+
+
+def _zeta(alpha: float) -> float:
+    if alpha == 2.0:
+        return pi ** 2 / 6
+    terms = 100_000   # partial sum plus the integral tail
+    return sum(k ** -alpha for k in range(1, terms)) + terms ** (1 - alpha) / (alpha - 1)
+
+
+def fwe_builder(spec: RulerSpec, rng) -> tuple[Callable[[int], Built], int]:
+    """Frequent words extraction: coded words with Zipf(alpha) counts; the top one is '...' noise."""
+    template, prefix, max_new = TEMPLATES["freq_words_extraction"]
+    vocab: list[str] = []
+    seen: set[str] = set()
+    while len(vocab) < 2000:
+        word = "".join(rng.choices(string.ascii_lowercase, k=6))
+        if word not in seen:
+            seen.add(word)
+            vocab.append(word)
+    vocab[0] = "..."
+    seed, zeta = rng.random(), _zeta(spec.alpha)
+
+    def build(n: int) -> Built:
+        words = [w for k, w in enumerate(vocab, start=1) for _ in range(int(n * k ** -spec.alpha / zeta))]
+        rng_for(seed, n).shuffle(words)
+        context = " ".join(words)
+        return Built(template.format(context=context), prefix, vocab[1:4], context, [])
+
+    return build, max_new
+
+
+# --------------------------------------------------------------------------- QA data
+
+def load_squad() -> tuple[list[dict], list[str]]:
+    """SQuAD v2 dev questions that have answers, with paragraphs of the same article as extra context."""
+    import datasets
+    rows = datasets.load_dataset("rajpurkar/squad_v2", split="validation")
+    docs = sorted({r["context"] for r in rows})
+    index = {d: i for i, d in enumerate(docs)}
+    by_title: dict[str, set[int]] = {}
+    for r in rows:
+        by_title.setdefault(r["title"], set()).add(index[r["context"]])
+    qas = []
+    for r in rows:
+        if r["answers"]["text"]:
+            own = index[r["context"]]
+            qas.append({"query": r["question"], "outputs": list(dict.fromkeys(r["answers"]["text"])),
+                        "context": [own], "more_context": sorted(by_title[r["title"]] - {own})})
+    return qas, docs
+
+
+def load_hotpotqa() -> tuple[list[dict], list[str]]:
+    """HotpotQA (distractor) dev questions; each comes with its own 10 paragraphs."""
+    import datasets
+    rows = datasets.load_dataset("hotpotqa/hotpot_qa", "distractor", split="validation")
+
+    def paragraphs(row):
+        return [f"{t}\n{''.join(s)}" for t, s in zip(row["context"]["title"], row["context"]["sentences"])]
+
+    docs = sorted({p for r in rows for p in paragraphs(r)})
+    index = {d: i for i, d in enumerate(docs)}
+    qas = [{"query": r["question"], "outputs": [r["answer"]], "context": [index[p] for p in paragraphs(r)],
+            "more_context": []} for r in rows]
+    return qas, docs
+
+
+QA_LOADERS: dict[str, tuple[str, Callable[[], tuple[list[dict], list[str]]]]] = {
+    "squad": ("SQuAD v2 (rajpurkar/squad_v2)", load_squad),
+    "hotpotqa": ("HotpotQA (hotpotqa/hotpot_qa)", load_hotpotqa),
+}
+
+
+def qa_builder(spec: RulerSpec, rng, qas: list[dict], docs: list[str]) -> tuple[Callable[[int], Built], int]:
+    template, prefix, max_new = TEMPLATES["qa"]
+    qa = qas[rng.randrange(len(qas))]
+    gold, more = list(qa["context"]), list(qa["more_context"])
+    used = set(gold) | set(more)
+    others = [i for i in range(len(docs)) if i not in used]
+    rng.shuffle(more)
+    rng.shuffle(others)
+    extra = more + others   # same-article paragraphs first, as RULER
+    seed = rng.random()
+
+    def build(n: int) -> Built:
+        chosen = gold + extra[:max(0, n - len(gold))]
+        chosen = [docs[i] for i in chosen]
+        rng_for(seed, n).shuffle(chosen)
+        context = "\n\n".join(DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(chosen))
+        return Built(template.format(context=context, query=qa["query"]), prefix, qa["outputs"], context, [])
+
+    return build, max_new
+
+
+# --------------------------------------------------------------------------- the task
+
+def _postprocess(text: str) -> str:
+    """RULER's cleanup: strip and turn control characters into newlines."""
+    return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
+
+
+class RulerTask(Task):
+    name = "ruler"
+    help = "RULER synthetic tasks (NIAH x8, variable tracking, common/frequent words, QA)"
+    default_lengths = (2048, 4096)
+    default_samples = 2
+    score_name = "accuracy (%)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS),
+                            metavar="TASK", help="RULER tasks to run (default: all 13): "
+                                                 + ", ".join(RULER_TASKS))
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self._qa_cache: dict[str, tuple[list[dict], list[str]] | str] = {}
+
+    def _qa_data(self, dataset: str) -> tuple[list[dict], list[str]] | str:
+        """``(questions, documents)`` of a QA source, or why it could not be loaded."""
+        if dataset not in self._qa_cache:
+            label, loader = QA_LOADERS[dataset]
+            ok, reason = hub_reachable()
+            if not ok and not offline_mode():
+                self._qa_cache[dataset] = f"{label} could not be loaded through `datasets`: {reason}"
+            else:   # online, or offline with possibly cached data
+                try:
+                    self._qa_cache[dataset] = loader()
+                except Exception as err:  # noqa: BLE001 -- any failure to load means "skip"
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    self._qa_cache[dataset] = f"{label} could not be loaded through `datasets`: {first}"
+        return self._qa_cache[dataset]
+
+    def build_samples(self, tokenizer, encoder: PromptEncoder, lengths: Sequence[int],
+                      num_samples: int | None, seed: int) -> list[Sample]:
+        num_samples = num_samples or self.default_samples
+        samples: list[Sample] = []
+        for task in dict.fromkeys(self.args.tasks):
+            spec = RULER_TASKS[task]
+            if spec.kind == "qa":
+                data = self._qa_data(spec.dataset)
+                if isinstance(data, str):
+                    self.notes.append(f"ruler: skipped {task}: {data}")
+                    continue
+            for length in lengths:
+                for index in range(num_samples):
+                    rng = rng_for(seed, "ruler", task, length, index)
+                    samples.append(self._build_one(task, spec, rng, encoder, length, index))
+        if not samples:
+            raise EvalError("ruler: no samples to evaluate (every selected task was skipped)")
+        return samples
+
+    def _build_one(self, task: str, spec: RulerSpec, rng, encoder: PromptEncoder, length: int,
+                   index: int) -> Sample:
+        if spec.kind == "niah":
+            build, max_new = niah_builder(spec, rng)
+        elif spec.kind == "variable_tracking":
+            build, max_new = vt_builder(spec, rng, encoder, length)
+        elif spec.kind == "common_words_extraction":
+            build, max_new = cwe_builder(spec, rng, length)
+        elif spec.kind == "freq_words_extraction":
+            build, max_new = fwe_builder(spec, rng)
+        else:
+            qas, docs = self._qa_data(spec.dataset)
+            build, max_new = qa_builder(spec, rng, qas, docs)
+
+        def prompt_len(n: int) -> int:
+            b = build(n)
+            return len(encoder.encode(encoder.render(b.text, b.prefix)))
+
+        smallest = {"common_words_extraction": spec.num_cw + 1, "freq_words_extraction": 1,
+                    "qa": 1}.get(spec.kind, 0)
+        cap = len(self._qa_data(spec.dataset)[1]) if spec.kind == "qa" else None
+        n = fit_largest(prompt_len, length - max_new, smallest, f"ruler {task}: --lengths {length}", hi=cap)
+        built = build(n)
+        prompt = encoder.render(built.text, built.prefix)
+        ids = encoder.encode(prompt)
+        meta: dict = {"haystack_units": n}
+        ctx_char = prompt.find(built.context) if built.context else -1
+        if ctx_char >= 0:
+            start = encoder.char_to_token(prompt, ctx_char)
+            end = encoder.char_to_token(prompt, ctx_char + len(built.context))
+            meta.update(context_start=start, context_end=end, context_tokens=end - start)
+            # token_depth: the needle's position within the haystack proper (needle tokens excluded).
+            found = sorted((encoder.char_to_token(prompt, prompt.index(needle, ctx_char)), needle, depth)
+                           for needle, depth in built.needles)
+            sizes = [encoder.token_count(needle) for _, needle, _ in found]
+            haystack_tokens = max(end - start - sum(sizes), 1)
+            needles = [{"text": needle, "depth": depth, "token": tok,
+                        "token_depth": round((tok - start - sum(sizes[:i])) / haystack_tokens, 4)}
+                       for i, (tok, needle, depth) in enumerate(found)]
+            if needles:
+                meta["needles"] = needles
+            if len(needles) == 1:
+                meta["depth"] = needles[0]["depth"]
+        return Sample(id=f"{task}/L{length}/s{index}", task=task, length=length, input_ids=ids,
+                      answers=list(built.answers), max_new_tokens=max_new, metric=spec.metric, meta=meta)
+
+    def postprocess(self, sample: Sample, text: str) -> str:
+        return _postprocess(text)

@@ -1,0 +1,154 @@
+"""The shared loop: resume without redoing samples, torn lines, sharding, merging, reports."""
+import argparse
+import json
+import os
+
+import pytest
+from twilight_eval import report, runner
+from twilight_eval.common import Sample
+from twilight_eval.tasks.base import Task
+
+
+class CountingTask(Task):
+    """Scores 1 for even sample indices; remembers which (config, sample) pairs it evaluated."""
+    name = "fake"
+
+    def __init__(self, fail_after=None):
+        super().__init__(argparse.Namespace())
+        self.calls, self.fail_after, self.config = [], fail_after, None
+
+    def evaluate(self, model, tokenizer, sample):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt   # an interruption in the middle of the run
+        self.calls.append((model.config_name, sample.id))
+        return {"prediction": "x", "score": float(int(sample.id.split("s")[-1]) % 2 == 0), "generated_tokens": 1}
+
+
+class FakeModel:
+    config_name = None
+
+
+class FakeBackend(runner.TwilightBackend):
+    """Records patching; budgets depend on the config so reports can be checked."""
+
+    def __init__(self):
+        self.events = []
+
+    def patch(self, model, cfg):
+        model.config_name = cfg
+        self.events.append(("patch", cfg))
+
+    def unpatch(self, model):
+        self.events.append(("unpatch", model.config_name))
+
+    def reset_stats(self, model):
+        pass
+
+    def read_stats(self, model):
+        attended = 100.0 if model.config_name == "dense" else 10.0
+        return {"mean_attended_tokens": attended, "mean_context_tokens": 100.0, "attended_fraction": attended / 100,
+                "per_layer": [{"layer": 0, "mean_attended_tokens": attended}, {"layer": 1, "mean_attended_tokens": 50}]}
+
+
+def make_samples(n=4, length=128, tag=""):
+    return [Sample(id=f"t/L{length}/s{i}", task="t", length=length, input_ids=[1, 2, i], answers=[tag or "a"],
+                   max_new_tokens=4, metric="string_match_all") for i in range(n)]
+
+
+CONFIGS = [("dense", "dense"), ("quest-twilight", "quest-twilight")]
+
+
+def test_every_pair_is_evaluated_once_and_recorded(tmp_path):
+    task, backend, samples = CountingTask(), FakeBackend(), make_samples()
+    assert runner.evaluate(task, FakeModel(), None, samples, CONFIGS, str(tmp_path), backend, progress=False) == 8
+    assert backend.events == [("patch", "dense"), ("patch", "quest-twilight"), ("unpatch", "quest-twilight")]
+    records = runner.read_records(str(tmp_path))
+    assert {(r["id"], r["config"]) for r in records} == {(s.id, c) for s in samples for c, _ in CONFIGS}
+    first = records[0]
+    assert first["fingerprint"] == samples[0].fingerprint and first["budget"]["mean_attended_tokens"] == 100.0
+    assert first["input_tokens"] == 3 and first["length"] == 128 and first["seconds"] >= 0
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_samples(tmp_path):
+    samples = make_samples()
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(CountingTask(fail_after=5), FakeModel(), None, samples, CONFIGS, str(tmp_path),
+                        FakeBackend(), progress=False)
+    assert len(runner.read_records(str(tmp_path))) == 5
+    task = CountingTask()
+    assert runner.evaluate(task, FakeModel(), None, samples, CONFIGS, str(tmp_path), FakeBackend(),
+                           progress=False) == 3
+    assert task.calls == [("quest-twilight", "t/L128/s1"), ("quest-twilight", "t/L128/s2"),
+                          ("quest-twilight", "t/L128/s3")]
+    # a third run has nothing left to do and does not even patch the model
+    backend = FakeBackend()
+    assert runner.evaluate(CountingTask(), FakeModel(), None, samples, CONFIGS, str(tmp_path), backend,
+                           progress=False) == 0
+    assert backend.events == []
+    assert len(runner.read_records(str(tmp_path))) == 8
+
+
+def test_a_torn_last_line_is_redone_and_does_not_corrupt_the_file(tmp_path):
+    samples = make_samples(2)
+    runner.evaluate(CountingTask(), FakeModel(), None, samples, CONFIGS[:1], str(tmp_path), FakeBackend(),
+                    progress=False)
+    path = tmp_path / runner.RESULTS_FILE
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])   # killed while writing the 2nd line
+    task = CountingTask()
+    runner.evaluate(task, FakeModel(), None, samples, CONFIGS[:1], str(tmp_path), FakeBackend(), progress=False)
+    assert task.calls == [("dense", "t/L128/s1")]
+    assert len(runner.read_records(str(tmp_path))) == 2
+    for line in path.read_text().splitlines()[2:]:
+        json.loads(line)
+
+
+def test_changed_samples_are_evaluated_again_and_old_records_are_ignored(tmp_path):
+    runner.evaluate(CountingTask(), FakeModel(), None, make_samples(2, tag="old"), CONFIGS[:1], str(tmp_path),
+                    FakeBackend(), progress=False)
+    new = make_samples(2, tag="new")                    # same ids, different content (e.g. another seed)
+    task = CountingTask()
+    runner.evaluate(task, FakeModel(), None, new, CONFIGS[:1], str(tmp_path), FakeBackend(), progress=False)
+    assert len(task.calls) == 2
+    selected = runner.select_records(runner.read_records(str(tmp_path)), new, ["dense"])
+    assert len(selected) == 2 and all(r["answers"] == ["new"] for r in selected)
+
+
+def test_shards_split_the_samples_and_merge_back(tmp_path):
+    samples = make_samples(5)
+    calls = []
+    for rank in range(2):
+        task = CountingTask()
+        runner.evaluate(task, FakeModel(), None, samples, CONFIGS[:1], str(tmp_path), FakeBackend(),
+                        dist=runner.Dist(rank=rank, world=2), progress=False)
+        calls.append([sid for _, sid in task.calls])
+        assert os.path.exists(tmp_path / f"samples.rank{rank}.jsonl")
+    assert calls == [["t/L128/s0", "t/L128/s2", "t/L128/s4"], ["t/L128/s1", "t/L128/s3"]]
+    merged = runner.merge_shards(str(tmp_path))
+    assert sorted(r["id"] for r in merged) == [s.id for s in samples]
+    assert sorted(os.listdir(tmp_path)) == [runner.RESULTS_FILE]
+    assert {r["process"] for r in merged} == {0, 1}
+
+
+def test_summary_markdown_and_plots(tmp_path):
+    samples = make_samples(4, 128) + make_samples(4, 256)
+    runner.evaluate(CountingTask(), FakeModel(), None, samples, CONFIGS, str(tmp_path), FakeBackend(),
+                    progress=False)
+    records = runner.select_records(runner.read_records(str(tmp_path)), samples, ["dense", "quest-twilight"])
+    summary = report.summarize(CountingTask(), records, ["dense", "quest-twilight"], [128, 256],
+                               {"model": "m", "seed": 0, "samples_per_cell": 4})
+    # samples s0 and s2 score 1, s1 and s3 score 0: 50% everywhere
+    assert summary["scores"]["dense"]["t"] == {"128": 50.0, "256": 50.0}
+    assert summary["average"]["quest-twilight"] == {"128": 50.0, "256": 50.0, "all": 50.0}
+    assert summary["budget"]["quest-twilight"]["mean_attended_tokens"] == 10.0
+    assert summary["budget"]["dense"]["attended_fraction"] == 1.0
+    assert summary["budget"]["quest-twilight"]["per_layer_attended_tokens"] == [10.0, 50.0]
+    table = report.markdown(summary)
+    assert "| group | length | dense | quest-twilight |" in table
+    assert "| t | 128 | 50.0 | 50.0 |" in table
+    assert "| quest-twilight | 10.0 | 100.0 | 0.100 |" in table
+    paths = report.write_reports(summary, str(tmp_path))
+    for name in ("accuracy_vs_length", "budget", "budget_per_layer"):
+        with open(paths[name], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(open(paths["summary"]).read())["scores"] == summary["scores"]
