@@ -43,8 +43,13 @@ def _add_eval(subparsers) -> None:
     add_eval_parser(subparsers)
 
 
+def _add_bench(subparsers) -> None:
+    from twilight.bench.cli import add_bench_parser
+    add_bench_parser(subparsers)
+
+
 # name -> function registering that sub-command on the sub-parsers object.
-COMMANDS: dict[str, Callable] = {"eval": _add_eval}
+COMMANDS: dict[str, Callable] = {"eval": _add_eval, "bench": _add_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

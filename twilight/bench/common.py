@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -29,8 +30,8 @@ import torch
 
 # Peak DRAM/HBM bandwidth in GB/s (1e9 bytes/s) by device-name substring, most specific first (vendor datasheets).
 GPU_PEAK_BANDWIDTH_GBPS: tuple[tuple[str, float], ...] = (
-    ("H200", 4800.0),
     ("GH200", 4000.0),
+    ("H200", 4800.0),
     ("H100 NVL", 3900.0),
     ("H100 PCIe", 2000.0),
     ("H100", 3350.0),  # H100 SXM5 80GB HBM3
@@ -134,8 +135,12 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def measure(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *, warmup: int = 2,
-            repeats: int = 20, min_repeats: int = 3, max_seconds: float | None = None) -> dict[str, Timing]:
+            repeats: int = 20, min_repeats: int = 3, max_seconds: float | None = None,
+            shuffle: bool = True) -> dict[str, Timing]:
     """Time every callable of ``fns``, interleaved: each round calls each of them once.
+
+    With ``shuffle`` every timed round runs them in a fresh (seeded) random order, so that what one
+    candidate leaves behind in the caches and the allocator does not always land on the same neighbour.
 
     Args:
         fns: ``{name: fn}``; each ``fn()`` runs one operation (its result is discarded).
@@ -154,8 +159,11 @@ def measure(fns: Mapping[str, Callable[[], object]], device: torch.device | str 
             fns[name]()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    rng = random.Random(0)
     t_start = time.perf_counter()
     for r in range(max(repeats, 1)):
+        if shuffle:
+            rng.shuffle(names)
         if device.type == "cuda":
             events = []
             for name in names:
@@ -308,7 +316,8 @@ def measure_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2*
             "read_timing": t["read"].to_dict(), "copy_timing": t["copy"].to_dict()}
 
 
-def peak_bandwidth(device: torch.device | str = "cpu", env: Mapping | None = None, measure_now: bool = True) -> dict:
+def peak_bandwidth(device: torch.device | str = "cpu", env: Mapping | None = None, measure_now: bool = True,
+                   nbytes: int = 512 * 2**20) -> dict:
     """The roofline's bandwidth for ``device``.
 
     CPU: measured now (``measure_bandwidth``; the larger of the read and copy rates is the peak).
@@ -316,7 +325,7 @@ def peak_bandwidth(device: torch.device | str = "cpu", env: Mapping | None = Non
     rates alongside; a GPU not in the table falls back to the measured rate.
     """
     device = torch.device(device)
-    measured = measure_bandwidth(device) if measure_now else None
+    measured = measure_bandwidth(device, nbytes) if measure_now else None
     if device.type == "cuda":
         name = (env or {}).get("device_name") or torch.cuda.get_device_name(device)
         for key, gbps in GPU_PEAK_BANDWIDTH_GBPS:
