@@ -85,9 +85,9 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     B, H, G, D = qg.shape
     P = cache.num_pages
     bounds = cache.page_bounds[:, :, :P].reshape(B * H, P, 2 * D)  # [max | min] per page
-    qq = torch.cat([qg.clamp_min(0), qg.clamp_max(0)], -1).reshape(B * H, G, 2 * D)
-    qq = qq.to(bounds.dtype).transpose(1, 2)
-    scores = torch.bmm(bounds, qq).float().view(B, H, P, G).amax(-1)  # [B, Hkv, P]
+    qq = torch.cat([qg.clamp_min(0), qg.clamp_max(0)], -1).reshape(B * H, G, 2 * D).to(bounds.dtype)
+    # [G, 2D] @ [2D, P] (pages as the wide dimension) runs ~2x faster on CPU than [P, 2D] @ [2D, G]
+    scores = torch.bmm(qq, bounds.transpose(1, 2)).view(B, H, G, P).amax(2).float()  # [B, Hkv, P]
     page_start = torch.arange(P, device=q.device) * cache.page_size
     has_valid = (page_start.view(1, -1) + cache.page_size > cache.start.view(-1, 1))  # [B, P]
     return scores.masked_fill(~has_valid.unsqueeze(1), float("-inf"))
