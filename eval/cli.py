@@ -14,21 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .common import EvalError, PromptEncoder
+from .common import EvalError, PromptEncoder, positive_int
 from .tasks import TASKS, Task
 
 PRESET_NAMES = ("dense", "quest", "twilight", "quest-twilight", "streaming")
 BASELINE = "dense"
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
-    return number
 
 
 def _presets() -> str:

@@ -6,6 +6,7 @@ built for length ``L`` satisfies ``len(input_ids) + max_new_tokens <= L``, as in
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -222,3 +223,14 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
         return True, ""
     except OSError as err:
         return False, f"{hostname} unreachable ({err})"
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number

@@ -13,20 +13,10 @@ import argparse
 import math
 from collections.abc import Sequence
 
-from .common import EvalError, PromptEncoder, Sample, essay_text, rng_for
+from .common import EvalError, PromptEncoder, Sample, essay_text, positive_int, rng_for
 from .tasks.base import Task
 
 DEFAULT_DECODE_TOKENS = 128
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
-    return number
 
 
 def forced_decode_nll(model, input_ids: list[int], num_prefill: int) -> list[float]:
@@ -78,7 +68,7 @@ class PerplexityTask(Task):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--text", metavar="PATH",
                             help="UTF-8 text file to score (default: the essays shipped with the package)")
-        parser.add_argument("--decode-tokens", type=_positive, default=DEFAULT_DECODE_TOKENS, metavar="N",
+        parser.add_argument("--decode-tokens", type=positive_int, default=DEFAULT_DECODE_TOKENS, metavar="N",
                             help=f"tokens scored at the end of each window, one decode step each "
                                  f"(default: {DEFAULT_DECODE_TOKENS})")
 
