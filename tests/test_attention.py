@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import twilight.attention
 from twilight.attention import dense_decode_attention, sparse_decode_attention
 from twilight.cache import LayerCache
 from twilight.select import compact
@@ -59,8 +60,16 @@ def _selections(B, Hkv, L, start, g):
     return out
 
 
+@pytest.fixture(params=["row-loop", "padded"])
+def attend_path(request, monkeypatch):
+    """Both CPU code paths: one (batch, kv-head) row at a time, and all rows padded to the longest."""
+    if request.param == "padded":
+        monkeypatch.setattr(twilight.attention, "_CPU_ROW_LOOP_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("B,Hkv,G,D,L", [(1, 2, 1, 64, 100), (2, 2, 4, 32, 257), (2, 1, 3, 8, 40)])
-def test_sparse_equals_masked_attention(masked_attention_ref, B, Hkv, G, D, L):
+def test_sparse_equals_masked_attention(masked_attention_ref, attend_path, B, Hkv, G, D, L):
     start = torch.tensor([0, 11][:B])
     cache, q, k, v = _setup(B, Hkv, G, D, L, start=start)
     scale = D ** -0.5
@@ -71,7 +80,7 @@ def test_sparse_equals_masked_attention(masked_attention_ref, B, Hkv, G, D, L):
         assert torch.allclose(out.double(), ref, atol=1e-5), float((out.double() - ref).abs().max())
 
 
-def test_sparse_full_mask_equals_dense():
+def test_sparse_full_mask_equals_dense(attend_path):
     cache, q, k, v = _setup(2, 2, 2, 16, 90, start=torch.tensor([0, 30]))
     sel = Selection.from_mask(Selection.full(2, 2, 90, start=cache.start).to_mask(90))
     assert not sel.is_full_range  # the gather path
@@ -79,7 +88,7 @@ def test_sparse_full_mask_equals_dense():
                           atol=1e-5)
 
 
-def test_empty_row_yields_zeros(masked_attention_ref):
+def test_empty_row_yields_zeros(masked_attention_ref, attend_path):
     cache, q, k, v = _setup(1, 2, 2, 8, 20)
     mask = torch.zeros(1, 2, 20, dtype=torch.bool)
     mask[0, 1, 3:7] = True

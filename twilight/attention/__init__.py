@@ -62,12 +62,41 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
     if sel.is_full_range:
         return dense_decode_attention(q, cache, scale)
     H, G = cache.num_kv_heads, Hq // cache.num_kv_heads
+    qg = q.view(B, H, G, D)
+    if q.device.type == "cpu" and B * H <= _CPU_ROW_LOOP_MAX:
+        return _attend_rows(qg, cache, sel, scale).reshape(B, Hq, D).to(q.dtype)
     keys = gather_tokens(cache.k, sel.indices)  # [B, Hkv, K, D]
     values = gather_tokens(cache.v, sel.indices)
-    qg = q.view(B, H, G, D)
     logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, K]
     logits = logits.masked_fill_(~sel.valid().unsqueeze(2), float("-inf"))
-    weights = exp_weights(logits)  # exp(logits - max), subnormals flushed to 0; an empty row is all 0
+    return _softmax_values(logits, values).reshape(B, Hq, D).to(q.dtype)
+
+
+# On the CPU, up to this many (batch, kv-head) rows are attended one by one, each reading exactly its own
+# tokens: budgets differ by 1000x between heads, so padding every row to the longest costs more than the loop.
+_CPU_ROW_LOOP_MAX = 64
+
+
+def _softmax_values(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits) @ values`` in float32; rows of all ``-inf`` give zeros."""
+    weights = exp_weights(logits)  # exp(logits - max), subnormals flushed to 0
     probs = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    out = torch.matmul(probs, values.float())  # [B, Hkv, G, D]
-    return out.reshape(B, Hq, D).to(q.dtype)
+    return torch.matmul(probs, values.float())
+
+
+def _attend_rows(qg: torch.Tensor, cache: LayerCache, sel: Selection, scale: float) -> torch.Tensor:
+    """``[B, Hkv, G, D]`` attention, one (batch, kv-head) row at a time over its ``counts`` tokens."""
+    B, H, G, D = qg.shape
+    counts = sel.counts.tolist()
+    out = torch.zeros(B, H, G, D, dtype=torch.float32, device=qg.device)
+    for b in range(B):
+        for h in range(H):
+            n = counts[b][h]
+            if n == 0:
+                continue
+            idx = sel.indices[b, h, :n]
+            keys = cache.k[b, h].index_select(0, idx)  # [n, D]
+            values = cache.v[b, h].index_select(0, idx)
+            logits = torch.matmul(qg[b, h].float(), keys.float().t()) * scale  # [G, n]
+            out[b, h] = _softmax_values(logits, values)
+    return out
