@@ -160,3 +160,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     worst = float((err / bound).max()) if err.numel() else 0.0
     assert worst <= 1.0, f"{what}: error {float(err.max()):.3g} exceeds the tolerance (x{worst:.2f})"
 
+
+# Shared parameter cases of the int4 SpGEMV and fused-pruning kernels (every backend runs the same ones).
+#: (dtype, head_dim, GQA group, candidate counts [B][Hkv], left padding [B])
+INT4_SCORE_CASES = [
+    (torch.float16, 64, 4, [[200, 0], [1, 77]], [0, 37]),  # empty and single-token rows, ragged batch
+    (torch.bfloat16, 128, 1, [[64, 65], [130, 3]], [0, 0]),
+    (torch.float16, 128, 8, [[5, 150], [100, 31]], [10, 0]),
+    (torch.float32, 64, 4, [[129, 1], [0, 200]], [0, 90]),
+]
+#: (GQA group, candidate counts [B][Hkv], p)
+PRUNE_CASES = [
+    (4, [[50, 0], [1, 33]], 0.8),  # empty and single-candidate rows
+    (1, [[64, 64], [10, 2]], 0.9),
+    (8, [[17, 64], [40, 63]], 0.5),
+]

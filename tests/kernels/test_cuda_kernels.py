@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from kernel_helpers import (assert_close, assert_top_p_guarantee, assert_top_p_matches, gpu_param, int4_reference,
-                            make_cache, random_selection)
+from kernel_helpers import (INT4_SCORE_CASES, PRUNE_CASES, assert_close, assert_top_p_guarantee, assert_top_p_matches,
+                            gpu_param, int4_reference, make_cache, random_selection)
 
 import twilight.kernels.cuda as cuda_kernels
 from twilight.prune import top_p_mask as torch_top_p_mask
@@ -71,12 +71,7 @@ def test_top_p_rows_beyond_shared_memory(device):
         assert_top_p_matches(x, p, cuda_kernels.top_p_mask(x.to(device), p), torch_top_p_mask(x, p))
 
 
-@pytest.mark.parametrize("dtype,D,G,counts,start", [
-    (torch.float16, 64, 4, [[200, 0], [1, 77]], [0, 37]),  # empty and single-token rows, ragged batch
-    (torch.bfloat16, 128, 1, [[64, 65], [130, 3]], [0, 0]),
-    (torch.float16, 128, 8, [[5, 150], [100, 31]], [10, 0]),
-    (torch.float32, 64, 4, [[129, 1], [0, 200]], [0, 90]),
-])
+@pytest.mark.parametrize("dtype,D,G,counts,start", INT4_SCORE_CASES)
 def test_int4_scores(device, dtype, D, G, counts, start):
     cache = make_cache(2, 2, D, length=290, dtype=dtype, device=device, start=start)
     sel = random_selection(cache, counts, width=210, seed=1)
@@ -86,11 +81,7 @@ def test_int4_scores(device, dtype, D, G, counts, start):
     assert_close(est, int4_reference(q, cache, sel), 1e-4, "int4 SpGEMV vs float64")
 
 
-@pytest.mark.parametrize("G,counts,p", [
-    (4, [[50, 0], [1, 33]], 0.8),
-    (1, [[64, 64], [10, 2]], 0.9),
-    (8, [[17, 64], [40, 63]], 0.5),
-])
+@pytest.mark.parametrize("G,counts,p", PRUNE_CASES)
 def test_prune_to_selection(device, G, counts, p):
     B, Hkv, K = 2, 2, 64
     g = torch.Generator().manual_seed(G)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import TRITON_DEVICES, assert_close, int4_reference, make_cache, random_selection
+from kernel_helpers import INT4_SCORE_CASES, TRITON_DEVICES, assert_close, int4_reference, make_cache, random_selection
 
 from twilight.estimate import estimate_scores
 from twilight.selection import Selection
@@ -12,12 +12,7 @@ spgemv = pytest.importorskip("twilight.kernels.triton.spgemv", reason="needs tri
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("dtype,D,G,counts,start", [
-    (torch.float16, 64, 4, [[200, 0], [1, 77]], [0, 37]),  # empty and single-token rows, ragged batch
-    (torch.bfloat16, 128, 1, [[64, 65], [130, 3]], [0, 0]),
-    (torch.float16, 128, 8, [[5, 150], [100, 31]], [10, 0]),
-    (torch.float32, 64, 4, [[129, 1], [0, 200]], [0, 90]),
-])
+@pytest.mark.parametrize("dtype,D,G,counts,start", INT4_SCORE_CASES)
 def test_int4_scores(device, dtype, D, G, counts, start):
     cache = make_cache(2, 2, D, length=290, dtype=dtype, device=device, start=start)
     sel = random_selection(cache, counts, width=210, seed=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import TRITON_DEVICES, assert_top_p_guarantee, assert_top_p_matches
+from kernel_helpers import PRUNE_CASES, TRITON_DEVICES, assert_top_p_guarantee, assert_top_p_matches
 
 from twilight.prune import top_p_mask as torch_top_p_mask
 from twilight.select import compact
@@ -68,11 +68,7 @@ def _pipeline_reference(scores, sel, p, scale):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("G,counts,p", [
-    (4, [[50, 0], [1, 33]], 0.8),  # empty and single-candidate rows
-    (1, [[64, 64], [10, 2]], 0.9),
-    (8, [[17, 64], [40, 63]], 0.5),
-])
+@pytest.mark.parametrize("G,counts,p", PRUNE_CASES)
 def test_prune_to_selection(device, G, counts, p):
     B, Hkv, K = 2, 2, 64
     g = torch.Generator().manual_seed(G)
