@@ -236,15 +236,12 @@ def capture_replay(num_tokens: int = 4400, path: str | None = None, model=None, 
                                    "Answer:") -> str:
     """Record the embedded model's post-RoPE queries, keys and values on a long prompt; returns the file.
 
-    One forward pass over ``num_tokens`` tokens; an attention function registered in transformers'
-    ``AttentionInterface`` records, for every layer, the last position's query ``[Hq, D]`` and all keys and
-    values ``[Hkv, T, D]`` (fp16). ``prompt``: ``"docs"`` (offline documentation text ending in
+    One forward pass over ``num_tokens`` tokens records, for every layer, the last position's query ``[Hq, D]``
+    and all keys and values ``[Hkv, T, D]`` (fp16). ``prompt``: ``"docs"`` (offline documentation text ending in
     ``question``) or ``"passkey"`` (``twilight.models.passkey_prompt``: repetitive filler around a key).
+    The recording is ``twilight.integrations.capture.capture_qkv``.
     Saved with ``torch.save`` to ``path`` (default ``~/.cache/twilight/replay-smollm2-<prompt>-<num_tokens>.pt``).
     """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     path = path or replay_path(num_tokens, prompt)
     if model is None or tokenizer is None:
         import twilight
@@ -264,22 +261,10 @@ def capture_replay(num_tokens: int = 4400, path: str | None = None, model=None, 
         ids = torch.cat([text_ids[:n_text], q_ids]).unsqueeze(0)
     else:
         raise ValueError(f"prompt={prompt!r} is invalid: must be 'docs' or 'passkey'")
-    records: dict[int, dict[str, torch.Tensor]] = {}
+    from twilight.integrations.capture import capture_qkv
 
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        records[module.layer_idx] = {"q": query[0, :, -1].detach().to(torch.float16).clone(),
-                                     "k": key[0].detach().to(torch.float16).clone(),
-                                     "v": value[0].detach().to(torch.float16).clone()}
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("twilight_capture", capture)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("twilight_capture")
-    try:
-        with torch.no_grad():
-            model(input_ids=ids.to(model.device), use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
+    records = {i: {name: t[0] for name, t in rec.items()}  # batch 1: q [Hq, D], k / v [Hkv, T, D]
+               for i, rec in capture_qkv(model, ids, last_query_only=True, dtype=torch.float16).items()}
     layers = sorted(records)
     data = {"q": torch.stack([records[i]["q"] for i in layers]),  # [layers, Hq, D]
             "k": torch.stack([records[i]["k"] for i in layers]),  # [layers, Hkv, T, D]
