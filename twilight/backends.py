@@ -20,7 +20,11 @@ from typing import Callable
 
 import torch
 
+from twilight.attention import sparse_decode_attention
 from twilight.config import BACKENDS
+from twilight.estimate import estimate_scores
+from twilight.prune import top_p_mask
+from twilight.select import quest_page_scores
 
 
 class BackendUnavailableError(RuntimeError):
@@ -33,23 +37,15 @@ class TorchBackend:
     name = "torch"
 
     def quest_page_scores(self, q, cache):
-        from twilight.select import quest_page_scores
-
         return quest_page_scores(q, cache)
 
     def estimate(self, q, cache, sel, kind):
-        from twilight.estimate import estimate_scores
-
         return estimate_scores(q, cache, sel, kind)
 
     def prune_top_p(self, logits, p):
-        from twilight.prune import top_p_mask
-
         return top_p_mask(logits, p)
 
     def attend(self, q, cache, sel, scale):
-        from twilight.attention import sparse_decode_attention
-
         return sparse_decode_attention(q, cache, sel, scale)
 
 

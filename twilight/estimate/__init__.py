@@ -16,6 +16,7 @@ import torch
 from twilight._compat import INDEX_DTYPE
 from twilight.cache import LayerCache
 from twilight.config import ESTIMATOR_TYPES
+from twilight.select import compact
 from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
@@ -51,13 +52,19 @@ def _exact(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
     return torch.matmul(qg.float(), keys.float().transpose(-1, -2))  # [B, Hkv, G, K]
 
 
+def _affine_scores(qf: torch.Tensor, codes: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+    """``q·k`` for keys ``k = codes * scale + mid``: ``qf [B, H, G, D]``, ``codes [B, H, K, D]``, ``qp [B, H, K, 2]``.
+
+    ``q·(c * scale + mid) = scale * (q·c) + mid * sum(q)``: one matmul on the codes, no dequantized copy.
+    """
+    dots = torch.matmul(qf, codes.transpose(-1, -2))  # [B, H, G, K]
+    return dots * qp[..., 0].unsqueeze(2) + qf.sum(-1, keepdim=True) * qp[..., 1].unsqueeze(2)
+
+
 def _int8(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
     codes = gather_tokens(cache.k_int8, sel.indices).float()  # [B, Hkv, K, D]
     qp = gather_tokens(cache.k_qparams, sel.indices)  # [B, Hkv, K, 2]
-    qf = qg.float()
-    dots = torch.matmul(qf, codes.transpose(-1, -2))  # [B, Hkv, G, K]
-    # q·(c * scale + mid) = scale * (q·c) + mid * sum(q)
-    return dots * qp[..., 0].unsqueeze(2) + qf.sum(-1, keepdim=True) * qp[..., 1].unsqueeze(2)
+    return _affine_scores(qg.float(), codes, qp)
 
 
 def _int4_unpacked(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
@@ -75,9 +82,7 @@ def _int4_unpacked(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch
     shift = ((c >= INT4_TILE // 2).to(torch.uint8) * 4).unsqueeze(-1)
     codes = ((packed >> shift) & 0xF).float()
     qp = gather_tokens(cache.k_qparams, sel.indices)
-    qf = qg.float()
-    dots = torch.matmul(qf, (codes - 8.0).transpose(-1, -2))
-    return dots * qp[..., 0].unsqueeze(2) + qf.sum(-1, keepdim=True) * qp[..., 1].unsqueeze(2)
+    return _affine_scores(qg.float(), codes - 8.0, qp)
 
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
@@ -98,8 +103,6 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
 
 def _int4_cpu(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
     """CPU int4 path: PyTorch's int4 GEMV over the tiles holding candidates, no unpacking."""
-    from twilight.select import compact
-
     B, H, G, D = qg.shape
     idx = sel.indices.to(INDEX_DTYPE)
     n_tiles = -(-cache.length // INT4_TILE)

@@ -105,20 +105,20 @@ class _Quest:
         ps = self.page_size
         n_pages = min(-(-self.budget // ps), cache.num_pages)
         scores = quest_page_scores(q, cache)  # [B, Hkv, P]
-        arange_ps = torch.arange(ps, device=q.device, dtype=torch.int32)
         if cache.max_start == 0:
             # No padding: only the last page can hold invalid (not yet written) positions. Keep it always, as
             # Quest does with the most recent page, and last, so the valid tokens form a prefix of the row.
             last = cache.num_pages - 1
             pages = torch.topk(scores[..., :last], n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
             pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)
-            tokens = (pages.unsqueeze(-1) * ps + arange_ps).flatten(-2)  # [B, Hkv, n * ps]
+        else:
+            pages = torch.topk(scores, n_pages, dim=-1, sorted=False).indices.to(torch.int32)  # [B, Hkv, n_pages]
+        tokens = (pages.unsqueeze(-1) * ps + torch.arange(ps, device=q.device, dtype=torch.int32)).flatten(-2)
+        if cache.max_start == 0:
             counts = torch.full(pages.shape[:2], (n_pages - 1) * ps + cache.length - last * ps,
                                 dtype=torch.int32, device=q.device)
             return Selection(tokens.contiguous(), counts)
-        pages = torch.topk(scores, n_pages, dim=-1, sorted=False).indices.to(torch.int32)  # [B, Hkv, n_pages]
-        tokens = (pages.unsqueeze(-1) * ps + arange_ps).flatten(-2)  # [B, Hkv, n*ps]
-        out, counts = compact(tokens, _valid_positions(cache, tokens))
+        out, counts = compact(tokens, _valid_positions(cache, tokens))  # padding may sit in any page
         return Selection(out, counts)
 
 
