@@ -222,3 +222,19 @@ def test_errors():
         for bad in (Selection.full(1, 3, 70), Selection.full(2, 2, 70)):
             with pytest.raises(ValueError, match="selection must be"):
                 estimate_scores(q, cache4, bad, kind)
+
+
+def test_cpu_int4_layout_matches_torchs_own_packing():
+    """The layout the CPU path hands PyTorch's int4 GEMV equals what PyTorch itself packs on this machine
+    (64-token blocks on AVX-512, 32-token blocks on AVX2)."""
+    from twilight.estimate import _repack_block32, cpu_int4_block
+    from twilight.quant import pack_int4
+
+    block = cpu_int4_block()
+    assert block in (32, 64), "the CPU int4 GEMV reproduces neither layout: the portable path serves the CPU"
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    ours = pack_int4(codes)
+    if block == 32:
+        ours = _repack_block32(ours)
+    torch_packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert torch.equal(ours, torch_packed.view(torch.uint8).reshape(ours.shape))

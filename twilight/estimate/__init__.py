@@ -5,11 +5,18 @@ multiplied by the softmax scale), ``-inf`` at padding slots. ``kind``:
 
 - ``exact``: full-precision K.
 - ``int8``: the cache's per-token int8 copy of K.
-- ``int4``: the cache's per-token int4 copy of K (default). On the CPU, the packed keys go straight into
-  PyTorch's int4 GEMV (``torch._weight_int4pack_mm_for_cpu``), reading only the 64-token tiles that hold
-  candidates; elsewhere the gathered codes are unpacked with tensor ops (the GPU backends have kernels).
+- ``int4``: the cache's per-token int4 copy of K (default). On the CPU, the packed keys go into PyTorch's
+  int4 GEMV (``torch._weight_int4pack_mm_for_cpu``), reading only the 64-token tiles that hold candidates;
+  elsewhere the gathered codes are unpacked with tensor ops (the GPU backends have kernels).
+
+PyTorch's CPU GEMV packs tokens in blocks of 64 on AVX-512 machines and of 32 elsewhere (AVX2).
+``cpu_int4_block()`` finds out which, once per process, by running the GEMV on a probe it can check; the
+cache keeps the 64-token layout, so with 32-token blocks the tiles read are repacked first. Should neither
+layout reproduce the probe, the portable path serves the CPU too.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -101,6 +108,47 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     return buf[:numel].view(shape)
 
 
+def _repack_block32(rows: torch.Tensor) -> torch.Tensor:
+    """``[..., T, D/2]`` bytes in the cache's 64-token tiles -> PyTorch's 32-token block layout (AVX2).
+
+    A 64-token tile ``[D, 32]`` holds token ``c`` in the low and ``c + 32`` in the high nibble; a 32-token block
+    ``[D, 16]`` holds token ``c`` and ``c + 16``.
+    """
+    *lead, T, half_d = rows.shape
+    D = 2 * half_d
+    tiles = rows.reshape(*lead, T // INT4_TILE, D, INT4_TILE // 2)
+    codes = torch.cat([tiles & 0xF, tiles >> 4], -1).view(*lead, T // INT4_TILE, D, 2, 32)  # [.., tiles, D, 2, 32]
+    packed = codes[..., :16] | (codes[..., 16:] << 4)  # [..., tiles, D, 2, 16]
+    return packed.transpose(-3, -2).reshape(*lead, T, half_d)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_int4_block() -> int | None:
+    """Token block of PyTorch's CPU int4 GEMV layout here: 64 (AVX-512), 32 (AVX2), or ``None`` (neither works).
+
+    Decided by running the GEMV on random packed keys in each layout and comparing with the dequantized
+    matmul, so a PyTorch release that changes the layout falls back to the portable path instead of scoring
+    garbage.
+    """
+    from twilight.quant import dequantize_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(0)
+    D = 64
+    keys = torch.randn(2 * INT4_TILE, D, generator=g)
+    q = torch.randn(1, D, generator=g)
+    packed, qparams = quantize_int4(keys)
+    ref = q @ dequantize_int4(packed, qparams).T  # [1, 128]
+    for block, rows in ((64, packed), (32, _repack_block32(packed))):
+        try:
+            out = torch._weight_int4pack_mm_for_cpu(q.to(torch.bfloat16), rows, D,
+                                                   qparams.to(torch.bfloat16).unsqueeze(0)).float()
+        except RuntimeError:
+            return None
+        if torch.allclose(out, ref, rtol=0.02, atol=0.05 * float(ref.abs().mean())):
+            return block
+    return None
+
+
 def _int4_cpu(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
     """CPU int4 path: PyTorch's int4 GEMV over the tiles holding candidates, no unpacking."""
     B, H, G, D = qg.shape
@@ -129,6 +177,8 @@ def _int4_cpu(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tens
         torch.index_select(cache.k_int4.view(B * H * cap_tiles, -1), 0, flat, out=rows)
         rows = rows.view(B, H, -1, D // 2)
         qparams = cache.k_qparams.view(B * H * cap_tiles, -1).index_select(0, flat).view(B, H, -1, 2)
+    if cpu_int4_block() == 32:
+        rows = _repack_block32(rows)
     a = qg.to(torch.bfloat16)
     qparams = qparams.to(torch.bfloat16)  # (scale, mid) is torch's (scale, zero) for codes - 8
     out = torch.empty(B, H, G, rows.shape[2], dtype=torch.bfloat16, device=qg.device)
@@ -169,7 +219,7 @@ def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: st
     elif kind == "int4":
         if cache.quant_bits != 4:
             raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
-        if q.device.type == "cpu" and cache.head_dim in _CPU_INT4_GROUP_SIZES:
+        if q.device.type == "cpu" and cache.head_dim in _CPU_INT4_GROUP_SIZES and cpu_int4_block() is not None:
             scores = _int4_cpu(qg, cache, sel)
         else:
             scores = _int4_unpacked(qg, cache, sel)
