@@ -2,7 +2,9 @@
 
 For each configuration the model is patched once (``twilight.patch``), then every sample of
 this process's shard is greedily decoded (or forced, for ppl), scored, and appended with its
-decode-step budget statistics as one line of JSONL. A line is keyed by
+decode-step budget statistics as one line of JSONL. A sample whose decode steps did not go
+through Twilight (the patch was bypassed: they ran dense) stops the run with an ``EvalError``
+before anything is written for it. A line is keyed by
 ``(sample id, config name, sample fingerprint)``: rerunning with the same ``--out`` skips
 every key already on disk, so an interrupted run resumes where it stopped, and a sample
 whose content changed (other seed, other tokenizer) is evaluated afresh.
@@ -65,6 +67,20 @@ class TwilightBackend:
     def read_stats(self, model) -> dict | None:
         import twilight
         return jsonable(twilight.budget_stats(model).as_dict())
+
+    def engagement(self, model) -> dict:
+        """``twilight.integrations.hf.engagement``: decode forwards run, and those Twilight served."""
+        from twilight.integrations.hf import engagement
+        return engagement(model)
+
+
+def check_engaged(name: str, sample_id: str, before: dict, after: dict) -> None:
+    """``EvalError`` when a sample ran decode steps and none of them went through Twilight."""
+    decoded = after["decode_forwards"] - before["decode_forwards"]
+    if decoded and after["twilight_forwards"] == before["twilight_forwards"]:
+        cause = after.get("dense_cause") or "no decode step reached Twilight's attention function"
+        raise EvalError(f"--configs {name}: sample {sample_id} ran {decoded} decode step(s) and none went through "
+                        f"Twilight ({cause}); refusing to score it as {name} (nothing was written for it)")
 
 
 def jsonable(value: Any) -> Any:
@@ -217,9 +233,11 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
             for sample in pending:
                 bar.set_postfix_str(f"{name} {sample.id}", refresh=True)
                 backend.reset_stats(model)
+                before = backend.engagement(model)
                 start = time.perf_counter()
                 result = task.evaluate(model, tokenizer, sample)
                 seconds = time.perf_counter() - start
+                check_engaged(name, sample.id, before, backend.engagement(model))
                 append_record(path, {
                     "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
                     "task": sample.task, "group": sample.group, "length": sample.length,

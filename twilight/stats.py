@@ -57,6 +57,30 @@ class BudgetStats:
             self._rows[layer] += q.shape[0]
         self._dense[layer] = dense
 
+    @classmethod
+    def concat_heads(cls, parts: "list[BudgetStats]") -> "BudgetStats":
+        """One ``BudgetStats`` over the heads of ``parts``, in order (tensor-parallel ranks, each with its heads).
+
+        Every part must have recorded the same layers and steps over the same sequences, as the ranks of a
+        tensor-parallel model do; per-head figures are concatenated, context lengths taken from the first.
+        """
+        if not parts:
+            raise ValueError("concat_heads needs at least one BudgetStats")
+        first = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            if p.num_layers != first.num_layers or p._rows != first._rows:
+                raise ValueError(f"parts[{i}] recorded other layers or steps ({p._rows}) than parts[0] ({first._rows})")
+        out = cls(first.num_layers, sum(p.num_q_heads for p in parts), sum(p.num_kv_heads for p in parts))
+        for layer in first._rows:
+            out._q_sum[layer] = torch.cat([p._q_sum[layer].cpu() for p in parts])
+            out._kv_sum[layer] = torch.cat([p._kv_sum[layer].cpu() for p in parts])
+            out._q_min[layer] = torch.cat([p._q_min[layer].cpu() for p in parts])
+            out._q_max[layer] = torch.cat([p._q_max[layer].cpu() for p in parts])
+            out._ctx_sum[layer] = first._ctx_sum[layer].cpu().clone()
+            out._rows[layer] = first._rows[layer]
+            out._dense[layer] = first._dense[layer]
+        return out
+
     @property
     def decode_steps(self) -> int:
         return max(self._rows.values(), default=0)

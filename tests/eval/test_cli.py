@@ -96,6 +96,7 @@ def test_passkey_end_to_end_and_resume(capsys, twilight_lib, tiny_model_dir, tmp
     assert len(records) == 2 * 2 * 2
     assert {r["config"] for r in records} == {"dense", "quest-twilight"}
     sparse = [r["budget"] for r in records if r["config"] == "quest-twilight"]
+    assert all(b["decode_steps"] > 0 for b in sparse)  # Twilight really decoded
     assert all(b["mean_attended_tokens"] <= b["mean_context_tokens"] for b in sparse)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["configs"] == ["dense", "quest-twilight"] and summary["lengths"] == [256, 512]
@@ -107,6 +108,31 @@ def test_passkey_end_to_end_and_resume(capsys, twilight_lib, tiny_model_dir, tmp
     status, out, _ = run_cli(args, capsys)        # resume: everything is done already
     assert status == 0 and "| depth 0% | 256 |" in out
     assert (tmp_path / "samples.jsonl").read_text() == before
+
+
+def test_a_sparse_config_that_never_engages_fails(capsys, twilight_lib, tiny_model_dir, tmp_path, monkeypatch):
+    """A patch that is bypassed (here: the attention implementation switched back after patching) must not be
+    scored as if the sparse config had run."""
+    from twilight_eval import runner
+
+    patch = runner.TwilightBackend.patch
+
+    def patch_then_bypass(self, model, cfg):
+        patch(self, model, cfg)
+        model.set_attn_implementation("sdpa")
+
+    monkeypatch.setattr(runner.TwilightBackend, "patch", patch_then_bypass)
+    args = ["eval", "passkey", "--model", tiny_model_dir, "--configs", "quest-twilight", "--lengths", 256,
+            "--depths", 50, "--samples", 1, "--out", tmp_path, "--no-progress"]
+    with pytest.warns(RuntimeWarning, match="_attn_implementation was changed"):
+        status, out, err = run_cli(args, capsys)
+    assert status != 0
+    line = last_line(err)
+    # the CLI always runs dense (patched with the dense preset) beside the configs: it is refused first
+    assert line.startswith("twilight eval passkey: error: --configs dense: sample passkey/L256/")
+    assert "none went through Twilight" in line and "_attn_implementation was changed" in line
+    assert not (tmp_path / "samples.jsonl").exists() or not read_jsonl(tmp_path / "samples.jsonl")
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_ruler_ppl_longbench_end_to_end(capsys, twilight_lib, tiny_model_dir, tmp_path):

@@ -44,6 +44,10 @@ class FakeBackend(runner.TwilightBackend):
     def reset_stats(self, model):
         pass
 
+    def engagement(self, model):  # every decode step went through Twilight
+        self.steps = getattr(self, "steps", 0) + 3
+        return {"decode_forwards": self.steps, "twilight_forwards": self.steps, "dense_cause": None}
+
     def read_stats(self, model):
         attended = 100.0 if model.config_name == "dense" else 10.0
         return {"mean_attended_tokens": attended, "mean_context_tokens": 100.0, "attended_fraction": attended / 100,
@@ -67,6 +71,33 @@ def test_every_pair_is_evaluated_once_and_recorded(tmp_path):
     first = records[0]
     assert first["fingerprint"] == samples[0].fingerprint and first["budget"]["mean_attended_tokens"] == 100.0
     assert first["input_tokens"] == 3 and first["length"] == 128 and first["seconds"] >= 0
+
+
+class DenseForQuestBackend(FakeBackend):
+    """Decode steps under quest-twilight bypass Twilight (as a silently unpatched model's would)."""
+
+    def engagement(self, model):
+        self.steps = getattr(self, "steps", 0) + 3
+        served = self.steps if model.config_name == "dense" else 0
+        return {"decode_forwards": self.steps, "twilight_forwards": served, "dense_cause": "a foreign cache"}
+
+
+def test_a_config_whose_decode_steps_bypass_twilight_is_refused(tmp_path):
+    samples = make_samples()
+    with pytest.raises(runner.EvalError, match=r"--configs quest-twilight: sample t/L128/s0 ran 3 decode step\(s\) "
+                                               r"and none went through Twilight \(a foreign cache\)"):
+        runner.evaluate(CountingTask(), FakeModel(), None, samples, CONFIGS, str(tmp_path), DenseForQuestBackend(),
+                        progress=False)
+    records = runner.read_records(str(tmp_path))
+    assert {r["config"] for r in records} == {"dense"}  # nothing written as if quest-twilight had run
+
+
+def test_check_engaged_allows_samples_without_decode_steps():
+    quiet = {"decode_forwards": 5, "twilight_forwards": 2, "dense_cause": None}
+    runner.check_engaged("quest-twilight", "s0", quiet, quiet)  # a one-token answer decodes nothing
+    runner.check_engaged("quest-twilight", "s0", quiet, {**quiet, "decode_forwards": 9, "twilight_forwards": 6})
+    with pytest.raises(runner.EvalError, match="4 decode step"):
+        runner.check_engaged("quest-twilight", "s0", quiet, {**quiet, "decode_forwards": 9})
 
 
 def test_an_interrupted_run_resumes_without_redoing_finished_samples(tmp_path):

@@ -5,6 +5,7 @@ Each model has 4 layers, hidden size 64, 4 query / 2 kv heads (GQA) of dim 16 an
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -31,6 +32,10 @@ QUEST_TOP_P = {"selector": {"type": "quest", "token_budget": 32, "page_size": 16
 STREAMING = {"selector": {"type": "streaming", "sink_tokens": 4, "window": 16}, "estimator": {"type": "exact"},
              "pruner": {"type": "none"}, "dense_layers": [0]}
 PAD = 0
+# The cache keywords this transformers release accepts: `past_key_values` up to 5.23; from 5.24 `cache`, with
+# `past_key_values` still accepted (deprecated).
+_FORWARD_PARAMS = inspect.signature(transformers.LlamaModel.forward).parameters
+CACHE_KEYWORDS = ["past_key_values"] + (["cache"] if "cache" in _FORWARD_PARAMS else [])
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
@@ -112,7 +117,7 @@ def test_quest_never_selects_padding():
     ids, mask = left_pad(prompts([100, 57, 23]))
     twilight.patch(model, QUEST_TOP_P)
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=mask).past_key_values
+        cache = hf.output_cache(model(input_ids=ids, attention_mask=mask))
     pipeline = cache.pipeline
     for layer in (1, 2, 3):
         lc = cache.layer_cache(layer)
@@ -130,7 +135,7 @@ def test_padding_becomes_each_sequences_start():
     twilight.patch(model, QUEST_TOP_P)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-    cache = out.past_key_values
+    cache = hf.output_cache(out)
     assert isinstance(cache, hf.TwilightCache)
     for layer in range(4):
         lc = cache.layer_cache(layer)
@@ -198,7 +203,8 @@ def test_sampling_beam_search_and_multiple_return_sequences():
     assert twilight.budget_stats(model).as_dict()["decode_steps"] == 5 * 6
 
 
-def test_manual_forward_loop_matches_generate():
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_manual_forward_loop_matches_generate(keyword):
     model = tiny_model("qwen3")
     ids = torch.cat(prompts([64, 64]))
     twilight.patch(model, TOP_P)
@@ -206,28 +212,31 @@ def test_manual_forward_loop_matches_generate():
     twilight.budget_stats(model).reset()
     with torch.no_grad():
         out = model(ids)  # positional input, use_cache from the config
-        cache = out.past_key_values
+        cache = hf.output_cache(out)
         assert isinstance(cache, hf.TwilightCache) and cache.get_seq_length() == 64
         tokens = [out.logits[:, -1].argmax(-1)]
         for _ in range(5):
-            out = model(tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            out = model(tokens[-1][:, None], **{keyword: cache}, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(torch.stack(tokens, 1), expected)
     assert twilight.budget_stats(model).as_dict()["decode_steps"] == 5 * 2
     with torch.no_grad():  # use_cache=False: a plain dense forward, no cache, nothing recorded
-        assert model(ids, use_cache=False).past_key_values is None
+        assert hf.output_cache(model(ids, use_cache=False)) is None
     assert twilight.budget_stats(model).as_dict()["decode_steps"] == 5 * 2
 
 
-def test_user_cache_from_make_cache():
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_user_cache_from_make_cache(keyword):
     model = tiny_model("llama")
     ids = torch.cat(prompts([40]))
     twilight.patch(model, TOP_P)
     expected = greedy(model, ids, n=5)
+    twilight.budget_stats(model).reset()
     cache = hf.make_cache(model)
-    out = greedy(model, ids, n=5, past_key_values=cache)
+    out = greedy(model, ids, n=5, **{keyword: cache})
     assert torch.equal(out, expected)
     assert cache.get_seq_length() == 44
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 4  # the user's cache went through Twilight
 
 
 @pytest.mark.parametrize("family,overrides", [
@@ -256,7 +265,7 @@ def test_half_precision_runs(dtype):
     out = greedy(model, ids, mask, n=6)
     assert out.shape == (2, 76)
     assert ((out >= 0) & (out < 1000)).all()
-    cache = model(input_ids=ids, attention_mask=mask).past_key_values
+    cache = hf.output_cache(model(input_ids=ids, attention_mask=mask))
     assert cache.layer_cache(2).k.dtype == dtype
     assert 0 < twilight.budget_stats(model).as_dict()["attended_fraction"] <= 1
 
@@ -365,19 +374,86 @@ def test_right_padding_is_refused_at_decode():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)  # a single forward is fine
         with pytest.raises(ValueError, match="left"):
-            model(input_ids=ids[:, :1], past_key_values=out.past_key_values,
+            model(input_ids=ids[:, :1], past_key_values=hf.output_cache(out),
                   attention_mask=torch.cat([mask, mask[:, :1]], 1))
 
 
-def test_foreign_cache_warns_and_runs_dense():
+@pytest.mark.parametrize("keyword", CACHE_KEYWORDS)
+def test_foreign_cache_warns_and_runs_dense(keyword):
     model = tiny_model("llama")
     ids = torch.cat(prompts([40]))
     ref = greedy(model, ids, n=4)
     twilight.patch(model, TOP_P)
-    with pytest.warns(RuntimeWarning, match="not a Twilight cache"):
-        out = greedy(model, ids, n=4, past_key_values=DynamicCache(config=model.config))
+    with pytest.warns(RuntimeWarning) as caught:
+        out = greedy(model, ids, n=4, **{keyword: DynamicCache(config=model.config)})
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("not a Twilight cache" in m for m in messages)
+    # generate() itself says that none of its decode steps went through Twilight, and why
+    assert any(m.startswith("generate() ran 3 decode step(s)") and "none went through Twilight" in m
+               and "DynamicCache" in m for m in messages)
     assert torch.equal(out, ref)
     assert twilight.budget_stats(model).as_dict()["decode_steps"] == 0
+    assert hf.engagement(model)["decode_forwards"] == 3 and hf.engagement(model)["twilight_forwards"] == 0
+
+
+def test_generate_through_twilight_does_not_warn(recwarn):
+    model = tiny_model("llama")
+    twilight.patch(model, TOP_P)
+    greedy(model, torch.cat(prompts([40])), n=4)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert hf.engagement(model)["decode_forwards"] == hf.engagement(model)["twilight_forwards"] == 3
+
+
+def test_decode_step_outside_the_patched_forward_raises():
+    """A transformers release that reaches the attention layers without the decoder's forward (an unknown
+    calling convention) must not decode dense in silence: the attention function refuses the step."""
+    model = tiny_model("llama")
+    ids = torch.cat(prompts([30]))
+    twilight.patch(model, TOP_P)
+    decoder = model.get_decoder()
+    unwrapped = type(decoder).forward.__get__(decoder)  # the class's forward, bypassing twilight's wrapper
+    kw = hf.compat.cache_parameter(unwrapped, "decoder")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        unwrapped(input_ids=ids, use_cache=True, **{kw: cache})  # prefill runs the model's own attention
+        with pytest.raises(hf.TwilightNotEngagedError, match="outside the patched decoder forward"):
+            unwrapped(input_ids=ids[:, -1:], use_cache=True, **{kw: cache})
+
+
+def test_kv_not_from_the_twilight_cache_raises():
+    class CopyingCache(hf.TwilightCache):  # hands the model copies, not the cache's own K/V
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k, v = super().update(key_states, value_states, layer_idx)
+            return k.clone(), v.clone()
+
+    model = tiny_model("llama")
+    twilight.patch(model, TOP_P)
+    pipeline = hf.make_cache(model).pipeline
+    with pytest.raises(hf.TwilightNotEngagedError, match="not its TwilightCache's own"):
+        greedy(model, torch.cat(prompts([30])), n=3, past_key_values=CopyingCache(pipeline, 4))
+
+
+def test_unknown_calling_conventions_are_refused_at_patch_time(monkeypatch):
+    model = tiny_model("llama")
+    decoder = model.get_decoder()
+
+    def forward_without_cache(input_ids=None, attention_mask=None, use_cache=None):  # a made-up release's forward
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(decoder, "forward", forward_without_cache)
+    with pytest.raises(hf.UnsupportedTransformersError, match="takes the cache under none of the names cache, "
+                                                              "past_key_values"):
+        twilight.patch(model, TOP_P)
+    assert not hf.is_patched(model) and model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+
+    def prepare(generation_config, kwargs, generation_mode, batch_size, max_cache_length):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(model, "_prepare_cache_for_generation", prepare)
+    with pytest.raises(hf.UnsupportedTransformersError, match="has no model_kwargs parameter"):
+        twilight.patch(model, TOP_P)
+    assert not hf.is_patched(model)
 
 
 def test_static_cache_implementation_is_refused():
@@ -392,8 +468,9 @@ def test_changing_attn_implementation_after_patch_warns():
     ids = torch.cat(prompts([30]))
     twilight.patch(model, TOP_P)
     model.set_attn_implementation("eager")
-    with pytest.warns(RuntimeWarning, match="changed"):
+    with pytest.warns(RuntimeWarning, match="changed") as caught:
         greedy(model, ids, n=3)
+    assert any("none went through Twilight" in str(w.message) for w in caught)
     twilight.patch(model, TOP_P)  # starts over from eager
     assert model.config._attn_implementation == "twilight_eager"
     twilight.unpatch(model)

@@ -31,11 +31,12 @@ def capture_qkv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     """
     from transformers import AttentionInterface
 
-    from twilight.integrations.hf import _check_supported, _delegate_function, is_patched
+    from twilight.integrations.hf import check_supported, is_patched
+    from twilight.integrations.hf.compat import attention_function
 
     if is_patched(model):
         raise ValueError("capture_qkv needs an unpatched model: call twilight.unpatch(model) first")
-    _check_supported(model)
+    check_supported(model)
     previous = model.config._attn_implementation or "eager"
     records: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -43,7 +44,7 @@ def capture_qkv(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         q = query[:, :, -1] if last_query_only else query
         records[module.layer_idx] = {name: t.detach().to(dtype or t.dtype).clone()
                                      for name, t in (("q", q), ("k", key), ("v", value))}
-        return _delegate_function(previous, module)(module, query, key, value, attention_mask, **kwargs)
+        return attention_function(previous, module)(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("twilight_capture", record)
     model.set_attn_implementation("twilight_capture")

@@ -1,0 +1,363 @@
+"""``patch`` / ``unpatch`` / ``budget_stats``: one line that runs every decode step through Twilight.
+
+How it hooks in (families ``SUPPORTED_MODEL_TYPES``):
+
+- the attention implementation: ``config._attn_implementation`` points at ``twilight_<impl>``, registered by
+  ``twilight.integrations.hf.attention``;
+- two instance-level method wrappers, removed by ``unpatch``: the decoder's ``forward`` (creates a
+  ``TwilightCache`` when ``use_cache`` and no cache is passed, under whichever name the transformers release
+  uses, reads each sequence's left padding from the 2-D attention mask at prefill, and opens the record the
+  attention function reads) and the model's ``_prepare_cache_for_generation`` (``generate()`` gets a
+  ``TwilightCache`` instead of a ``DynamicCache``); plus ``generate`` itself, to check after each call that
+  its decode steps went through Twilight.
+
+Never dense in silence. A decode step that does not go through Twilight either raises
+(``TwilightNotEngagedError``: an unknown calling convention, K/V that are not the cache's own;
+``ValueError``: a static, offloaded or quantized cache built by ``generate(cache_implementation=...)``), or,
+where running dense is the user's own choice (a foreign cache passed in, ``_attn_implementation`` changed
+after patching), warns once naming the cause. A ``generate()`` call that decoded tokens while no decode step
+went through Twilight warns with the cause.
+
+Not supported (each refused with a message): cropping the cache (assisted decoding), right padding at decode
+time. A forward with ``use_cache=True`` (the config default) builds a ``TwilightCache`` even when no decoding
+follows; pass ``use_cache=False`` for scoring-only passes. Unpatch before ``copy.deepcopy(model)``: the copied
+method wrappers would still point at the original.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from twilight.config import TwilightConfig
+from twilight.integrations.hf import compat
+from twilight.integrations.hf.attention import ACTIVE_FORWARD, DecoderForward, register
+from twilight.integrations.hf.cache import TwilightCache
+from twilight.pipeline import TwilightPipeline
+from twilight.stats import BudgetStats
+
+__all__ = ["patch", "unpatch", "budget_stats", "engagement", "is_patched", "make_cache", "check_supported",
+           "SUPPORTED_MODEL_TYPES"]
+
+#: ``config.model_type`` of the model families the integration is tested on.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: Attention implementations a patched model may delegate prefill to.
+_DELEGATES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+_ATTR = "_twilight"  # the patch state, on the patched model
+_MISSING = object()
+
+
+@dataclass
+class _PatchState:
+    pipeline: TwilightPipeline
+    num_layers: int
+    attn_name: str
+    delegate: str
+    cache_name: str  # the keyword the decoder's forward takes the cache under
+    configs: list = field(default_factory=list)  # [(config, original _attn_implementation_internal)]
+    methods: list = field(default_factory=list)  # [(object, attribute, previous instance value or _MISSING)]
+    warned: set = field(default_factory=set)
+    decode_forwards: int = 0  # single-token forwards over a non-empty cache, whatever the cache
+    twilight_forwards: int = 0  # those in which Twilight ran the attention
+    dense_cause: str | None = None  # why the latest decode forward ran without Twilight
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def new_cache(self) -> TwilightCache:
+        return TwilightCache(self.pipeline, self.num_layers)
+
+
+def _model_type(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def check_supported(model) -> None:
+    """Raise unless ``model`` is a supported family on a supported transformers release."""
+    compat.check_transformers_version()
+    from transformers import PreTrainedModel
+
+    families = ", ".join(SUPPORTED_MODEL_TYPES)
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"twilight.patch needs a Hugging Face PreTrainedModel (families: {families}), "
+                         f"got {type(model).__name__}")
+    model_type = _model_type(model)
+    if model_type not in SUPPORTED_MODEL_TYPES or getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"twilight.patch does not support {type(model).__name__} (model_type={model_type!r}); "
+                         f"supported model families: {families}")
+
+
+def _decoder_and_attention(model):
+    """The decoder module (with ``.layers``) and its attention modules, in layer order."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers to patch")
+    attention = [getattr(layer, "self_attn", None) for layer in layers]
+    if any(a is None or not hasattr(a, "layer_idx") for a in attention):
+        raise ValueError(f"{type(model).__name__}: every decoder layer needs a self_attn module with a layer_idx")
+    if [a.layer_idx for a in attention] != list(range(len(attention))):
+        raise ValueError(f"{type(model).__name__}: attention layer_idx values are not 0..{len(attention) - 1}")
+    return decoder, attention
+
+
+def _set_instance_attr(state: _PatchState, obj, name: str, value) -> None:
+    state.methods.append((obj, name, obj.__dict__.get(name, _MISSING)))
+    setattr(obj, name, value)
+
+
+def _bind_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """Positional + keyword arguments of a call -> one keyword dict (a ``**kwargs`` parameter flattened)."""
+    bound = signature.bind_partial(*args, **kwargs)
+    out: dict = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _wrap_decoder_forward(model, state: _PatchState, decoder) -> None:
+    original = decoder.forward  # bound method, or an instance attribute someone else set (e.g. accelerate hooks)
+    signature = inspect.signature(original)
+    has_var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
+    cache_name = state.cache_name
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if args and not has_var_positional:
+            kwargs = _bind_kwargs(signature, args, kwargs)
+            args = ()
+        st = getattr(model, _ATTR, state)
+        given_as, cache = compat.find_cache(kwargs)
+        if given_as is not None and given_as != cache_name:  # the other spelling: hand it on under ours
+            kwargs[cache_name] = kwargs.pop(given_as)
+        if cache is None and not args:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(decoder.config, "use_cache", False)
+            if use_cache and not (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
+                cache = kwargs[cache_name] = st.new_cache()
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        new = tokens.shape[1] if tokens is not None else 0
+        decoding = new == 1 and cache is not None and cache.get_seq_length() > 0
+        record = DecoderForward(cache if isinstance(cache, TwilightCache) else None)
+        if not isinstance(cache, TwilightCache):
+            if cache is not None:
+                st.dense_cause = (f"the cache passed in is a {type(cache).__name__}, not a Twilight cache: decode "
+                                  "steps run dense. Pass twilight.integrations.hf.make_cache(model), or no cache.")
+                st.warn_once("foreign", st.dense_cause)
+        else:
+            if model.config._attn_implementation != st.attn_name:
+                st.dense_cause = (f"config._attn_implementation was changed to "
+                                  f"{model.config._attn_implementation!r} after twilight.patch: decode steps run "
+                                  "dense; call twilight.patch(model, ...) again to re-enable Twilight")
+                st.warn_once("impl", st.dense_cause)
+            if new > 1 or cache.get_seq_length() == 0:  # prefill (or a chunk of it): read the left padding
+                cache.set_padding(kwargs.get("attention_mask"))
+            elif cache.padding_error is not None:
+                raise ValueError(cache.padding_error)
+        token = ACTIVE_FORWARD.set(record)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            ACTIVE_FORWARD.reset(token)
+        if decoding:
+            st.decode_forwards += 1
+            st.twilight_forwards += record.served > 0
+        return out
+
+    _set_instance_attr(state, decoder, "forward", forward)
+
+
+def _wrap_prepare_cache(model, state: _PatchState) -> None:
+    original = model._prepare_cache_for_generation
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def prepare_cache_for_generation(*args, **kwargs):
+        result = original(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        model_kwargs, generation_config = bound.get("model_kwargs"), bound.get("generation_config")
+        if model_kwargs is None:
+            return result
+        name, cache = compat.find_cache(model_kwargs)
+        if cache is None or isinstance(cache, TwilightCache) or compat.is_user_defined_cache(cache):
+            return result  # a user's foreign cache: the forward wrapper warns that decoding runs dense with it
+        if compat.is_plain_dynamic_cache(cache):
+            model_kwargs[name] = getattr(model, _ATTR, state).new_cache()
+            return result
+        impl = getattr(generation_config, "cache_implementation", None)
+        raise ValueError(f"twilight.patch manages its own dynamic cache; generate(cache_implementation={impl!r}) "
+                         f"created a {type(cache).__name__}, which Twilight cannot decode with. Leave "
+                         "cache_implementation unset (or 'dynamic').")
+
+    _set_instance_attr(state, model, "_prepare_cache_for_generation", prepare_cache_for_generation)
+
+
+def _wrap_generate(model, state: _PatchState) -> None:
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        st = getattr(model, _ATTR, state)
+        before_decode, before_twilight = st.decode_forwards, st.twilight_forwards
+        st.dense_cause = None
+        out = original(*args, **kwargs)
+        st = getattr(model, _ATTR, state)
+        decoded = st.decode_forwards - before_decode
+        if decoded and st.twilight_forwards == before_twilight:
+            cause = st.dense_cause or "no decode step reached Twilight's attention function"
+            warnings.warn(f"generate() ran {decoded} decode step(s) on a model patched by twilight.patch and none "
+                          f"went through Twilight: {cause}", RuntimeWarning, stacklevel=2)
+        return out
+
+    _set_instance_attr(state, model, "generate", generate)
+
+
+def _attention_configs(model, attention) -> list:
+    """Every distinct config object the model's attention modules read ``_attn_implementation`` from."""
+    configs = [model.config]
+    for module in attention:
+        cfg = getattr(module, "config", None)
+        if cfg is not None and all(cfg is not c for c in configs):
+            configs.append(cfg)
+    return configs
+
+
+def patch(model, spec: Any = "quest-twilight"):
+    """Run every decode step of ``model`` through the Twilight pipeline (prefill stays dense).
+
+    Args:
+        model: a Hugging Face causal LM of a supported family (``SUPPORTED_MODEL_TYPES``), on any device and
+            dtype, tensor parallel (``tp_plan``) included. Its attention implementation (``sdpa``, ``eager``,
+            flash…) keeps serving prefill.
+        spec: preset name (``twilight.PRESETS``), JSON path, dict or ``TwilightConfig``; copied, so later
+            changes to the object do not reach the model.
+    Returns:
+        ``model`` (patched in place). Patching an already-patched model replaces its config and starts new
+        ``budget_stats``; caches created before keep the config they were built with.
+    Raises:
+        ValueError: unsupported model family, or a config that does not fit the model.
+        UnsupportedTransformersError: a transformers release outside the supported range, or one whose
+            calling convention twilight does not recognise.
+
+    Example::
+
+        >>> twilight.patch(model, "quest-twilight")
+        >>> out = model.generate(**tok("...", return_tensors="pt"), max_new_tokens=16)
+        >>> twilight.budget_stats(model).as_dict()["attended_fraction"]
+    """
+    from twilight.integrations.hf.distributed import local_head_counts
+
+    check_supported(model)
+    config = TwilightConfig.load(spec)
+    decoder, attention = _decoder_and_attention(model)
+    num_layers = len(attention)
+    hq, hkv = local_head_counts(model, attention)
+    pipeline = TwilightPipeline(config, num_layers=num_layers, num_q_heads=hq, num_kv_heads=hkv)
+
+    state: _PatchState | None = model.__dict__.get(_ATTR)
+    if state is not None:
+        current = model.config._attn_implementation
+        if current == state.attn_name:  # re-patch: a new config, new stats; wrappers and registry stay
+            state.pipeline = pipeline
+            state.warned.clear()
+            return model
+        # The attention implementation was changed since (e.g. set_attn_implementation): start over from it,
+        # so that unpatch later restores the user's latest choice.
+        _restore(model.__dict__.pop(_ATTR), configs=False)
+
+    delegate = model.config._attn_implementation or "eager"
+    if delegate not in _DELEGATES:
+        raise ValueError(f"twilight.patch cannot run on attn_implementation={delegate!r}; supported: "
+                         f"{', '.join(_DELEGATES)}")
+    cache_name = compat.cache_parameter(decoder.forward, type(decoder).__name__)
+    has_generate = compat.check_generation_hook(model) is not None
+    attn_name = register(delegate)
+    state = _PatchState(pipeline=pipeline, num_layers=num_layers, attn_name=attn_name, delegate=delegate,
+                        cache_name=cache_name)
+    try:
+        for cfg in _attention_configs(model, attention):
+            state.configs.append((cfg, compat.attn_implementation_override(cfg)))
+            cfg._attn_implementation_internal = attn_name
+        _wrap_decoder_forward(model, state, decoder)
+        if has_generate:
+            _wrap_prepare_cache(model, state)
+            _wrap_generate(model, state)
+        model.__dict__[_ATTR] = state
+    except Exception:
+        _restore(state)
+        raise
+    return model
+
+
+def _restore(state: _PatchState, configs: bool = True) -> None:
+    for obj, name, previous in reversed(state.methods):
+        if previous is _MISSING:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = previous
+    for cfg, previous in reversed(state.configs if configs else []):
+        compat.set_attn_implementation(cfg, previous)
+    state.methods.clear()
+    state.configs.clear()
+
+
+def unpatch(model):
+    """Undo ``patch``: original attention implementation, methods and attributes. Returns ``model``.
+
+    Raises ``ValueError`` if the model is not patched.
+    """
+    state = model.__dict__.pop(_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by twilight.patch")
+    _restore(state)
+    return model
+
+
+def is_patched(model) -> bool:
+    return _ATTR in getattr(model, "__dict__", {})
+
+
+def _state(model) -> _PatchState:
+    state = getattr(model, "__dict__", {}).get(_ATTR)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched: call twilight.patch(model, ...) first")
+    return state
+
+
+def make_cache(model) -> TwilightCache:
+    """A fresh, empty ``TwilightCache`` for a patched ``model`` (to pass as ``cache=`` / ``past_key_values=``)."""
+    return _state(model).new_cache()
+
+
+def engagement(model) -> dict:
+    """How many decode forwards the patched ``model`` ran, and in how many Twilight ran the attention.
+
+    ``{"decode_forwards": int, "twilight_forwards": int, "dense_cause": str | None}``, counted since ``patch``
+    (single-token forwards over a non-empty cache, whatever the cache). A caller checks a run by comparing two
+    readings: decode forwards without Twilight forwards mean the run was dense, for ``dense_cause``.
+    """
+    st = _state(model)
+    return {"decode_forwards": st.decode_forwards, "twilight_forwards": st.twilight_forwards,
+            "dense_cause": st.dense_cause}
+
+
+def budget_stats(model) -> BudgetStats:
+    """The live ``BudgetStats`` of a patched model (``as_dict()``, ``summary()``, ``plot(path)``, ``reset()``).
+
+    Under tensor parallelism these are this rank's heads; ``twilight.integrations.hf.gather_budget_stats``
+    collects every rank's.
+    """
+    return _state(model).pipeline.stats
