@@ -493,3 +493,26 @@ def test_cuda(dtype):
     assert 0 < twilight.budget_stats(model).as_dict()["attended_fraction"] < 1
     twilight.unpatch(model)
     assert torch.equal(greedy(model, ids, mask), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_device_map_over_two_gpus_keeps_a_cache_and_backend_per_device():
+    from accelerate import dispatch_model
+
+    model = tiny_model("llama")
+
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                  "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    model = dispatch_model(model, device_map=device_map)
+    ids = torch.cat(prompts([90, 60])).to("cuda:0")
+    ref = greedy(model, ids)
+    twilight.patch(model, {**twilight.PRESETS["dense"], "backend": "torch"})
+    assert torch.equal(greedy(model, ids), ref)
+    twilight.patch(model, QUEST_TOP_P)
+    cache = hf.make_cache(model)
+    greedy(model, ids, past_key_values=cache)
+    assert {cache.layer_cache(i).k.device.index for i in range(4)} == {0, 1}
+    assert [cache.layer_cache(i).k.device.index for i in range(4)] == [0, 0, 1, 1]
+    assert set(cache.pipeline._backends) == {torch.device("cuda:0"), torch.device("cuda:1")}
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] > 0
