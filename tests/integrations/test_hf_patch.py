@@ -361,6 +361,9 @@ def test_supported_range_matches_setup_py():
     hf.check_transformers_version("5.23.0")
     hf.check_transformers_version("5.24.0.dev0")  # a source install of the next release
     hf.check_transformers_version(transformers.__version__)
+    hf.check_transformers_version(hf.compat.OLDEST_TRANSFORMERS)  # scripts/test_transformers_range.sh tests it
+    with pytest.raises(RuntimeError):
+        hf.check_transformers_version("4.57.6")  # the release before the oldest is outside the range
     setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
     assert f'"transformers{hf.SUPPORTED_TRANSFORMERS}"' in setup
 

@@ -72,8 +72,10 @@ class TwilightLayer(CacheLayerMixin):
             query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
-    def get_max_length(self) -> int:
+    def get_max_length(self) -> int:  # no maximum: the cache grows
         return -1
+
+    get_max_cache_shape = get_max_length  # transformers 5.0's name for it
 
     def reset(self) -> None:
         self.cache = None

@@ -9,9 +9,10 @@ against the oldest and the newest release of ``SUPPORTED_TRANSFORMERS``). What m
   takes from its signature; ``find_cache`` looks for both spellings in a call's keyword arguments.
 - Nothing else the integration touches changed: ``Cache(layers=...)`` and ``CacheLayerMixin``, the
   ``AttentionInterface`` / ``AttentionMaskInterface`` registries, ``config._attn_implementation_internal``,
-  ``GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, ...)``, a
-  ``DynamicCache``'s ``offloading`` flag and the ``_is_user_defined`` mark ``generate()`` puts on a cache it
-  was handed.
+  ``GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, ...)`` and a
+  ``DynamicCache``'s ``offloading`` flag.
+- ``CacheLayerMixin``'s abstract "no maximum length" method is ``get_max_cache_shape`` in 5.0 and
+  ``get_max_length`` later: ``TwilightLayer`` defines both.
 
 A release that changes any of these in a way this module does not recognise makes ``twilight.patch`` raise
 ``UnsupportedTransformersError`` naming what it could not find, rather than letting decoding run dense.
@@ -22,14 +23,16 @@ import inspect
 import sys
 from typing import Any, Callable, Mapping
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "CHECKED_RELEASES", "CACHE_NAMES", "UnsupportedTransformersError",
+__all__ = ["SUPPORTED_TRANSFORMERS", "OLDEST_TRANSFORMERS", "CHECKED_RELEASES", "CACHE_NAMES", "UnsupportedTransformersError",
            "check_transformers_version", "cache_parameter", "find_cache", "output_cache", "Cache",
            "CacheLayerMixin", "DynamicCache", "register_attention", "attention_function", "set_attn_implementation",
-           "attn_implementation_override", "is_user_defined_cache", "is_plain_dynamic_cache",
+           "attn_implementation_override", "is_plain_dynamic_cache",
            "check_generation_hook"]
 
 #: Supported transformers releases (a PEP 440 specifier), the same as setup.py's ``install_requires``.
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+#: The oldest release of that range: scripts/test_transformers_range.sh tests it beside the newest.
+OLDEST_TRANSFORMERS = "5.0.0"
 #: The releases this module was read against (both ends of the range are tested by scripts/test.sh).
 CHECKED_RELEASES = ("5.0.0", "5.23.0", "5.24.0")
 #: The names a model's ``forward`` and ``generate()`` give the cache: the current one first.
@@ -156,11 +159,6 @@ def check_generation_hook(model) -> str | None:
             f"release prepares generate()'s cache in a way twilight.patch does not recognise (checked releases: "
             f"{', '.join(CHECKED_RELEASES)})")
     return "model_kwargs"
-
-
-def is_user_defined_cache(cache) -> bool:
-    """True for a cache the user handed to ``generate()`` (generate marks it)."""
-    return bool(getattr(cache, "_is_user_defined", False))
 
 
 def is_plain_dynamic_cache(cache) -> bool:

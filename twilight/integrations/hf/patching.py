@@ -186,14 +186,15 @@ def _wrap_prepare_cache(model, state: _PatchState) -> None:
 
     @functools.wraps(original)
     def prepare_cache_for_generation(*args, **kwargs):
-        result = original(*args, **kwargs)
         bound = signature.bind_partial(*args, **kwargs).arguments
         model_kwargs, generation_config = bound.get("model_kwargs"), bound.get("generation_config")
-        if model_kwargs is None:
-            return result
+        users = None if model_kwargs is None else compat.find_cache(model_kwargs)[1]
+        result = original(*args, **kwargs)
+        if model_kwargs is None or users is not None:
+            return result  # the user's own cache: the forward wrapper warns if it is not a Twilight cache
         name, cache = compat.find_cache(model_kwargs)
-        if cache is None or isinstance(cache, TwilightCache) or compat.is_user_defined_cache(cache):
-            return result  # a user's foreign cache: the forward wrapper warns that decoding runs dense with it
+        if cache is None or isinstance(cache, TwilightCache):
+            return result
         if compat.is_plain_dynamic_cache(cache):
             model_kwargs[name] = getattr(model, _ATTR, state).new_cache()
             return result
