@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twilight.cache import LayerCache
+from twilight.cache import LayerCache, quantize_labels
 from twilight.quant import INT4_TILE, int4_codes, int4_params, quantize_int8, unpack_int4
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,6 +23,29 @@ def _brute_page_bounds(keys: torch.Tensor, start: torch.Tensor, page_size: int):
     hi = padded.masked_fill(~v, float("-inf")).view(B, H, P, page_size, D).amax(3)
     lo = padded.masked_fill(~v, float("inf")).view(B, H, P, page_size, D).amin(3)
     return hi, lo, valid.view(B, P, page_size).any(-1)
+
+
+def _hand_label_levels(x: torch.Tensor, bits: int):
+    """Per-token min-max quantization of label vectors ``x [..., C]``, written out independently in float64:
+    ``(dequantized values, near_tie)``, where ``near_tie`` marks entries so close to a rounding tie that float32
+    arithmetic (relative error a few eps of the level ``t <= 2**bits - 1``) may round them the other way."""
+    x = x.double()
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    levels = 2 ** bits - 1
+    step = (hi - lo).clamp_min(1e-9) / levels
+    t = (x - lo) / step
+    near_tie = ((t - torch.floor(t)) - 0.5).abs() < 1e-4 + 8 * torch.finfo(torch.float32).eps * levels
+    return lo + torch.floor(t + 0.5) * step, near_tie
+
+
+def _labels_match(got: torch.Tensor, labels: torch.Tensor, bits: int) -> bool:
+    """``got`` (a cache's ``k_label``) is the quantization of ``labels`` up to float32 arithmetic (a few ulps of
+    the token's largest label, far below one step) and the rounding to ``got``'s dtype."""
+    ref, near_tie = _hand_label_levels(labels, bits)
+    ref = ref.to(got.dtype).double()
+    tol = torch.finfo(got.dtype).eps * ref.abs() + 8 * torch.finfo(torch.float32).eps * \
+        labels.double().abs().amax(-1, keepdim=True)
+    return bool((((got.double() - ref).abs() <= tol) | near_tie).all())
 
 
 def check_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
@@ -61,7 +84,12 @@ def check_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, start: torc
         assert bool((torch.nextafter(c_lo, up).double() > lo)[sel].all()), "page min not tight"
     if cache.label_channels is not None:
         idx = cache.label_channels.view(1, cache.num_kv_heads, 1, -1).expand(cache.batch, -1, L, -1)
-        assert torch.equal(cache.k_label[:, :, :L], torch.gather(k, 3, idx))
+        labels = torch.gather(k, 3, idx)
+        if cache.label_bits is None:
+            assert torch.equal(cache.k_label[:, :, :L], labels)
+        else:
+            assert _labels_match(cache.k_label[:, :, :L], labels, cache.label_bits), \
+                "k_label is not the per-token min-max quantization of the labels"
 
 
 @st.composite
@@ -79,18 +107,19 @@ def cache_scenarios(draw):
     start = draw(st.lists(st.integers(0, total + 2), min_size=batch, max_size=batch))
     start_mode = draw(st.sampled_from(["init", "later", "none"]))
     seed = draw(st.integers(0, 2 ** 16))
-    return batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed
+    label_bits = draw(st.sampled_from([None, None, 1, 2, 4, 8]))
+    return batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed, label_bits
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cache_scenarios())
 def test_random_append_sequences(scenario):
-    batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed = scenario
+    batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed, label_bits = scenario
     g = torch.Generator().manual_seed(seed)
     start_t = torch.tensor(start, dtype=torch.int32)
     label = torch.stack([torch.randperm(head_dim, generator=g)[:max(1, head_dim // 2)] for _ in range(heads)])
     cache = LayerCache(batch, heads, head_dim, dtype=dtype, page_size=page_size, quant_bits=quant,
-                       label_channels=label, start=start_t if start_mode == "init" else None)
+                       label_channels=label, label_bits=label_bits, start=start_t if start_mode == "init" else None)
     eff_start = start_t if start_mode == "init" else torch.zeros(batch, dtype=torch.int32)
     ks, vs = [], []
     for i, T in enumerate(appends):
@@ -197,6 +226,16 @@ def test_constructor_errors():
         LayerCache(1, 2, 4, label_channels=torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="label_channels"):
         LayerCache(1, 2, 4, label_channels=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_dim=4"):
+        LayerCache(1, 2, 4, label_channels=torch.tensor([[0, 4], [1, 2]]))
+    with pytest.raises(ValueError, match="head_dim=4"):
+        LayerCache(1, 2, 4, label_channels=torch.tensor([[0, -1], [1, 2]]))
+    with pytest.raises(ValueError, match="calibrate_double_sparse"):  # one row per query head under GQA
+        LayerCache(1, 2, 4, label_channels=torch.zeros(4, 2, dtype=torch.long))
+    for bits in (0, 17, True, 2.0):
+        with pytest.raises(ValueError, match="label_bits"):
+            LayerCache(1, 2, 4, label_channels=torch.zeros(2, 2, dtype=torch.long), label_bits=bits)
+    assert LayerCache(1, 2, 4, label_bits=2).label_bits is None  # nothing to quantize without label channels
 
 
 def test_start_errors():
@@ -233,3 +272,41 @@ def test_append_value_shape_and_dtype_errors():
     with pytest.raises(ValueError, match="dtype"):
         cache.append(k, k.double())
     assert cache.length == 0
+
+
+# ---------------------------------------------------------------------------------------------- quantized labels
+def test_quantize_labels_matches_a_hand_computation():
+    # 2 bits over [-1, 2]: steps of 1.0; 3 bits over [0, 7]: steps of 1.0; a constant vector stays itself
+    x = torch.tensor([[-1.0, -0.6, 0.6, 1.49, 2.0], [0.0, 7.0, 3.4, 5.6, 6.51], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    assert quantize_labels(x[:1], 2).tolist() == [[-1.0, -1.0, 1.0, 1.0, 2.0]]
+    assert quantize_labels(x[1:2], 3).tolist() == [[0.0, 7.0, 3.0, 6.0, 7.0]]
+    assert quantize_labels(x[2:], 1).tolist() == [[3.0] * 5]
+    assert quantize_labels(x, None) is x
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 4, 50, 12, generator=g) * 3
+    for bits in (1, 2, 3, 4, 8, 16):
+        out = quantize_labels(y, bits)
+        assert out.dtype == y.dtype and out.shape == y.shape
+        assert _labels_match(out, y, bits)
+        levels = max(torch.unique(row).numel() for row in out.reshape(-1, 12))
+        assert levels <= min(2 ** bits, 12)
+    with pytest.raises(ValueError, match="label_bits"):
+        quantize_labels(y, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_quantizes_labels_across_appends(dtype):
+    """k_label holds the quantized labels whatever the append pattern (bulk past the update chunk, decode)."""
+    g = torch.Generator().manual_seed(1)
+    B, H, D = 2, 2, 16
+    channels = torch.tensor([[1, 5, 9, 14], [0, 2, 3, 15]])
+    cache = LayerCache(B, H, D, dtype=dtype, label_channels=channels, label_bits=2)
+    ks = [torch.randn(B, H, T, D, generator=g).to(dtype) for T in (2100, 1, 1, 37)]
+    for k in ks:
+        cache.append(k, k)
+    k = torch.cat(ks, 2)
+    labels = torch.stack([k[:, h][..., channels[h]] for h in range(H)], 1)  # [B, H, L, 4]
+    got = cache.k_label[:, :, :cache.length]
+    assert got.dtype == dtype and _labels_match(got, labels, 2)
+    assert bool((got == labels).float().mean() < 0.9)  # 2 bits: most labels moved
+    assert max(torch.unique(row).numel() for row in got.reshape(-1, 4)) <= 4  # at most 4 levels per token

@@ -262,3 +262,147 @@ def test_save_is_readable_json(tmp_path):
     TwilightConfig.load("quest-twilight").save(path)
     data = json.loads(path.read_text())
     assert data["selector"]["type"] == "quest" and data["pruner"]["p"] == pytest.approx(0.85)
+
+
+# ---------------------------------------------------------------------------------------------- original configs
+# Copies (same keys and values) of every file in the original Twilight code's benchmark/configs.
+_DS_CHANNELS = "/data/chaofan/DoubleSparse/config/lmsys/longchat-7b-v1.5-32k.json"
+_COMMON = {"compressor": {"type": "none"}, "skip_first_two_layers": True, "use_estimated_weights_in_attn": False}
+_TWI = {"weight_estimator": {"type": "min_max_quant", "quant_bit": 4},
+        "weight_pruner": {"type": "top_p", "threshold": 0.85}}
+_NO_TWI = {"weight_estimator": {"type": "none"}, "weight_pruner": {"type": "none"}}
+
+
+def _ds_selector(budget):
+    return {"type": "ds", "quant_bit": 2, "r": 64, "config_path": _DS_CHANNELS, "token_budget": budget,
+            "selected_channel": "q"}
+
+
+ORIGINAL_CONFIGS = {
+    "config_quest_twi": {**_COMMON, "selector": {"type": "quest", "token_budget": 8192, "chunk_size": 16}, **_TWI},
+    "config_quest_1024": {**_COMMON, "selector": {"type": "quest", "token_budget": 1024, "chunk_size": 16}, **_NO_TWI},
+    "config_quest_8192": {**_COMMON, "selector": {"type": "quest", "token_budget": 8192, "chunk_size": 16}, **_NO_TWI},
+    "config_ds_twi": {**_COMMON, "selector": _ds_selector(8192), **_TWI},
+    "config_ds_1024": {**_COMMON, "selector": _ds_selector(1024), **_NO_TWI},
+    "config_ds_8192": {**_COMMON, "selector": _ds_selector(8192), **_NO_TWI},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_CONFIGS))
+def test_every_original_benchmark_config_loads(tmp_path, name):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(ORIGINAL_CONFIGS[name], indent=4))
+    cfg = TwilightConfig.load(path)
+    assert cfg.name == name and cfg.dense_layers == [0, 1] and cfg.backend == "auto"
+    budget = 1024 if name.endswith("1024") else 8192
+    assert cfg.selector.token_budget == budget
+    if name.startswith("config_quest"):
+        assert cfg.selector.type == "quest" and cfg.selector.page_size == 16
+    else:
+        sel = cfg.selector
+        assert sel.type == "double_sparse" and sel.channels_path == _DS_CHANNELS
+        assert (sel.num_channels, sel.label_bits, sel.channels_key) == (64, 2, "q")
+    if name.endswith("twi"):
+        assert cfg.estimator.type == "int4"
+        assert cfg.pruner.type == "top_p" and cfg.pruner.p == pytest.approx(0.85)
+    else:
+        assert cfg.estimator.type == "exact" and cfg.pruner.type == "none"
+    # what it translates to is our schema and survives a round trip
+    cfg.save(tmp_path / "ours.json")
+    assert TwilightConfig.load(tmp_path / "ours.json").to_dict() == cfg.to_dict() | {"name": "ours"}
+
+
+def _original(**changes):
+    """config_ds_twi with top-level sections replaced (None: removed) or selector/pruner keys changed."""
+    data = json.loads(json.dumps(ORIGINAL_CONFIGS["config_ds_twi"]))
+    for key, value in changes.items():
+        part, _, sub = key.partition("__")
+        if sub:
+            data[part][sub] = value
+        elif value is None:
+            data.pop(part)
+        else:
+            data[part] = value
+    return data
+
+
+@pytest.mark.parametrize("p", [0.9, 0.5, 1.0])
+def test_original_top_p_threshold_is_p(p):
+    assert TwilightConfig.load(_original(weight_pruner__threshold=p)).pruner.p == pytest.approx(p)
+    # the spellings we accepted before still work, alone or agreeing
+    pr = {"type": "top_p", "top_p": p}
+    assert TwilightConfig.load(_original(weight_pruner=pr)).pruner.p == pytest.approx(p)
+    pr = {"type": "top_p", "threshold": p, "p": p}
+    assert TwilightConfig.load(_original(weight_pruner=pr)).pruner.p == pytest.approx(p)
+
+
+def test_original_ds_variants():
+    cfg = TwilightConfig.load(_original(selector__quant_bit=32, selector__selected_channel="k"))
+    assert cfg.selector.label_bits is None and cfg.selector.channels_key == "k"  # 32 bits: no quantization
+    cfg = TwilightConfig.load(_original(selector__quant_bit=16, selector__r=8))
+    assert cfg.selector.label_bits == 16 and cfg.selector.num_channels == 8
+    assert TwilightConfig.load(_original(compressor=None, use_estimated_weights_in_attn=None)).selector.label_bits == 2
+    # our own field names are accepted in an original config too, when they agree
+    cfg = TwilightConfig.load(_original(selector__channels_key="q", selector__label_bits=2))
+    assert (cfg.selector.channels_key, cfg.selector.label_bits) == ("q", 2)
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"compressor": {"type": "snap_kv", "window_size": 32}}, ["compressor.type", "snap_kv", "not supported"]),
+    ({"compressor": {"type": "h2o"}}, ["compressor.type", "h2o", "none"]),
+    ({"compressor": {"type": "none", "ratio": 2}}, ["compressor", "ratio"]),
+    ({"compressor": 3}, ["compressor"]),
+    ({"use_estimated_weights_in_attn": True}, ["use_estimated_weights_in_attn", "estimated weights",
+                                               "not supported"]),
+    ({"use_estimated_weights_in_attn": "no"}, ["use_estimated_weights_in_attn"]),
+    ({"weight_pruner__threshold": 1.5}, ["weight_pruner.threshold", "pruner.p", "(0, 1]"]),
+    ({"weight_pruner__threshold": 0}, ["weight_pruner.threshold", "(0, 1]"]),
+    ({"weight_pruner__top_p": 0.5}, ["weight_pruner.threshold", "weight_pruner.top_p", "disagree"]),
+    ({"weight_pruner__smooth": 1}, ["weight_pruner", "smooth"]),
+    ({"weight_pruner": {"type": "top_k", "top_k": 0}}, ["weight_pruner.top_k", "pruner.k"]),
+    ({"weight_pruner": {"type": "threshold", "threshold": 2.0}}, ["weight_pruner.threshold", "(0, 1]"]),
+    ({"weight_estimator": {"type": "max_quant", "quant_bit": 4, "smooth_k": False}},
+     ["weight_estimator.type", "max_quant", "not supported"]),
+    ({"weight_estimator__quant_bit": 2}, ["weight_estimator.quant_bit", "4 or 8"]),
+    ({"weight_estimator__smooth_k": True}, ["weight_estimator", "smooth_k"]),
+    ({"weight_estimator": {"type": "none", "quant_bit": 4}}, ["weight_estimator", "quant_bit"]),
+    ({"selector__selected_channel": "v"}, ["selector.selected_channel", "'v'", "q, k"]),
+    ({"selector__quant_bit": 0}, ["selector.quant_bit", "selector.label_bits"]),
+    ({"selector__quant_bit": 17}, ["selector.quant_bit"]),
+    ({"selector__quant_bit": 2.5}, ["selector.quant_bit"]),
+    ({"selector__r": 0}, ["selector.r", ">= 1"]),
+    ({"selector__r": "64"}, ["selector.r"]),
+    ({"selector__config_path": ""}, ["selector.config_path", "selector.channels_path"]),
+    ({"selector__config_path": 7}, ["selector.config_path"]),
+    ({"selector__token_budget": 0}, ["selector.token_budget", ">= 1"]),
+    ({"selector__channels_path": "other.json"}, ["selector.channels_path", "selector.config_path", "disagree"]),
+    ({"selector__label_bits": 4}, ["selector.quant_bit", "selector.label_bits", "disagree"]),
+    ({"selector__channels_key": "k"}, ["selector.selected_channel", "selector.channels_key", "disagree"]),
+    ({"selector__lsh": 1}, ["lsh", "allowed keys"]),
+    ({"selector": {"type": "quest", "token_budget": 1024, "chunk_size": 0}}, ["selector.chunk_size", ">= 1"]),
+    ({"selector": {"type": "quest", "chunk_size": 16, "page_size": 32}}, ["chunk_size", "page_size", "disagree"]),
+    ({"selector": {"type": "quest", "r": 4}}, ["'r'", "allowed keys"]),  # ds keys belong to ds only
+    ({"skip_first_two_layers": "yes"}, ["skip_first_two_layers"]),
+    ({"extra": 1}, ["extra", "allowed keys"]),
+])
+def test_bad_original_values_name_the_field(changes, needles):
+    _raises(_original(**changes), *needles)
+
+
+@pytest.mark.parametrize("field,value", [("label_bits", 0), ("label_bits", 17), ("label_bits", True),
+                                         ("label_bits", "2"), ("label_bits", 2.0), ("channels_key", "v"),
+                                         ("channels_key", None), ("channels_path", 3), ("channels_path", "")])
+def test_bad_double_sparse_fields(field, value):
+    spec = {"selector": {"type": "double_sparse", "channels_path": "ch.json", field: value}}
+    _raises(spec, f"selector.{field}")
+
+
+def test_double_sparse_fields_defaults_and_round_trip(tmp_path):
+    sel = TwilightConfig.load({"selector": {"type": "double_sparse", "channels_path": "ch.json"}}).selector
+    assert (sel.num_channels, sel.label_bits, sel.channels_key) == (16, None, "k")
+    cfg = TwilightConfig.load({"selector": {"type": "double_sparse", "channels_path": tmp_path / "ch.json",
+                                            "label_bits": 4, "channels_key": "qk"}})
+    assert cfg.selector.channels_path == str(tmp_path / "ch.json")  # a PathLike is stored as a str
+    cfg.save(tmp_path / "c.json")
+    back = TwilightConfig.load(tmp_path / "c.json")
+    assert back.selector == cfg.selector and back.selector.label_bits == 4

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twilight.cache import LayerCache
-from twilight.config import SelectorConfig
+from twilight.config import SelectorConfig, TwilightConfig
 from twilight.select import compact, make_selector, quest_page_scores, selector_channels
 from twilight.select.double_sparse import calibrate, channel_importance, load_channels
 from twilight.selection import Selection
@@ -212,8 +212,11 @@ def test_channel_importance_and_calibrate_pick_known_channels(tmp_path):
     assert out[5].tolist() == [sorted(big[0]), sorted(big[1])]
     data = json.loads(path.read_text())
     assert data["num_channels"] == 3 and data["layers"] == {"5": [sorted(big[0]), sorted(big[1])]}
+    assert data["ranked"] == {"5": [big[0][::-1], big[1][::-1]]}  # most important first
     assert torch.equal(load_channels(path, 5, 3), out[5])
-    assert load_channels(str(path), 5, 2).shape == (2, 2)
+    # fewer channels than calibrated: the most important ones (from the ranking), ascending
+    assert load_channels(str(path), 5, 2).tolist() == [sorted(big[0][1:]), sorted(big[1][1:])]
+    assert load_channels(path, 5, 1).tolist() == [[big[0][2]], [big[1][2]]]
 
 
 def test_calibrate_errors(tmp_path):
@@ -234,6 +237,15 @@ def test_calibrate_errors(tmp_path):
         load_channels(path, 0, 5)
     with pytest.raises(ValueError, match="does not exist"):
         load_channels(tmp_path / "missing.json", 0, 4)
+
+
+def test_calibrate_file_without_ranking(tmp_path):
+    """A calibrate file written before the ranking was saved: all its channels load, fewer is refused."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"num_channels": 3, "layers": {"0": [[1, 4, 6], [0, 2, 3]]}}))
+    assert load_channels(path, 0, 3).tolist() == [[1, 4, 6], [0, 2, 3]]
+    with pytest.raises(ValueError, match="ranking"):
+        load_channels(path, 0, 2)
 
 
 def test_recalibrating_the_same_path_is_seen(tmp_path):
@@ -295,3 +307,143 @@ def test_selectors_reject_bad_q():
     for cfg in [SelectorConfig(type="quest", token_budget=16), SelectorConfig(type="oracle_topk", token_budget=16)]:
         with pytest.raises(ValueError, match="q must be"):
             make_selector(cfg)(torch.randn(1, 3, 8), cache)
+
+
+# ---------------------------------------------------------------------------------------------- DoubleSparse files
+def _ds_file(path, layers, D, heads, seed=0, projections=("q", "k", "qk")):
+    """A DoubleSparse channel file: per layer and projection, one permutation of range(D) per head, most
+    important first. Returns ``{(layer, proj): rows}``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {}
+    for layer in layers:
+        for proj in projections:
+            n = heads[proj] if isinstance(heads, dict) else heads
+            rows[(layer, proj)] = [torch.randperm(D, generator=g).tolist() for _ in range(n)]
+    path.write_text(json.dumps({f"model.layers.{l}.self_attn.{p}_proj": r for (l, p), r in rows.items()}))
+    return rows
+
+
+@pytest.mark.parametrize("key", ["q", "k", "qk"])
+def test_load_double_sparse_file(tmp_path, key):
+    D, H = 16, 3
+    path = tmp_path / "longchat.json"
+    rows = _ds_file(path, [0, 1, 2], D, H)
+    for layer in (0, 2):
+        for n in (1, 5, D):
+            expected = [sorted(r[:n]) for r in rows[(layer, key)]]
+            assert load_channels(path, layer, n, channels_key=key).tolist() == expected
+            assert load_channels(str(path), layer, n, key, num_kv_heads=H).tolist() == expected
+    # the default projection is k
+    assert load_channels(path, 1, 4).tolist() == [sorted(r[:4]) for r in rows[(1, "k")]]
+
+
+def test_original_ds_config_reads_the_double_sparse_file(tmp_path):
+    """An original-Twilight ds config: config_path, r and selected_channel pick the file's rows."""
+    D, H = 32, 2
+    path = tmp_path / "channels.json"
+    rows = _ds_file(path, range(4), D, H)
+    cfg = TwilightConfig.load({"compressor": {"type": "none"},
+                               "selector": {"type": "ds", "quant_bit": 2, "r": 6, "config_path": str(path),
+                                            "token_budget": 64, "selected_channel": "q"},
+                               "weight_estimator": {"type": "none"}, "weight_pruner": {"type": "none"},
+                               "skip_first_two_layers": True, "use_estimated_weights_in_attn": False})
+    for layer in range(4):
+        ch = selector_channels(cfg.selector, layer, num_kv_heads=H)
+        assert ch.dtype == torch.int64 and ch.tolist() == [sorted(r[:6]) for r in rows[(layer, "q")]]
+    sel = make_selector(cfg.selector, layer_idx=3)
+    assert sel.channels.tolist() == [sorted(r[:6]) for r in rows[(3, "q")]] and sel.label_bits == 2
+
+
+def test_double_sparse_file_per_query_head_under_gqa(tmp_path):
+    """GQA: q_proj/qk_proj have one row per query head; refused with a pointer to k_proj and our calibration."""
+    D = 16
+    path = tmp_path / "llama3.json"
+    rows = _ds_file(path, [0], D, {"q": 8, "qk": 8, "k": 2})
+    for key in ("q", "qk"):
+        with pytest.raises(ValueError, match="calibrate_double_sparse") as info:
+            load_channels(path, 0, 4, channels_key=key)
+        assert "channels_key='k'" in str(info.value) and "8 rows" in str(info.value)
+    expected = [sorted(r[:4]) for r in rows[(0, "k")]]
+    assert load_channels(path, 0, 4, channels_key="k", num_kv_heads=2).tolist() == expected
+    # without a k_proj entry to compare with, the head count tells
+    only_q = tmp_path / "only_q.json"
+    _ds_file(only_q, [0], D, 8, projections=("q",))
+    assert load_channels(only_q, 0, 4, channels_key="q").shape == (8, 4)
+    with pytest.raises(ValueError, match="calibrate_double_sparse"):
+        load_channels(only_q, 0, 4, channels_key="q", num_kv_heads=2)
+    cfg = SelectorConfig(type="double_sparse", channels_path=str(only_q), num_channels=4, channels_key="q")
+    with pytest.raises(ValueError, match="calibrate_double_sparse"):
+        selector_channels(cfg, 0, num_kv_heads=2)
+    with pytest.raises(ValueError, match="calibrate_double_sparse"):  # what a cache says when given them
+        LayerCache(1, 2, D, label_channels=selector_channels(cfg, 0))
+    with pytest.raises(ValueError, match="another model"):
+        load_channels(only_q, 0, 4, channels_key="q", num_kv_heads=3)
+
+
+@pytest.mark.parametrize("content,kwargs,needle", [
+    ({"model.layers.0.self_attn.k_proj": [[0, 1, 2]]}, {"layer_idx": 1}, "layer 1"),
+    ({"model.layers.0.self_attn.k_proj": [[0, 1, 2]]}, {"channels_key": "q"}, "q_proj"),
+    ({"model.layers.0.self_attn.k_proj": [[0, 1, 2]]}, {"num_channels": 4}, "num_channels"),
+    ({"model.layers.0.self_attn.k_proj": [[0, 1, 2], [0, 1]]}, {}, "equal-length"),
+    ({"model.layers.0.self_attn.k_proj": [[0, -1, 2]]}, {}, ">= 0"),
+    ({"model.layers.0.self_attn.k_proj": [[0, 1.5, 2]]}, {}, "channel indices"),
+    ({"model.layers.0.self_attn.k_proj": []}, {}, "non-empty"),
+    ({"model.layers.0.self_attn.k_proj": [[0, 0, 2]]}, {"num_channels": 2}, "repeats"),
+    ({"model.layers.0.self_attn.k_proj": [[0, 1, 2]]}, {"channels_key": "v"}, "selector.channels_key"),
+    ({"something": 1}, {}, "not a label-channel file"),
+    ([[0, 1]], {}, "not a label-channel file"),
+    ({"num_channels": 2, "layers": {"0": [[0, "a"]]}}, {}, "channel indices"),
+])
+def test_load_channels_errors(tmp_path, content, kwargs, needle):
+    path = tmp_path / "ch.json"
+    path.write_text(json.dumps(content))
+    args = {"layer_idx": 0, "num_channels": 2} | kwargs
+    with pytest.raises(ValueError, match=needle):
+        load_channels(path, **args)
+
+
+# ---------------------------------------------------------------------------------------------- quantized labels
+def _hand_quantized(x, bits):
+    """Per-token min-max quantize-dequantize written out independently: float64, ties never occur here."""
+    x = x.double()
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    step = (hi - lo).clamp_min(1e-9) / (2 ** bits - 1)
+    return lo + torch.floor((x - lo) / step + 0.5) * step
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_double_sparse_scores_against_quantized_labels(tmp_path, bits):
+    B, Hkv, G, D, L, C, budget = 2, 2, 2, 16, 120, 5, 17
+    path = tmp_path / "ds.json"
+    rows = _ds_file(path, [0], D, Hkv)
+    cfg = SelectorConfig(type="double_sparse", token_budget=budget, channels_path=str(path), num_channels=C,
+                         label_bits=bits)
+    channels = selector_channels(cfg, 0)
+    assert channels.tolist() == [sorted(r[:C]) for r in rows[(0, "k")]]
+    start = torch.tensor([0, 30])
+    torch.manual_seed(bits)
+    cache, k, _ = _cache(B, Hkv, D, L, start=start, label_channels=channels, label_bits=bits)
+    exact_cache = LayerCache(B, Hkv, D, start=start, label_channels=channels)  # keeps exact labels
+    exact_cache.append(k, torch.zeros_like(k))
+    q = torch.randn(B, Hkv * G, D)
+    selector = make_selector(cfg, 0)
+    sel, sel_exact_cache = selector(q, cache), selector(q, exact_cache)
+    qg = q.double().view(B, Hkv, G, D)
+    differs = False
+    for b in range(B):
+        s = int(start[b])
+        for h in range(Hkv):
+            ch = channels[h]
+            k_lab = _hand_quantized(k[b, h][:, ch], bits)  # [L, C]
+            approx = torch.einsum("gc,lc->gl", qg[b, h][:, ch], k_lab).amax(0)[s:]
+            expected = sorted((torch.topk(approx, budget).indices + s).tolist())
+            assert sorted(_rows(sel)[b][h]) == expected
+            assert sorted(_rows(sel_exact_cache)[b][h]) == expected  # quantized on the fly: the same
+            exact = torch.einsum("gc,lc->gl", qg[b, h][:, ch], k[b, h][:, ch].double()).amax(0)[s:]
+            differs |= expected != sorted((torch.topk(exact, budget).indices + s).tolist())
+    assert differs or bits == 4, "the quantization should change some selection at this bit width"
+    # a cache quantized differently from the config is an error, not a silent mismatch
+    other = LayerCache(B, Hkv, D, start=start, label_channels=channels, label_bits=8)
+    other.append(k, torch.zeros_like(k))
+    with pytest.raises(ValueError, match="label_bits"):
+        selector(q, other)

@@ -8,7 +8,9 @@ Kept in sync on every append (prefill in bulk, decode one token at a time):
 - ``page_bounds`` ``[B, Hkv, pages, 2, D]``: per-page channel max (``[..., 0, :]``) and min
   (``[..., 1, :]``) of the valid keys, for Quest. Stored in bf16 (fp16 for fp16 caches) rounded
   outward, so they still bound the exact keys while Quest reads half the bytes.
-- ``k_label`` ``[B, Hkv, capacity, C]``: the label channels of K, for Double Sparsity.
+- ``k_label`` ``[B, Hkv, capacity, C]``: the label channels of K, for Double Sparsity; with ``label_bits``
+  each token's label vector is min-max quantized to that many bits and stored dequantized
+  (``quantize_labels``), as the original Twilight code scores Double Sparsity against.
 
 Storage grows by doubling (rounded to whole tiles and pages), so appends cost amortised O(new tokens);
 the cache never concatenates the whole K/V per step.
@@ -23,10 +25,34 @@ import math
 
 import torch
 
+from twilight.config import MAX_LABEL_BITS
 from twilight.quant import INT4_TILE, int4_codes, int4_params, pack_int4, quantize_int8, round_outward, unpack_int4
 
 _MIN_CHUNK = 256
 _UPDATE_CHUNK = 2048  # tokens per step when updating derived structures
+
+
+def quantize_labels(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """Per-token min-max quantize-dequantize of label vectors ``x [..., C]`` to ``bits`` bits (``None``: ``x``).
+
+    Each vector's range ``[min, max]`` is cut into ``2**bits - 1`` equal steps and every entry rounded to the
+    nearest step: ``min + round((x - min) / step) * step`` (computed in float32, returned in ``x.dtype``).
+    This is the original Twilight code's ``min_max_per_token_quant_kv``.
+
+    Example::
+
+        >>> quantize_labels(torch.tensor([[0.0, 0.4, 0.9, 3.0]]), 2)   # steps of 1.0 from 0 to 3
+        tensor([[0., 0., 1., 3.]])
+    """
+    if bits is None:
+        return x
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_LABEL_BITS:
+        raise ValueError(f"label_bits={bits!r} is invalid: must be None or an integer in [1, {MAX_LABEL_BITS}]")
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True)
+    levels = 2 ** bits - 1
+    step = (xf.amax(-1, keepdim=True) - lo).clamp_min(1e-9) / levels
+    return (torch.round((xf - lo) / step).clamp_(0, levels) * step + lo).to(x.dtype)
 
 
 class LayerCache:
@@ -38,6 +64,8 @@ class LayerCache:
         page_size: Quest page size in tokens (``page_bounds`` kept when ``keep_page_bounds``).
         quant_bits: 4, 8 or ``None``: which quantized copy of K to keep.
         label_channels: ``[Hkv, C]`` channel indices kept in ``k_label`` (Double Sparsity), or ``None``.
+        label_bits: ``None`` (exact labels) or 1..16: per-token min-max quantization of ``k_label``
+            (``quantize_labels``); ignored without ``label_channels``.
         start: ``[B]`` first valid position of each sequence (left padding), default all zero.
 
     Example::
@@ -51,7 +79,7 @@ class LayerCache:
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", page_size: int = 16, quant_bits: int | None = 4,
                  keep_page_bounds: bool = True, label_channels: torch.Tensor | None = None,
-                 start: torch.Tensor | None = None, initial_capacity: int = 0):
+                 label_bits: int | None = None, start: torch.Tensor | None = None, initial_capacity: int = 0):
         if batch < 1 or num_kv_heads < 1 or head_dim < 1:
             raise ValueError(f"batch, num_kv_heads, head_dim must be >= 1, got {batch}, {num_kv_heads}, {head_dim}")
         if page_size < 1:
@@ -69,7 +97,23 @@ class LayerCache:
         self.label_channels = None if label_channels is None else label_channels.to(self.device, torch.long)
         if self.label_channels is not None and (self.label_channels.dim() != 2
                                                 or self.label_channels.shape[0] != num_kv_heads):
-            raise ValueError(f"label_channels must be [Hkv={num_kv_heads}, C], got {tuple(self.label_channels.shape)}")
+            shape = tuple(self.label_channels.shape)
+            hint = ""
+            if len(shape) == 2 and shape[0] > num_kv_heads and shape[0] % num_kv_heads == 0:
+                hint = ("; these look like one row per query head (a DoubleSparse q_proj/qk_proj entry under GQA): "
+                        "read its k_proj rows (selector.channels_key='k') or calibrate per kv-head with "
+                        "twilight.integrations.capture.calibrate_double_sparse")
+            raise ValueError(f"label_channels must be [Hkv={num_kv_heads}, C] (one row per kv-head), "
+                             f"got {shape}{hint}")
+        if self.label_channels is not None and self.label_channels.numel() and (
+                int(self.label_channels.min()) < 0 or int(self.label_channels.max()) >= head_dim):
+            raise ValueError(f"label_channels must be channel indices in [0, head_dim={head_dim}), got values in "
+                             f"[{int(self.label_channels.min())}, {int(self.label_channels.max())}]")
+        if label_bits is not None and (isinstance(label_bits, bool) or not isinstance(label_bits, int)
+                                       or not 1 <= label_bits <= MAX_LABEL_BITS):
+            raise ValueError(f"label_bits={label_bits!r} is invalid: "
+                             f"must be None or an integer in [1, {MAX_LABEL_BITS}]")
+        self.label_bits = label_bits if self.label_channels is not None else None
         self.length = 0
         self.start = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.min_start = self.max_start = 0  # host copies of start's extremes (no device sync in decode steps)
@@ -175,7 +219,8 @@ class LayerCache:
             self._update_page_bounds(L0, L1)
         if self.label_channels is not None:
             idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, L1 - L0, -1)
-            self.k_label[:, :, L0:L1].copy_(torch.gather(self.k[:, :, L0:L1], 3, idx))
+            labels = torch.gather(self.k[:, :, L0:L1], 3, idx)
+            self.k_label[:, :, L0:L1].copy_(quantize_labels(labels, self.label_bits))
 
     def _update_int4(self, L0: int, L1: int) -> None:
         """Requantize positions ``[L0, L1)``: repack the int4 tiles they touch."""

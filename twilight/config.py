@@ -1,7 +1,8 @@
 """`TwilightConfig`: which selector, estimator and pruner a patched model uses.
 
 A config loads from a preset name, a JSON file, a dict (our schema or the original Twilight
-code's) or another config, validates every field, and saves back to JSON::
+code's, e.g. every file in its ``benchmark/configs``) or another config, validates every field, and
+saves back to JSON::
 
     cfg = TwilightConfig.load("quest-twilight")
     cfg = TwilightConfig.load({"selector": {"type": "quest", "token_budget": 4096, "page_size": 16},
@@ -21,6 +22,8 @@ SELECTOR_TYPES = ("full", "quest", "streaming", "double_sparse", "oracle_topk")
 ESTIMATOR_TYPES = ("exact", "int8", "int4")
 PRUNER_TYPES = ("none", "top_p", "top_k", "threshold")
 BACKENDS = ("auto", "torch", "triton", "cuda", "flashinfer")
+CHANNELS_KEYS = ("q", "k", "qk")  # which projection's channel list a DoubleSparse channel file is read from
+MAX_LABEL_BITS = 16
 
 
 class ConfigError(ValueError):
@@ -53,8 +56,14 @@ class SelectorConfig:
     token_budget: candidates kept per kv-head (quest, double_sparse, oracle_topk).
     page_size: tokens per Quest page.
     sink_tokens / window: streaming's always-kept first tokens and recent window.
-    channels_path: JSON written by ``twilight.select.double_sparse.calibrate`` (double_sparse).
-    num_channels: label channels per head used by double_sparse.
+    channels_path: double_sparse's label-channel JSON: one written by
+        ``twilight.select.double_sparse.calibrate`` (or ``twilight.integrations.capture.calibrate_double_sparse``),
+        or a DoubleSparse channel file (``{"model.layers.<i>.self_attn.<q|k|qk>_proj": [[...], ...]}``).
+    num_channels: label channels per head used by double_sparse (the most important ones of the file).
+    label_bits: bit width of a per-token min-max quantization of the key label vectors that
+        double_sparse scores against (1..16), or ``None`` (default) for no quantization.
+    channels_key: which projection's channel lists to read from a DoubleSparse channel file:
+        ``"k"`` (default), ``"q"`` or ``"qk"``; ignored for our own calibrate files.
     """
 
     type: str = "full"
@@ -64,6 +73,8 @@ class SelectorConfig:
     window: int = 1024
     channels_path: str | None = None
     num_channels: int = 16
+    label_bits: int | None = None
+    channels_key: str = "k"
 
     def validate(self) -> None:
         if self.type not in SELECTOR_TYPES:
@@ -73,9 +84,21 @@ class SelectorConfig:
         _check_int("selector.sink_tokens", self.sink_tokens, 0)
         _check_int("selector.window", self.window, 1)
         _check_int("selector.num_channels", self.num_channels, 1)
+        if isinstance(self.channels_path, os.PathLike):
+            self.channels_path = os.fspath(self.channels_path)
+        if self.channels_path is not None and (not isinstance(self.channels_path, str) or not self.channels_path):
+            _fail("selector.channels_path", self.channels_path, "must be a file path or null")
         if self.type == "double_sparse" and not self.channels_path:
             _fail("selector.channels_path", self.channels_path,
-                  "double_sparse needs the label-channel JSON written by twilight.select.double_sparse.calibrate")
+                  "double_sparse needs the label-channel JSON written by twilight.select.double_sparse.calibrate "
+                  "(or a DoubleSparse channel file)")
+        if self.label_bits is not None:
+            allowed = f"must be null (no quantization) or an integer in [1, {MAX_LABEL_BITS}]"
+            if isinstance(self.label_bits, bool) or not isinstance(self.label_bits, int) \
+                    or not 1 <= self.label_bits <= MAX_LABEL_BITS:
+                _fail("selector.label_bits", self.label_bits, allowed)
+        if self.channels_key not in CHANNELS_KEYS:
+            _fail("selector.channels_key", self.channels_key, f"must be one of {', '.join(CHANNELS_KEYS)}")
 
 
 @dataclass
@@ -173,7 +196,8 @@ class TwilightConfig:
         """Our schema, or the original Twilight code's (detected by its ``weight_estimator`` key)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
-        if "weight_estimator" in data or "weight_pruner" in data or "skip_first_two_layers" in data:
+        if any(k in data for k in ("weight_estimator", "weight_pruner", "skip_first_two_layers", "compressor",
+                                   "use_estimated_weights_in_attn")):
             data = _from_legacy(data)
         known = {"selector", "estimator", "pruner", "dense_layers", "backend", "name"}
         unknown = sorted(set(data) - known)
@@ -215,57 +239,179 @@ def _sub_from_dict(part: str, cls: type, data: Any):
     return cls(**data)
 
 
-def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Translate the original Twilight code's config files.
+_MISSING = object()
 
-    Those look like ``{"selector": {"type": "quest", "token_budget": 8192, "page_size": 16},
-    "weight_estimator": {"type": "min_max_quant", "quant_bit": 4}, "weight_pruner": {"type": "top_p",
-    "top_p": 0.85}, "skip_first_two_layers": true}``; selector names ``quest``/``full``/``streaming``/
-    ``ds`` and ``threshold`` pruners with ``threshold`` are understood.
+
+def _take(section: dict, prefix: str, *names: str) -> tuple[str, Any]:
+    """Pop every spelling in ``names`` from ``section``: ``(spelling used, value)``, or ``(names[0], _MISSING)``
+    when none is there. Two spellings with different values are an error naming both."""
+    found = [(n, section.pop(n)) for n in names if n in section]
+    for n, v in found[1:]:
+        if v != found[0][1]:
+            raise ConfigError(f"{prefix}.{found[0][0]}={found[0][1]!r} and {prefix}.{n}={v!r} disagree: "
+                              f"they name the same setting; give one")
+    return found[0] if found else (names[0], _MISSING)
+
+
+def _renamed(legacy_name: str, check, *args) -> Any:
+    """``check(*args)``, with a failure's message led by the original config's field name."""
+    try:
+        return check(*args)
+    except ConfigError as err:
+        raise ConfigError(f"{legacy_name}: {err}") from None
+
+
+def _legacy_section(data: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    value = data.get(key)
+    if value is None or (isinstance(value, Mapping) and not value):  # absent, null or {}
+        return None
+    if isinstance(value, str):  # shorthand: {"weight_pruner": "none"}
+        value = {"type": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be an object with a 'type' key, got {value!r}")
+    return dict(value)
+
+
+def _no_more_keys(section: dict, prefix: str, kind: str, allowed: Sequence[str]) -> None:
+    if section:
+        raise ConfigError(f"unknown {prefix} key(s) {sorted(section)} for type {kind!r}; "
+                          f"allowed keys: {sorted(set(allowed) | {'type'})}")
+
+
+def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate the original Twilight code's config files (all of its ``benchmark/configs`` load).
+
+    Those look like::
+
+        {"compressor": {"type": "none"},
+         "selector": {"type": "ds", "quant_bit": 2, "r": 64, "config_path": "longchat.json",
+                      "token_budget": 8192, "selected_channel": "q"},
+         "weight_estimator": {"type": "min_max_quant", "quant_bit": 4},
+         "weight_pruner": {"type": "top_p", "threshold": 0.85},
+         "skip_first_two_layers": true, "use_estimated_weights_in_attn": false}
+
+    - ``compressor``: only ``none`` (``snap_kv`` prefill compression is not supported).
+    - ``use_estimated_weights_in_attn``: only ``false``; we always attend with exact weights.
+    - ``selector``: types ``quest | none (full) | streaming | ds (double_sparse) | oracle_topk``;
+      ``chunk_size`` is Quest's ``page_size``, ``budget`` is ``token_budget``. For ``ds``:
+      ``config_path`` -> ``channels_path``, ``r`` -> ``num_channels``, ``quant_bit`` -> ``label_bits``
+      (32 means no quantization), ``selected_channel`` -> ``channels_key``.
+    - ``weight_estimator``: ``min_max_quant`` with ``quant_bit`` 4 or 8 -> ``int4``/``int8``;
+      ``none`` (exact scores) -> ``exact``; ``max_quant`` is not supported.
+    - ``weight_pruner``: ``top_p`` (its ``threshold`` is p; ``top_p``/``p`` are accepted too),
+      ``threshold``, ``top_k``, ``none``; no pruner means no pruning.
+    - ``skip_first_two_layers`` -> ``dense_layers`` ``[0, 1]``.
+
+    Every other key, anywhere, is a ``ConfigError`` naming it.
     """
-    allowed = {"selector", "weight_estimator", "weight_pruner", "skip_first_two_layers", "backend", "name"}
+    allowed = {"compressor", "selector", "weight_estimator", "weight_pruner", "skip_first_two_layers",
+               "use_estimated_weights_in_attn", "backend", "name"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in an original-Twilight config; allowed keys: {sorted(allowed)}")
     out: dict[str, Any] = {}
-    sel = dict(data.get("selector") or {"type": "full"})
+
+    comp = _legacy_section(data, "compressor")
+    if comp is not None:
+        kind = comp.pop("type", "none")
+        if kind == "snap_kv":
+            _fail("compressor.type", kind, "SnapKV prefill compression is not supported; use none")
+        if kind != "none":
+            _fail("compressor.type", kind, "must be none (prefill KV compression is not supported)")
+        _no_more_keys(comp, "compressor", kind, ())
+    est_in_attn = data.get("use_estimated_weights_in_attn", False)
+    if not isinstance(est_in_attn, bool):
+        _fail("use_estimated_weights_in_attn", est_in_attn, "must be false")
+    if est_in_attn:
+        _fail("use_estimated_weights_in_attn", est_in_attn,
+              "attending with the estimated weights is not supported (Twilight attends with the exact "
+              "weights of the kept tokens); set it to false")
+
+    sel = _legacy_section(data, "selector") or {"type": "full"}
     aliases = {"ds": "double_sparse", "double_sparsity": "double_sparse", "dense": "full", "none": "full",
                "oracle": "oracle_topk", "streamingllm": "streaming"}
     if "type" in sel:
         sel["type"] = aliases.get(sel["type"], sel["type"])
-    if "budget" in sel:
-        sel["token_budget"] = sel.pop("budget")
+    name, budget = _take(sel, "selector", "token_budget", "budget")
+    if budget is not _MISSING:
+        sel["token_budget"] = _check_int(f"selector.{name}", budget, 1)
+    name, page = _take(sel, "selector", "page_size", "chunk_size")
+    if page is not _MISSING:
+        sel["page_size"] = _check_int(f"selector.{name}", page, 1)
+    if sel.get("type") == "double_sparse":
+        name, path = _take(sel, "selector", "channels_path", "config_path")
+        if path is not _MISSING:
+            if not isinstance(path, str) or not path:
+                _fail(f"selector.{name}", path, "must be the path of a channel file (maps to selector.channels_path)")
+            sel["channels_path"] = path
+        name, r = _take(sel, "selector", "num_channels", "r")
+        if r is not _MISSING:
+            sel["num_channels"] = _check_int(f"selector.{name}", r, 1)
+        if "quant_bit" in sel:
+            bits = sel.pop("quant_bit")
+            if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= MAX_LABEL_BITS or bits == 32):
+                _fail("selector.quant_bit", bits, f"must be an integer in [1, {MAX_LABEL_BITS}] or 32 (no "
+                      "quantization of the label keys); it maps to selector.label_bits")
+            if "label_bits" in sel and sel["label_bits"] != (None if bits == 32 else bits):
+                raise ConfigError(f"selector.quant_bit={bits!r} and selector.label_bits={sel['label_bits']!r} "
+                                  "disagree: they name the same setting; give one")
+            sel["label_bits"] = None if bits == 32 else bits
+        if "selected_channel" in sel:
+            key = sel.pop("selected_channel")
+            if key not in CHANNELS_KEYS:
+                _fail("selector.selected_channel", key,
+                      f"must be one of {', '.join(CHANNELS_KEYS)}; it maps to selector.channels_key")
+            if sel.setdefault("channels_key", key) != key:
+                raise ConfigError(f"selector.selected_channel={key!r} and selector.channels_key="
+                                  f"{sel['channels_key']!r} disagree: they name the same setting; give one")
     out["selector"] = sel
-    est = data.get("weight_estimator")
-    if est:
-        est = dict(est)
-        kind = est.get("type", "min_max_quant")
+
+    est = _legacy_section(data, "weight_estimator")
+    if est is not None:
+        kind = est.pop("type", "min_max_quant")
         if kind in ("min_max_quant", "quant", "quantized"):
-            bits = est.get("quant_bit", 4)
-            if bits not in (4, 8):
+            bits = est.pop("quant_bit", 4)
+            if bits not in (4, 8) or isinstance(bits, bool):
                 _fail("weight_estimator.quant_bit", bits, "must be 4 or 8")
             out["estimator"] = {"type": f"int{bits}"}
+            _no_more_keys(est, "weight_estimator", kind, ("quant_bit",))
         elif kind in ("exact", "full", "none"):
             out["estimator"] = {"type": "exact"}
+            _no_more_keys(est, "weight_estimator", kind, ())
+        elif kind == "max_quant":
+            _fail("weight_estimator.type", kind, "max_quant (symmetric max quantization) is not supported; "
+                  "use min_max_quant (quant_bit 4 or 8) or none")
         else:
-            _fail("weight_estimator.type", kind, "must be min_max_quant or exact")
-    pr = data.get("weight_pruner")
-    if pr:
-        pr = dict(pr)
-        kind = pr.get("type", "top_p")
-        if kind == "top_p":
-            out["pruner"] = {"type": "top_p", "p": pr.get("top_p", pr.get("p", 0.85))}
+            _fail("weight_estimator.type", kind, "must be min_max_quant or none (exact)")
+
+    pr = _legacy_section(data, "weight_pruner")
+    if pr is not None:
+        kind = pr.pop("type", "top_p")
+        if kind == "top_p":  # the original code reads top-p's p from the key "threshold"
+            name, p = _take(pr, "weight_pruner", "threshold", "top_p", "p")
+            p = 0.85 if p is _MISSING else _renamed(f"weight_pruner.{name}", _check_unit_interval, "pruner.p", p)
+            out["pruner"] = {"type": "top_p", "p": p}
         elif kind == "threshold":
-            out["pruner"] = {"type": "threshold", "threshold": pr.get("threshold", 1e-3)}
+            _, t = _take(pr, "weight_pruner", "threshold")
+            t = 1e-3 if t is _MISSING else _check_unit_interval("weight_pruner.threshold", t)
+            out["pruner"] = {"type": "threshold", "threshold": t}
         elif kind == "top_k":
-            out["pruner"] = {"type": "top_k", "k": pr.get("top_k", pr.get("k", 256))}
+            name, k = _take(pr, "weight_pruner", "top_k", "k")
+            k = 256 if k is _MISSING else _renamed(f"weight_pruner.{name}", _check_int, "pruner.k", k, 1)
+            out["pruner"] = {"type": "top_k", "k": k}
         elif kind in ("none", "null"):
             out["pruner"] = {"type": "none"}
         else:
             _fail("weight_pruner.type", kind, "must be top_p, top_k, threshold or none")
+        _no_more_keys(pr, "weight_pruner", kind, {"top_p": ("threshold", "top_p", "p"), "threshold": ("threshold",),
+                                                  "top_k": ("top_k", "k")}.get(kind, ()))
     else:
         out["pruner"] = {"type": "none"}
-    out["dense_layers"] = [0, 1] if data.get("skip_first_two_layers", False) else []
+
+    skip = data.get("skip_first_two_layers", False)
+    if not isinstance(skip, bool):
+        _fail("skip_first_two_layers", skip, "must be true or false")
+    out["dense_layers"] = [0, 1] if skip else []
     for key in ("backend", "name"):
         if key in data:
             out[key] = data[key]

@@ -61,7 +61,8 @@ class TwilightPipeline:
         return LayerCache(batch, num_kv_heads, head_dim, dtype=dtype, device=device, page_size=sel.page_size,
                           quant_bits=None if dense else self.config.estimator.bits,
                           keep_page_bounds=not dense and sel.type == "quest",
-                          label_channels=None if dense else selector_channels(sel, layer_idx), start=start)
+                          label_channels=None if dense else selector_channels(sel, layer_idx, num_kv_heads),
+                          label_bits=None if dense else sel.label_bits, start=start)
 
     def _selector(self, layer_idx: int):
         if layer_idx not in self._selectors:

@@ -8,7 +8,9 @@ under GQA a token is a candidate for the whole group.
 - ``quest``: the pages with the highest upper bound of ``q·k`` (Quest), ``token_budget`` tokens in all
   (rounded up to whole pages); the most recent page is always among them.
 - ``streaming``: ``sink_tokens`` first tokens plus the ``window`` most recent (StreamingLLM).
-- ``double_sparse``: top tokens by ``q·k`` over a few calibrated label channels (Double Sparsity).
+- ``double_sparse``: top tokens by ``q·k`` over ``num_channels`` calibrated label channels per kv-head
+  (Double Sparsity), read from ``channels_path`` (see ``twilight.select.double_sparse``); with
+  ``label_bits`` the key labels are min-max quantized per token first, as the original code does.
 - ``oracle_topk``: top tokens by exact ``q·k`` (research baseline; reads all of K).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from twilight._compat import INDEX_DTYPE
-from twilight.cache import LayerCache
+from twilight.cache import LayerCache, quantize_labels
 from twilight.config import SELECTOR_TYPES, SelectorConfig
 from twilight.selection import Selection
 
@@ -153,8 +155,8 @@ class _DoubleSparse:
     def __init__(self, cfg: SelectorConfig, layer_idx: int):
         from twilight.select.double_sparse import load_channels
 
-        self.budget = cfg.token_budget
-        self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels)  # [Hkv, C]
+        self.budget, self.label_bits = cfg.token_budget, cfg.label_bits
+        self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key)  # [Hkv, C]
 
     def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
         if cache.label_channels is None:
@@ -163,6 +165,11 @@ class _DoubleSparse:
         ch = cache.label_channels.to(q.device)
         q_label = torch.gather(qg, 3, ch.view(1, ch.shape[0], 1, -1).expand(qg.shape[0], -1, qg.shape[2], -1))
         k_label = cache.k_label[:, :, :cache.length]
+        if cache.label_bits != self.label_bits:
+            if cache.label_bits is not None:
+                raise ValueError(f"selector.label_bits={self.label_bits} differs from the cache's "
+                                 f"label_bits={cache.label_bits}")
+            k_label = quantize_labels(k_label, self.label_bits)  # a cache that keeps exact labels
         scores = torch.einsum("bhgc,bhlc->bhgl", q_label.float(), k_label.float()).amax(2)
         pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
         scores = scores.masked_fill(~_valid_positions(cache, pos), float("-inf"))
@@ -184,11 +191,15 @@ def make_selector(cfg: SelectorConfig, layer_idx: int = 0):
     raise ValueError(f"selector.type={cfg.type!r} is invalid: must be one of {', '.join(SELECTOR_TYPES)}")
 
 
-def selector_channels(cfg: SelectorConfig, layer_idx: int) -> torch.Tensor | None:
-    """The label channels a cache must keep for ``cfg`` (double_sparse only)."""
+def selector_channels(cfg: SelectorConfig, layer_idx: int, num_kv_heads: int | None = None) -> torch.Tensor | None:
+    """The label channels ``[Hkv, num_channels]`` a cache must keep for ``cfg`` (double_sparse only).
+
+    Read from ``cfg.channels_path`` (``cfg.channels_key`` picks a DoubleSparse file's projection); with
+    ``num_kv_heads`` the file must have one row per kv-head. The cache's ``label_bits`` should be
+    ``cfg.label_bits``.
+    """
     if cfg.type != "double_sparse":
         return None
     from twilight.select.double_sparse import load_channels
 
-    return load_channels(cfg.channels_path, layer_idx, cfg.num_channels)
-
+    return load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key, num_kv_heads)
