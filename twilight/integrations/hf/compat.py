@@ -11,6 +11,7 @@ against the oldest and the newest release of ``SUPPORTED_TRANSFORMERS``). What m
   ``AttentionInterface`` / ``AttentionMaskInterface`` registries, ``config._attn_implementation_internal``,
   ``GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, ...)`` and a
   ``DynamicCache``'s ``offloading`` flag.
+- Tensor parallelism: ``model.tp_size`` and the device mesh ``model._device_mesh`` (checked on 5.24).
 - ``CacheLayerMixin``'s abstract "no maximum length" method is ``get_max_cache_shape`` in 5.0 and
   ``get_max_length`` later: ``TwilightLayer`` defines both.
 
@@ -26,7 +27,7 @@ from typing import Any, Callable, Mapping
 __all__ = ["SUPPORTED_TRANSFORMERS", "OLDEST_TRANSFORMERS", "CHECKED_RELEASES", "CACHE_NAMES", "UnsupportedTransformersError",
            "check_transformers_version", "cache_parameter", "find_cache", "output_cache", "Cache",
            "CacheLayerMixin", "DynamicCache", "register_attention", "attention_function", "set_attn_implementation",
-           "attn_implementation_override", "is_plain_dynamic_cache",
+           "attn_implementation_override", "is_plain_dynamic_cache", "tensor_parallel_group",
            "check_generation_hook"]
 
 #: Supported transformers releases (a PEP 440 specifier), the same as setup.py's ``install_requires``.
@@ -142,6 +143,22 @@ def set_attn_implementation(config, value: Any) -> None:
         config.__dict__.pop("_attn_implementation_internal", None)
     else:
         config._attn_implementation_internal = value
+
+
+# ---------------------------------------------------------------------------------------------------- parallelism
+def tensor_parallel_group(model):
+    """The process group of ``model``'s tensor-parallel ranks, or ``None`` for a model that is not sharded.
+
+    transformers keeps a ``(pp, fsdp, tp)`` device mesh in ``model._device_mesh`` and the degree in
+    ``model.tp_size`` (``None`` or 1 without tensor parallelism).
+    """
+    if (getattr(model, "tp_size", None) or 1) <= 1:
+        return None
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is None:
+        raise UnsupportedTransformersError(f"{type(model).__name__} has tp_size={model.tp_size} but no _device_mesh: "
+                                           "this transformers release shards models in a way twilight does not know")
+    return mesh["tp"].get_group() if mesh.ndim > 1 else mesh.get_group()
 
 
 # ---------------------------------------------------------------------------------------------------- generate()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from twilight.integrations.hf.compat import tensor_parallel_group
 from twilight.stats import BudgetStats
 
-__all__ = ["local_head_counts", "tensor_parallel_group", "gather_budget_stats"]
+__all__ = ["local_head_counts", "gather_budget_stats"]
 
 
 def _local_rows(linear: torch.nn.Module) -> int | None:
@@ -52,16 +53,6 @@ def local_head_counts(model, attention) -> tuple[int, int]:
         raise ValueError(f"tensor parallelism split {hq} query / {hkv} kv heads into {local_q} / {local_kv} per "
                          "rank, which breaks GQA groups; choose a tp_size that divides the kv-head count")
     return local_q, local_kv
-
-
-def tensor_parallel_group(model):
-    """The process group of ``model``'s tensor-parallel ranks, or ``None`` for a model that is not sharded."""
-    if (getattr(model, "tp_size", None) or 1) <= 1:
-        return None
-    mesh = getattr(model, "_device_mesh", None)  # transformers' (pp, fsdp, tp) mesh; checked on 5.24
-    if mesh is None:
-        raise ValueError(f"{type(model).__name__} has tp_size={model.tp_size} but no device mesh")
-    return mesh["tp"].get_group() if mesh.ndim > 1 else mesh.get_group()
 
 
 def gather_budget_stats(model) -> BudgetStats:

@@ -291,7 +291,7 @@ def patch(model, spec: Any = "quest-twilight"):
     try:
         for cfg in _attention_configs(model, attention):
             state.configs.append((cfg, compat.attn_implementation_override(cfg)))
-            cfg._attn_implementation_internal = attn_name
+            compat.set_attn_implementation(cfg, attn_name)
         _wrap_decoder_forward(model, state, decoder)
         if has_generate:
             _wrap_prepare_cache(model, state)
