@@ -4,16 +4,11 @@
     python scripts/bench_e2e.py                          # SmolLM2 at 1k,4k; Llama-3-8B-shaped (2 layers) at 4k,16k
     python scripts/bench_e2e.py --models smollm2 --contexts 2k --new-tokens 16
 
-See ``twilight/bench/e2e.py`` and ``benchmarks/README.md``.
+See ``benchmarks/e2e.py`` and ``benchmarks/README.md``.
 """
-import os
 import sys
 
-try:
-    from twilight.bench.e2e import main
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from twilight.bench.e2e import main
+from twilight_bench.e2e import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Hugging Face integration tests against both ends of the transformers range Twilight declares
-# (twilight.integrations.hf.compat.SUPPORTED_TRANSFORMERS, the same as setup.py): the oldest supported
+# (twilight.integrations.hf.compat.SUPPORTED_TRANSFORMERS, the same as pyproject.toml): the oldest supported
 # release and the newest one pip resolves today, each in its own virtual environment. The environments
 # share this Python's other packages (--system-site-packages: torch, the editable twilight, pytest) and hold
 # only their own transformers; they are kept in $TWILIGHT_VENVS (default .venvs/) and reused.

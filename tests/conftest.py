@@ -1,6 +1,7 @@
 """Shared fixtures, reference implementations and markers for the whole test suite.
 
-Markers (registered here, used across tests/, tests/integrations, tests/kernels, tests/eval, tests/bench):
+Markers (registered in pyproject.toml's ``[tool.pytest.ini_options]``, used across tests/, tests/integrations,
+tests/kernels, tests/eval, tests/bench):
 
 - ``slow``: a test that takes more than a few seconds; deselect with ``-m "not slow"``.
 - ``gpu``: needs a CUDA device; skipped automatically when ``torch.cuda.is_available()`` is false.
@@ -26,11 +27,6 @@ from twilight.cache import LayerCache
 
 
 # ---------------------------------------------------------------------------------------------- markers
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped when torch.cuda.is_available() is false)")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

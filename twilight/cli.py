@@ -1,50 +1,26 @@
 """The ``twilight`` console command: a dispatcher of sub-commands.
 
-``twilight eval {passkey,ruler,longbench,ppl} ...`` is provided by the ``twilight_eval``
-package (``eval/`` in the source tree). To add a command, write a function that takes the
-sub-parsers object, adds a parser for the command and sets ``func`` (called with the parsed
-arguments, returning the exit status), then list it in ``COMMANDS``::
-
-    def _add_bench(subparsers):
-        from twilight.bench.cli import add_bench_parser   # e.g. `twilight bench kernels|e2e`
-        add_bench_parser(subparsers)
-
-    COMMANDS = {"eval": _add_eval, "bench": _add_bench}
+``twilight eval {passkey,ruler,longbench,ppl} ...`` comes from the ``twilight_eval`` package (``eval/`` in the
+source tree) and ``twilight bench {kernels,e2e} ...`` from ``twilight_bench`` (``benchmarks/``); both are
+installed beside the library by ``pip install .``. A command whose package or dependencies cannot be imported
+is listed as unavailable, with the import error, and the others still work. To add a command, write a
+function that takes the sub-parsers object, adds a parser for the command and sets ``func`` (called with the
+parsed arguments, returning the exit status), then list it in ``COMMANDS``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 
-def _import_twilight_eval():
-    """``twilight_eval``, installed, or else straight from a source checkout's ``eval/``."""
-    try:
-        import twilight_eval
-        return twilight_eval
-    except ImportError:
-        source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "__init__.py")
-        if not os.path.isfile(source):
-            raise
-    spec = importlib.util.spec_from_file_location("twilight_eval", source,
-                                                  submodule_search_locations=[os.path.dirname(source)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["twilight_eval"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _add_eval(subparsers) -> None:
-    _import_twilight_eval()
     from twilight_eval.cli import add_eval_parser
     add_eval_parser(subparsers)
 
 
 def _add_bench(subparsers) -> None:
-    from twilight.bench.cli import add_bench_parser
+    from twilight_bench.cli import add_bench_parser
     add_bench_parser(subparsers)
 
 

@@ -1,4 +1,4 @@
-"""twilight.bench.common: parsing, timing summaries, interleaved measurement, output helpers."""
+"""twilight_bench.common: parsing, timing summaries, interleaved measurement, output helpers."""
 import doctest
 import importlib
 import json
@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from twilight.bench import common
+from twilight_bench import common
 
 
-@pytest.mark.parametrize("name", ["twilight.bench.common", "twilight.bench.profiles"])
+@pytest.mark.parametrize("name", ["twilight_bench.common", "twilight_bench.profiles"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -1,10 +1,10 @@
-"""twilight.bench.e2e on a tiny random Llama: structure, memory accounting, budgets (never timings)."""
+"""twilight_bench.e2e on a tiny random Llama: structure, memory accounting, budgets (never timings)."""
 import json
 import os
 
 import pytest
 
-from twilight.bench import e2e
+from twilight_bench import e2e
 
 TINY = ["--device", "cpu", "--models", "llama3-8b-random", "--contexts", "200", "--new-tokens", "4",
         "--llama-layers", "2", "--llama-vocab", "128", "--llama-intermediate", "128", "--llama-hidden", "1024",

@@ -1,12 +1,12 @@
-"""twilight.bench.kernels at tiny sizes: output structure and invariants (never timings)."""
+"""twilight_bench.kernels at tiny sizes: output structure and invariants (never timings)."""
 import argparse
 import json
 import os
 
 import pytest
 
-from twilight.bench import kernels
-from twilight.bench.cli import add_bench_parser
+from twilight_bench import kernels
+from twilight_bench.cli import add_bench_parser
 
 TINY = ["--device", "cpu", "--contexts", "1k,2k", "--shapes", "4/2/64", "--dtypes", "fp32", "--batches", "1,2",
         "--token-budget", "512", "--repeats", "2", "--min-repeats", "1", "--warmup", "0", "--bandwidth-mib", "4",

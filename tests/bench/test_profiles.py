@@ -1,8 +1,13 @@
-"""twilight.bench.profiles: the synthetic profile's budgets, the oracle, and replay extension."""
+"""twilight_bench.profiles: the synthetic profile's budgets, the oracle, and replay extension."""
 import torch
 
-from twilight.bench.profiles import (ReplayProfile, SyntheticProfile, budget_summary, oracle_top_p_budgets,
-                                     power_law_quantiles)
+from twilight_bench.profiles import (
+    ReplayProfile,
+    SyntheticProfile,
+    budget_summary,
+    oracle_top_p_budgets,
+    power_law_quantiles,
+)
 
 
 def test_power_law_quantiles_bounds_and_order():

@@ -9,29 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MAX_CONTEXT = 1024
-
-
-def _ensure_twilight_eval() -> None:
-    """Make ``twilight_eval`` importable from the source tree when the project is not installed."""
-    if importlib.util.find_spec("twilight_eval") is not None:
-        return
-    source = REPO / "eval" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("twilight_eval", source,
-                                                  submodule_search_locations=[str(source.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["twilight_eval"] = module
-    spec.loader.exec_module(module)
-
-
-_ensure_twilight_eval()
 
 
 @pytest.fixture(scope="session")

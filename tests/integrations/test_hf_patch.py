@@ -12,8 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import twilight
 from twilight.integrations import hf
@@ -356,7 +365,7 @@ def test_unsupported_transformers_version_is_refused(monkeypatch, version):
     assert_unpatched(model)
 
 
-def test_supported_range_matches_setup_py():
+def test_supported_range_matches_pyproject():
     hf.check_transformers_version("5.0.0")
     hf.check_transformers_version("5.23.0")
     hf.check_transformers_version("5.24.0.dev0")  # a source install of the next release
@@ -364,8 +373,8 @@ def test_supported_range_matches_setup_py():
     hf.check_transformers_version(hf.compat.OLDEST_TRANSFORMERS)  # scripts/test_transformers_range.sh tests it
     with pytest.raises(RuntimeError):
         hf.check_transformers_version("4.57.6")  # the release before the oldest is outside the range
-    setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
-    assert f'"transformers{hf.SUPPORTED_TRANSFORMERS}"' in setup
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'"transformers{hf.SUPPORTED_TRANSFORMERS}"' in pyproject
 
 
 def test_right_padding_is_refused_at_decode():

@@ -8,9 +8,8 @@ import subprocess
 import sys
 import tempfile
 
+import cuda_compile_check as compile_check  # tests/kernels/, on sys.path (conftest.py)
 import pytest
-
-from twilight.kernels.cuda import compile_check
 
 NVCC = compile_check.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
@@ -44,7 +43,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         pytest.skip("this triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "twilight.kernels.triton.compile_check"], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "triton_compile_check.py")],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout

@@ -24,13 +24,13 @@ import inspect
 import sys
 from typing import Any, Callable, Mapping
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "OLDEST_TRANSFORMERS", "CHECKED_RELEASES", "CACHE_NAMES", "UnsupportedTransformersError",
-           "check_transformers_version", "cache_parameter", "find_cache", "output_cache", "Cache",
-           "CacheLayerMixin", "DynamicCache", "register_attention", "attention_function", "set_attn_implementation",
-           "attn_implementation_override", "is_plain_dynamic_cache", "tensor_parallel_group",
+__all__ = ["SUPPORTED_TRANSFORMERS", "OLDEST_TRANSFORMERS", "CHECKED_RELEASES", "CACHE_NAMES",
+           "UnsupportedTransformersError", "check_transformers_version", "cache_parameter", "find_cache",
+           "output_cache", "Cache", "CacheLayerMixin", "DynamicCache", "register_attention", "attention_function",
+           "set_attn_implementation", "attn_implementation_override", "is_plain_dynamic_cache", "tensor_parallel_group",
            "check_generation_hook"]
 
-#: Supported transformers releases (a PEP 440 specifier), the same as setup.py's ``install_requires``.
+#: Supported transformers releases (a PEP 440 specifier), the same as pyproject.toml's ``dependencies``.
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 #: The oldest release of that range: scripts/test_transformers_range.sh tests it beside the newest.
 OLDEST_TRANSFORMERS = "5.0.0"
@@ -54,7 +54,7 @@ def check_transformers_version(version: str | None = None) -> None:
         version = transformers.__version__
     if not SpecifierSet(SUPPORTED_TRANSFORMERS).contains(version, prereleases=True):
         raise UnsupportedTransformersError(
-            f"twilight.patch supports transformers{SUPPORTED_TRANSFORMERS} (the range declared in setup.py); "
+            f"twilight.patch supports transformers{SUPPORTED_TRANSFORMERS} (the range declared in pyproject.toml); "
             f"transformers {version} is installed")
 
 

@@ -39,11 +39,15 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     _Base = TorchBackend
 
 __all__ = ["CudaBackend", "int4_scores", "top_p_mask", "top_p_threshold", "prune_to_selection", "load",
-           "load_emulated", "enable_emulation", "CSRC_DIR", "GPU_SOURCES"]
+           "load_emulated", "enable_emulation", "csrc_dir", "CSRC_DIR", "GPU_SOURCES"]
 
-def _find_csrc() -> Path:
-    """``$TWILIGHT_CSRC``, else the repository's csrc/ (source checkout, editable install), else the copy a
-    regular install puts in ``<prefix>/share/twilight/csrc``."""
+
+def csrc_dir() -> Path:
+    """Where the CUDA sources are: ``$TWILIGHT_CSRC``, else the repository's ``csrc/`` (source checkout, editable
+    install), else the copy a regular install puts in ``<prefix>/share/twilight/csrc`` (setup.py's data_files).
+
+    The one place that decides it: this backend's JIT build and the test suite's compile checks both use it.
+    """
     if "TWILIGHT_CSRC" in os.environ:
         return Path(os.environ["TWILIGHT_CSRC"])
     checkout = Path(__file__).resolve().parents[3] / "csrc"
@@ -51,8 +55,8 @@ def _find_csrc() -> Path:
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
 
-#: The CUDA sources.
-CSRC_DIR = _find_csrc()
+#: The CUDA sources, as found by `csrc_dir` when this module was imported.
+CSRC_DIR = csrc_dir()
 GPU_SOURCES = ("top_p.cu", "int4_spgemv.cu", "bindings.cpp")
 EMULATED_SOURCES = ("emulated_kernels.cpp", "bindings.cpp")
 _EMULATION = False

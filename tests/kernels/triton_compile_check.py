@@ -5,7 +5,9 @@ type mismatches of loop-carried values, unsupported constructs, shared-memory ov
 compiler. ``triton.compile`` runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas) for an
 explicit ``GPUTarget``, which needs no driver. Must run in a process without ``TRITON_INTERPRET=1``.
 
-    python -m twilight.kernels.triton.compile_check            # sm_90a and sm_80, prints a report
+    python tests/kernels/triton_compile_check.py               # sm_90a and sm_80, prints a report
+
+Test tooling (``tests/kernels/test_compile_checks.py`` runs it in a subprocess), not part of the library.
 """
 from __future__ import annotations
 

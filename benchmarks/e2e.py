@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from twilight.bench import common
-from twilight.bench.common import DTYPES, Timing, fmt_ms, markdown_table, size_label
+from twilight_bench import common
+from twilight_bench.common import DTYPES, Timing, fmt_ms, markdown_table, size_label
 
 MODELS = ("smollm2", "llama3-8b-random")
 UNPATCHED = ("hf-dynamic", "hf-static")
@@ -148,7 +148,7 @@ class TokenTimer:
     def intervals_ms(self) -> list[float]:
         """Per-token times after the first new token (the first interval includes generate()'s setup)."""
         s = self.stamps
-        return [(b - a) * 1e3 for a, b in zip(s[1:], s[2:])]
+        return [(b - a) * 1e3 for a, b in zip(s[1:], s[2:], strict=False)]
 
 
 def prefill(model, ids: torch.Tensor, chunk: int):
@@ -304,12 +304,18 @@ def _derive(row: dict) -> None:
     row["speedup"] = s
     ref = runs.get(best) if best else None
     if ref:
-        for v, r in runs.items():
-            r["tokens_match_best_unpatched"] = sum(a == b for a, b in zip(r["tokens"], ref["tokens"])) / max(
-                1, len(ref["tokens"]))
+        for r in runs.values():
+            same = sum(a == b for a, b in zip(r["tokens"], ref["tokens"], strict=False))
+            r["tokens_match_best_unpatched"] = same / max(1, len(ref["tokens"]))
 
 
 # ---------------------------------------------------------------------- report
+def _attended(budget: dict) -> str:
+    """``"60 (1–1246)"``: mean (min–max) tokens attended per head."""
+    return (f"{budget['mean_attended_tokens']:.0f} "
+            f"({budget['min_attended_tokens']:.0f}–{budget['max_attended_tokens']:.0f})")
+
+
 def markdown_report(result: dict) -> str:
     env, rows = result["env"], result["rows"]
     variants = [v for v in (*UNPATCHED, *PATCHED) if any(v in r["runs"] for r in rows)]
@@ -335,8 +341,7 @@ def markdown_report(result: dict) -> str:
         qt = runs.get("quest-twilight")
         if qt:
             b, m = qt["budget"], qt["memory"]
-            cells.append(f"{b['mean_attended_tokens']:.0f} ({b['min_attended_tokens']:.0f}–{b['max_attended_tokens']:.0f})"
-                         f" of {b['mean_context_tokens']:.0f}")
+            cells.append(f"{_attended(b)} of {b['mean_context_tokens']:.0f}")
             cells.append(f"+{100 * m['overhead_ratio']:.1f}% over K/V")
         else:
             cells += ["—", "—"]
@@ -347,10 +352,10 @@ def markdown_report(result: dict) -> str:
         for v, run in r["runs"].items():
             m = run["memory"]
             b = run.get("budget")
-            body.append([r["model"], r["context"], v, f"{m['total_bytes'] / 2**20:.1f}", f"{m['plain_kv_bytes'] / 2**20:.1f}",
-                         f"{100 * m['overhead_ratio']:.1f}%", f"{m['total_over_plain']:.2f}",
-                         f"{b['mean_attended_tokens']:.0f} ({b['min_attended_tokens']:.0f}–{b['max_attended_tokens']:.0f})"
-                         if b else "all", f"{100 * run.get('tokens_match_best_unpatched', 0):.0f}%"])
+            body.append([r["model"], r["context"], v, f"{m['total_bytes'] / 2**20:.1f}",
+                         f"{m['plain_kv_bytes'] / 2**20:.1f}", f"{100 * m['overhead_ratio']:.1f}%",
+                         f"{m['total_over_plain']:.2f}", _attended(b) if b else "all",
+                         f"{100 * run.get('tokens_match_best_unpatched', 0):.0f}%"])
     lines += ["## Memory and budgets", "",
               "*MiB held*: the cache after generation (patched: at its current capacity, which grows by doubling); "
               "*plain K/V*: exact K/V of the same tokens; *extra*: int4 keys, scales and page bounds over the "
@@ -385,8 +390,7 @@ def plot(result: dict, path: str) -> str | None:
                 ys.append(t["median_ms"])
                 errs.append(t["iqr_ms"] / 2)
         ax.bar(xs, ys, width, yerr=errs, label=v, color=colors.get(v), capsize=2)
-    ax.set_xticks(range(len(rows)), [f"{r['model']}\n{size_label(r['context']) if r['context'] % 1024 == 0 else r['context']}"
-                                     for r in rows])
+    ax.set_xticks(range(len(rows)), [f"{r['model']}\n{size_label(r['context'])}" for r in rows])
     ax.set_ylabel("ms per generated token")
     ax.set_title(f"generate() decode latency, {result['env']['device_name']} ({result['env']['date'][:10]})",
                  fontsize=9)

@@ -1,13 +1,9 @@
 """``twilight bench kernels|e2e``: the benchmarks' sub-commands for the ``twilight`` console command.
 
-``twilight/cli.py`` registers them with::
-
-    def _add_bench(subparsers):
-        from twilight.bench.cli import add_bench_parser
-        add_bench_parser(subparsers)
-
-Each sub-command's options are those of ``twilight.bench.kernels.add_arguments`` /
-``twilight.bench.e2e.add_arguments``; its ``func`` runs the benchmark and returns the exit status 0.
+``twilight/cli.py`` registers them by importing ``add_bench_parser`` from the installed ``twilight_bench``
+package (this folder, ``benchmarks/`` in the source tree). Each sub-command's options are those of
+``twilight_bench.kernels.add_arguments`` / ``twilight_bench.e2e.add_arguments``; its ``func`` runs the benchmark
+and returns the exit status 0.
 """
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ def _runner(module_name: str):
     def func(args: argparse.Namespace) -> int:
         import importlib
 
-        module = importlib.import_module(f"twilight.bench.{module_name}")
+        module = importlib.import_module(f"twilight_bench.{module_name}")
         ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")})
         module.run(ns)
         return 0
@@ -28,7 +24,7 @@ def _runner(module_name: str):
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``bench`` (with ``kernels`` and ``e2e``) to an ``add_subparsers()`` object; returns its parser."""
-    from twilight.bench import e2e, kernels
+    from twilight_bench import e2e, kernels
 
     bench = subparsers.add_parser("bench", help="kernel microbenchmarks and end-to-end decode latency",
                                   description="Benchmarks; results go to benchmarks/results/<device>-<date>/.")

@@ -9,7 +9,7 @@ and benefit both look wrong. Two sources of realistic queries and keys:
   that every layer holds the same spread of peaked and flat heads. The hot tokens of a head hold
   ``hot_mass`` of its softmax mass, so oracle top-p at ``p < hot_mass`` keeps about the hot set. The
   defaults reproduce what SmolLM2-135M shows at 4.4k context (oracle top-p at p = 0.85 keeps 1 to ~2,000
-  tokens per head, ~90 on average; see ``python -m twilight.bench.profiles``). With log-uniform sizes
+  tokens per head, ~90 on average; see ``python -m twilight_bench.profiles``). With log-uniform sizes
   (exponent 1) the mean would be ~260, three times the measured mean, hence the steeper default.
   Hot-set sizes scale with the context as ``(length / ref_length) ** growth``.
 - ``ReplayProfile``: real post-RoPE queries, keys and values of the embedded model (SmolLM2-135M, head

@@ -4,8 +4,11 @@ Each ``.cu`` is compiled once for ``sm_80`` (A100) and ``sm_90a`` (H100) with th
 JIT build uses, and ptxas' per-kernel register / spill report is collected; the torch bindings
 (``bindings.cpp``, CUDA variant) are syntax-checked with the host compiler against torch's headers.
 
-    python -m twilight.kernels.cuda.compile_check            # prints a report, exit status 1 on failure
-    python -m twilight.kernels.cuda.compile_check --no-bindings
+    python tests/kernels/cuda_compile_check.py               # prints a report, exit status 1 on failure
+    python tests/kernels/cuda_compile_check.py --no-bindings
+
+Test tooling (``tests/kernels/test_compile_checks.py`` runs it), not part of the library. The sources are those the
+cuda backend builds: ``twilight.kernels.cuda.csrc_dir()``.
 """
 from __future__ import annotations
 
@@ -21,12 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twilight.kernels.cuda import csrc_dir
+
 ARCHS = ("80", "90a")
 CU_SOURCES = ("top_p.cu", "int4_spgemv.cu")
-
-
-def csrc_dir() -> Path:
-    return Path(os.environ.get("TWILIGHT_CSRC", Path(__file__).resolve().parents[3] / "csrc"))
 
 
 def find_nvcc() -> str | None:

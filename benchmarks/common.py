@@ -100,11 +100,6 @@ class Timing:
     def iqr_ms(self) -> float:
         return self.p75_ms - self.p25_ms
 
-    @property
-    def rel_iqr(self) -> float:
-        """IQR relative to the median (0.05 = 5%)."""
-        return self.iqr_ms / self.median_ms if self.median_ms > 0 else 0.0
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["iqr_ms"] = self.iqr_ms
@@ -311,7 +306,6 @@ def measure_bandwidth(device: torch.device | str = "cpu", nbytes: int = 512 * 2*
     t = measure({"read": lambda: x.sum(), "copy": lambda: y.copy_(x)}, device, warmup=2, repeats=repeats)
     read = nbytes / (t["read"].median_ms * 1e-3) / 1e9
     copy = 2 * nbytes / (t["copy"].median_ms * 1e-3) / 1e9
-    del x, y
     return {"read_gbps": read, "copy_gbps": copy, "bytes": nbytes,
             "read_timing": t["read"].to_dict(), "copy_timing": t["copy"].to_dict()}
 
