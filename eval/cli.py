@@ -14,19 +14,13 @@ import sys
 import time
 from collections.abc import Sequence
 
+from twilight.config import PRESETS
+
 from .common import EvalError, PromptEncoder, positive_int
 from .tasks import TASKS, Task
 
-PRESET_NAMES = ("dense", "quest", "twilight", "quest-twilight", "streaming")
+PRESET_NAMES = tuple(PRESETS)
 BASELINE = "dense"
-
-
-def _presets() -> str:
-    try:
-        import twilight
-        return ", ".join(getattr(twilight, "PRESETS", PRESET_NAMES))
-    except Exception:  # noqa: BLE001 -- help text only
-        return ", ".join(PRESET_NAMES)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> None:
@@ -37,7 +31,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> N
                         help="Hugging Face id, local directory or .gguf file (default: %(default)s, "
                              "embedded and loaded offline)")
     parser.add_argument("--configs", nargs="+", default=["quest-twilight"], metavar="CONFIG",
-                        help=f"Twilight presets ({_presets()}) or JSON config files; "
+                        help=f"Twilight presets ({', '.join(PRESET_NAMES)}) or JSON config files; "
                              f"'{BASELINE}' is added first as the baseline (default: quest-twilight)")
     parser.add_argument("--no-baseline", action="store_true", help=f"do not add '{BASELINE}' to --configs")
     parser.add_argument("--lengths", nargs="+", type=positive_int, metavar="TOKENS",

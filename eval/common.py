@@ -13,7 +13,7 @@ import os
 import random
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -148,17 +148,6 @@ class PromptEncoder:
     def token_count(self, text: str) -> int:
         """Tokens of a bare piece of text, without special tokens."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def as_id_list(encoded: Any) -> list[int]:
-    """Normalise what tokenizers return (list, BatchEncoding, tensor) to ``list[int]``."""
-    if isinstance(encoded, Mapping):
-        encoded = encoded["input_ids"]
-    if hasattr(encoded, "tolist"):
-        encoded = encoded.tolist()
-    if encoded and isinstance(encoded[0], list):
-        encoded = encoded[0]
-    return [int(i) for i in encoded]
 
 
 def fit_largest(build_len: Callable[[int], int], budget: int, lo: int, what: str,

@@ -141,6 +141,12 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     configs, lengths = summary["configs"], summary["lengths"]
     written = []
 
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, name))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in configs:
         xs = [L for L in lengths if summary["average"][c].get(str(L)) is not None]
@@ -155,10 +161,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    written.append(os.path.join(out_dir, "accuracy_vs_length.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "accuracy_vs_length.png")
 
     attended = [summary["budget"][c].get("mean_attended_tokens") for c in configs]
     context = [summary["budget"][c].get("mean_context_tokens") for c in configs]
@@ -174,10 +177,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("tokens per decode step (mean)")
     ax.set_title(f"{summary['task']}: attended budget per configuration")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
-    fig.tight_layout()
-    written.append(os.path.join(out_dir, "budget.png"))
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "budget.png")
 
     per_layer = {c: summary["budget"][c].get("per_layer_attended_tokens") for c in configs}
     if any(per_layer.values()):
@@ -190,10 +190,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
         ax.set_title(f"{summary['task']}: budget per layer")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "budget_per_layer.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "budget_per_layer.png")
     return written
 
 

@@ -71,7 +71,8 @@ def _why_flashinfer_unavailable(device: torch.device) -> str | None:
     return None
 
 
-# name -> (why-unavailable check, factory). Kernel modules register themselves lazily via these factories.
+# Each factory imports its kernel module when the backend is built, so importing twilight imports none of
+# Triton, the CUDA extension or FlashInfer.
 def _triton_factory():
     from twilight.kernels.triton import TritonBackend
 
@@ -90,6 +91,7 @@ def _flashinfer_factory():
     return FlashInferBackend()
 
 
+# name -> (why-unavailable check, factory): every backend is listed here; kernel modules register nothing.
 _REGISTRY: dict[str, tuple[Callable[[torch.device], str | None], Callable[[], object]]] = {
     "torch": (lambda device: None, TorchBackend),
     "triton": (_why_triton_unavailable, _triton_factory),
@@ -98,7 +100,7 @@ _REGISTRY: dict[str, tuple[Callable[[torch.device], str | None], Callable[[], ob
 }
 # Fastest first, for "auto" on a CUDA device. Triton leads: it covers all four stages with fused Quest selection
 # and top-p -> compacted selection and needs no host synchronisation; cuda adds two hand-written kernels (and a
-# JIT build on first use); flashinfer plans its paged decode on the host every step. Revisit with H100 numbers.
+# JIT build on first use); flashinfer plans its paged decode on the host every step.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "flashinfer", "torch")
 _AUTO_SKIP_WARNED: set[str] = set()
 

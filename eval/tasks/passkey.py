@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from twilight.models import (
+    PASSKEY_ANSWER_PREFIX,
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+)
+
 from ..common import EvalError, PromptEncoder, Sample, fit_largest, rng_for
 from .base import Task
 
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key?"
-ANSWER_PREFIX = " The pass key is"
 MAX_NEW_TOKENS = 16
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
 
@@ -39,10 +41,10 @@ def build_passkey_text(num_filler: int, depth: int, key: str) -> tuple[str, str]
     Returns ``(text, needle)``.
     """
     before = round(num_filler * depth / 100)
-    lines = [FILLER] * num_filler
-    needle = NEEDLE.format(key=key)
+    lines = [PASSKEY_FILLER] * num_filler
+    needle = PASSKEY_NEEDLE.format(key=key)
     lines.insert(before, needle)
-    return f"{INTRO}\n\n" + "\n".join(lines) + f"\n\n{QUESTION}", needle
+    return f"{PASSKEY_INTRO}\n\n" + "\n".join(lines) + f"\n\n{PASSKEY_QUESTION}", needle
 
 
 def locate(encoder: PromptEncoder, prompt: str, context: str, needle: str) -> dict:
@@ -82,13 +84,13 @@ class PasskeyTask(Task):
 
                     def prompt_len(n: int, depth: int = depth, key: str = key) -> int:
                         text, _ = build_passkey_text(n, depth, key)
-                        return len(encoder.encode(encoder.render(text, ANSWER_PREFIX)))
+                        return len(encoder.encode(encoder.render(text, PASSKEY_ANSWER_PREFIX)))
 
                     n = fit_largest(prompt_len, budget, 0, f"passkey: --lengths {length}")
                     text, needle = build_passkey_text(n, depth, key)
-                    prompt = encoder.render(text, ANSWER_PREFIX)
+                    prompt = encoder.render(text, PASSKEY_ANSWER_PREFIX)
                     ids = encoder.encode(prompt)
-                    context = text[len(INTRO) + 2:-(len(QUESTION) + 2)]
+                    context = text[len(PASSKEY_INTRO) + 2:-(len(PASSKEY_QUESTION) + 2)]
                     meta = {"depth": depth, "key": key, "filler_lines": n, **locate(encoder, prompt, context, needle)}
                     samples.append(Sample(
                         id=f"passkey/L{length}/d{depth}/s{index}", task=self.name, length=length,

@@ -41,6 +41,8 @@ from functools import lru_cache
 from itertools import accumulate
 from math import pi
 
+from twilight.models import PASSKEY_FILLER as NOISE  # RULER's noise haystack is the passkey filler
+
 from ..common import (
     EvalError,
     PromptEncoder,
@@ -58,7 +60,6 @@ from .base import Task
 # RULER's 40 needle depths, in percent: round(linspace(0, 100, 40)).
 DEPTHS = sorted({round(100 * i / 39) for i in range(40)})
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 
 TEMPLATES = {

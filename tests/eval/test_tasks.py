@@ -4,6 +4,8 @@ import re
 from collections import Counter
 
 import pytest
+
+from twilight.models import PASSKEY_FILLER, PASSKEY_NEEDLE
 from twilight_eval.common import EvalError
 from twilight_eval.tasks import passkey, ruler
 
@@ -30,17 +32,17 @@ def assert_fits(sample, length, slack):
 def test_passkey_needle_is_in_the_haystack_at_the_stated_depth_and_length(tokenizer, encoder):
     samples = passkey_task().build_samples(tokenizer, encoder, [512, 1024], 2, seed=0)
     assert len(samples) == 2 * 3 * 2   # lengths x depths x samples
-    filler_tokens = encoder.token_count(passkey.FILLER + "\n")
+    filler_tokens = encoder.token_count(PASSKEY_FILLER + "\n")
     for s in samples:
         assert_fits(s, s.length, slack=filler_tokens + 2)
         key = s.meta["key"]
         assert s.answers == [key] and re.fullmatch(r"\d{5}", key)
         text = tokenizer.decode(s.input_ids)
-        needle = passkey.NEEDLE.format(key=key)
+        needle = PASSKEY_NEEDLE.format(key=key)
         assert text.count(needle) == 1
         # Depth, recomputed from the decoded prompt: filler lines before the needle over all filler lines.
-        before = text[:text.index(needle)].count(passkey.FILLER)
-        total = text.count(passkey.FILLER)
+        before = text[:text.index(needle)].count(PASSKEY_FILLER)
+        total = text.count(PASSKEY_FILLER)
         assert total == s.meta["filler_lines"]
         assert abs(before / total - s.meta["depth"] / 100) <= 1 / total
         # The recorded token offset points at the needle and agrees with the depth in tokens.

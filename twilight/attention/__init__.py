@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from twilight._checks import check_selection, group_queries
 from twilight.cache import LayerCache
 from twilight.estimate import gather_tokens
 from twilight.prune import exp_weights
@@ -20,16 +21,14 @@ __all__ = ["sparse_decode_attention", "dense_decode_attention"]
 
 def dense_decode_attention(q: torch.Tensor, cache: LayerCache, scale: float) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` over every valid token of the cache, ``[B, Hq, D]``."""
-    B, Hq, D = q.shape
-    G = Hq // cache.num_kv_heads
+    qg = group_queries(q, cache)  # [B, Hkv, G, D]
     keys, values = cache.keys(), cache.values()  # [B, Hkv, L, D]
-    qg = q.view(B, cache.num_kv_heads, G, D)
     mask = None
     if bool((cache.start > 0).any()):
         pos = torch.arange(cache.length, device=q.device)
         mask = (pos.view(1, 1, 1, -1) >= cache.start.view(-1, 1, 1, 1))  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)  # [B, Hkv, G, D]
-    return out.reshape(B, Hq, D)
+    return out.reshape(q.shape)
 
 
 def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float) -> torch.Tensor:
@@ -51,18 +50,14 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
         >>> torch.allclose(out, dense_decode_attention(q, cache, 64 ** -0.5), atol=1e-5)
         True
     """
-    B, Hq, D = q.shape
-    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
-        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
-                         f"D={cache.head_dim}], got {tuple(q.shape)}")
+    qg = group_queries(q, cache)  # [B, Hkv, G, D]
     if q.dtype != cache.dtype:
         raise ValueError(f"q dtype {q.dtype} does not match the cache dtype {cache.dtype}")
-    if sel.indices.shape[:2] != (B, cache.num_kv_heads):
-        raise ValueError(f"selection must be [B={B}, Hkv={cache.num_kv_heads}, K], got {tuple(sel.indices.shape)}")
+    check_selection(sel, cache)
     if sel.is_full_range:
         return dense_decode_attention(q, cache, scale)
-    H, G = cache.num_kv_heads, Hq // cache.num_kv_heads
-    qg = q.view(B, H, G, D)
+    B, Hq, D = q.shape
+    H = cache.num_kv_heads
     if q.device.type == "cpu" and B * H <= _CPU_ROW_LOOP_MAX:
         return _attend_rows(qg, cache, sel, scale).reshape(B, Hq, D).to(q.dtype)
     keys = gather_tokens(cache.k, sel.indices)  # [B, Hkv, K, D]

@@ -20,11 +20,12 @@ import functools
 
 import torch
 
+from twilight._checks import check_selection, group_queries
 from twilight._compat import INDEX_DTYPE
 from twilight.cache import LayerCache
 from twilight.config import ESTIMATOR_TYPES
-from twilight.select import compact
 from twilight.quant import INT4_TILE
+from twilight.select import compact
 from twilight.selection import Selection
 
 __all__ = ["estimate_scores", "gather_tokens", "ESTIMATOR_TYPES"]
@@ -44,14 +45,6 @@ def gather_tokens(store: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     base = torch.arange(B * H, device=store.device, dtype=dtype).view(B, H, 1) * cap
     flat = (indices.to(dtype) + base).reshape(-1)
     return store.reshape(B * H * cap, X).index_select(0, flat).view(B, H, -1, X)
-
-
-def _group(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    B, Hq, D = q.shape
-    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
-        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
-                         f"D={cache.head_dim}], got {tuple(q.shape)}")
-    return q.view(B, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
 
 
 def _exact(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
@@ -206,10 +199,8 @@ def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: st
         >>> bool((est - ref).abs().mean() < 0.2 * ref.abs().mean())  # int4 errors: ~10% of a typical score
         True
     """
-    qg = _group(q, cache)
-    if sel.indices.shape[:2] != (cache.batch, cache.num_kv_heads):
-        raise ValueError(f"selection must be [B={cache.batch}, Hkv={cache.num_kv_heads}, K], "
-                         f"got {tuple(sel.indices.shape)}")
+    qg = group_queries(q, cache)
+    check_selection(sel, cache)
     if kind == "exact":
         scores = _exact(qg, cache, sel)
     elif kind == "int8":

@@ -1,31 +1,27 @@
-"""Input checks shared by the kernel wrappers: every mistake is a ``ValueError`` that names the argument."""
+"""Input checks shared by the kernel wrappers: ``twilight._checks``' shape checks plus the device, layout and
+dtype checks a kernel launch needs. Every mistake is a ``ValueError`` that names the argument."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
+from twilight import _checks as checks
 from twilight.cache import LayerCache
 from twilight.selection import Selection
 
 
 def check_q(q: torch.Tensor, cache: LayerCache) -> int:
-    """``q [B, Hq, D]`` matching ``cache``; returns the GQA group size ``G = Hq // Hkv``."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
-    B, Hq, D = q.shape
-    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
-        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
-                         f"D={cache.head_dim}], got {tuple(q.shape)}")
+    """``q [B, Hq, D]`` matching ``cache``, on its device; returns the GQA group size ``G = Hq // Hkv``."""
+    G = checks.check_q(q, cache)
     if q.device != cache.device:
         raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
-    return Hq // cache.num_kv_heads
+    return G
 
 
 def check_selection(sel: Selection, cache: LayerCache) -> None:
-    if tuple(sel.indices.shape[:2]) != (cache.batch, cache.num_kv_heads):
-        raise ValueError(f"selection must be [B={cache.batch}, Hkv={cache.num_kv_heads}, K], "
-                         f"got {tuple(sel.indices.shape)}")
+    """``sel [B, Hkv, K]`` matching ``cache``, on its device."""
+    checks.check_selection(sel, cache)
     if sel.indices.device != cache.device or sel.counts.device != cache.device:
         raise ValueError(f"selection is on {sel.indices.device} but the cache is on {cache.device}")
 
@@ -39,9 +35,7 @@ def check_contiguous(**tensors: torch.Tensor) -> None:
 def rows_p(p, rows_shape: tuple, device: torch.device) -> torch.Tensor:
     """``p`` (a float or a tensor of shape ``rows_shape``) as a contiguous float32 tensor ``[prod(rows_shape)]``,
     validated like ``twilight.prune.top_p_mask`` does."""
-    from twilight.prune import _check_p
-
-    _check_p(p)
+    checks.check_p(p)
     n = 1
     for s in rows_shape:
         n *= s

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from twilight._checks import check_p
 from twilight._compat import INDEX_DTYPE
 from twilight.config import PRUNER_TYPES
 
@@ -18,18 +19,6 @@ __all__ = ["top_p_mask", "top_k_mask", "threshold_mask", "prune_mask", "exp_weig
 
 # Radix digits of a non-negative float32's 31-bit pattern, most significant first, as (shift, width).
 _RADIX_ROUNDS = ((20, 11), (10, 10), (0, 10))
-
-
-def _check_p(p: float | torch.Tensor, name: str = "p") -> None:
-    if isinstance(p, torch.Tensor):
-        if p.is_floating_point() is False:
-            raise ValueError(f"{name} must be a float tensor, got {p.dtype}")
-        bad = (p <= 0) | (p > 1) | torch.isnan(p)
-        if bool(bad.any()):
-            raise ValueError(f"{name} must lie in (0, 1]; got values from {p.min().item()} to {p.max().item()}")
-    elif isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0):
-        raise ValueError(f"{name}={p!r} is invalid: must be a number in (0, 1]")
-
 
 # exp(z) is a subnormal float32 below this; such weights are flushed to 0 (their mass is < N * 1e-38), since
 # arithmetic on subnormals is ~30x slower on x86 CPUs and a softmax over thousands of tokens makes many.
@@ -73,7 +62,7 @@ def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
         >>> top_p_mask(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), 0.8)
         tensor([[ True,  True, False, False]])
     """
-    _check_p(p)
+    check_p(p)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension")
     if not logits.is_floating_point():
@@ -148,7 +137,7 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def threshold_mask(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Candidates whose softmax weight is ``>= threshold`` (the row's best is always kept)."""
-    _check_p(threshold, "threshold")
+    check_p(threshold, "threshold")
     w = exp_weights(logits)
     probs = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return ((probs >= threshold) | (w >= 1.0)) & (logits > float("-inf"))

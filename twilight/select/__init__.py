@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from twilight._checks import group_queries
 from twilight._compat import INDEX_DTYPE
 from twilight.cache import LayerCache, quantize_labels
 from twilight.config import SELECTOR_TYPES, SelectorConfig
@@ -57,15 +58,6 @@ def _full(q: torch.Tensor, cache: LayerCache) -> Selection:
     return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=cache.device, start=cache.start)
 
 
-def _group_queries(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """``q [B, Hq, D]`` -> ``[B, Hkv, G, D]``."""
-    B, Hq, D = q.shape
-    if B != cache.batch or D != cache.head_dim or Hq % cache.num_kv_heads:
-        raise ValueError(f"q must be [B={cache.batch}, Hq (a multiple of Hkv={cache.num_kv_heads}), "
-                         f"D={cache.head_dim}], got {tuple(q.shape)}")
-    return q.view(B, cache.num_kv_heads, Hq // cache.num_kv_heads, D)
-
-
 def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int) -> Selection:
     """Top ``budget`` positions per kv-head from token scores ``[B, Hkv, L]`` (invalid positions -inf)."""
     if budget >= cache.length:
@@ -83,7 +75,7 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     bound of all pages is one batched matmul of ``[max | min]`` with ``[relu(q) | min(q, 0)]``.
     Pages holding no valid token score ``-inf``.
     """
-    qg = _group_queries(q, cache)  # [B, Hkv, G, D]
+    qg = group_queries(q, cache)  # [B, Hkv, G, D]
     B, H, G, D = qg.shape
     P = cache.num_pages
     bounds = cache.page_bounds[:, :, :P].reshape(B * H, P, 2 * D)  # [max | min] per page
@@ -144,7 +136,7 @@ class _OracleTopK:
         self.budget = cfg.token_budget
 
     def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
-        qg = _group_queries(q, cache).float()
+        qg = group_queries(q, cache).float()
         scores = torch.einsum("bhgd,bhld->bhgl", qg, cache.keys().float()).amax(2)  # [B, Hkv, L]
         pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
         scores = scores.masked_fill(~_valid_positions(cache, pos), float("-inf"))
@@ -161,7 +153,7 @@ class _DoubleSparse:
     def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
         if cache.label_channels is None:
             raise ValueError("double_sparse needs a cache built with label_channels (the calibrated channels)")
-        qg = _group_queries(q, cache)
+        qg = group_queries(q, cache)
         ch = cache.label_channels.to(q.device)
         q_label = torch.gather(qg, 3, ch.view(1, ch.shape[0], 1, -1).expand(qg.shape[0], -1, qg.shape[2], -1))
         k_label = cache.k_label[:, :, :cache.length]
