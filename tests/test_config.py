@@ -6,8 +6,18 @@ import pathlib
 import pytest
 
 import twilight
-from twilight.config import (BACKENDS, ESTIMATOR_TYPES, PRESETS, PRUNER_TYPES, SELECTOR_TYPES, ConfigError,
-                             EstimatorConfig, PrunerConfig, SelectorConfig, TwilightConfig)
+from twilight.config import (
+    BACKENDS,
+    ESTIMATOR_TYPES,
+    PRESETS,
+    PRUNER_TYPES,
+    SELECTOR_TYPES,
+    ConfigError,
+    EstimatorConfig,
+    PrunerConfig,
+    SelectorConfig,
+    TwilightConfig,
+)
 
 
 def test_config_error_is_value_error_and_exported():

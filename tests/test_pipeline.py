@@ -165,8 +165,8 @@ def test_p_one_keeps_every_candidate():
 
 @pytest.mark.parametrize("pruner", [{"type": "top_k", "k": 5}, {"type": "threshold", "threshold": 0.02}])
 def test_other_pruners_union(masked_attention_ref, pruner):
-    from twilight.prune import prune_mask
     from twilight.config import PrunerConfig
+    from twilight.prune import prune_mask
 
     pipe = TwilightPipeline({"selector": "full", "estimator": "exact", "pruner": pruner, "dense_layers": []},
                             num_layers=1, num_q_heads=6, num_kv_heads=2)

@@ -4,8 +4,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twilight.quant import (INT4_TILE, dequantize_int4, dequantize_int8, int4_codes, int4_params, pack_int4,
-                            quantize_int4, quantize_int8, round_outward, unpack_int4)
+from twilight.quant import (
+    INT4_TILE,
+    dequantize_int4,
+    dequantize_int8,
+    int4_codes,
+    int4_params,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    round_outward,
+    unpack_int4,
+)
 
 
 def _range(x):

@@ -10,7 +10,6 @@ from twilight.cache import LayerCache
 from twilight.config import SelectorConfig, TwilightConfig
 from twilight.select import compact, make_selector, quest_page_scores, selector_channels
 from twilight.select.double_sparse import calibrate, channel_importance, load_channels
-from twilight.selection import Selection
 
 
 def _cache(B, Hkv, D, L, *, page_size=16, start=None, dtype=torch.float32, scale=1.0, **kw):
@@ -319,7 +318,7 @@ def _ds_file(path, layers, D, heads, seed=0, projections=("q", "k", "qk")):
         for proj in projections:
             n = heads[proj] if isinstance(heads, dict) else heads
             rows[(layer, proj)] = [torch.randperm(D, generator=g).tolist() for _ in range(n)]
-    path.write_text(json.dumps({f"model.layers.{l}.self_attn.{p}_proj": r for (l, p), r in rows.items()}))
+    path.write_text(json.dumps({f"model.layers.{layer}.self_attn.{p}_proj": r for (layer, p), r in rows.items()}))
     return rows
 
 

@@ -59,7 +59,8 @@ def _why_triton_unavailable(device: torch.device) -> str | None:
 
 def _why_cuda_unavailable(device: torch.device) -> str | None:
     if device.type != "cuda" or not torch.cuda.is_available():
-        return f"the cuda backend needs a CUDA device (got {device.type}; torch.cuda.is_available()={torch.cuda.is_available()})"
+        return (f"the cuda backend needs a CUDA device (got {device.type}; "
+                f"torch.cuda.is_available()={torch.cuda.is_available()})")
     return None
 
 

@@ -134,7 +134,7 @@ class LayerCache:
         dev = self.device
 
         def grow(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
-            new = torch.full(shape, fill, dtype=dtype, device=dev) if fill else torch.zeros(shape, dtype=dtype, device=dev)
+            new = torch.full(shape, fill, dtype=dtype, device=dev)
             if old is not None and self.capacity:
                 axis = 2
                 new.narrow(axis, 0, old.shape[axis]).copy_(old)

@@ -33,7 +33,8 @@ class TwilightPipeline:
             raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         bad = [i for i in self.config.dense_layers if i >= num_layers]
         if bad:
-            raise ValueError(f"dense_layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+            raise ValueError(f"dense_layers {bad} out of range: the model has {num_layers} layers "
+                             f"(0..{num_layers - 1})")
         self.num_layers, self.num_q_heads, self.num_kv_heads = num_layers, num_q_heads, num_kv_heads
         self.stats = BudgetStats(num_layers, num_q_heads, num_kv_heads)
         self._selectors: dict[int, object] = {}

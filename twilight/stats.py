@@ -129,7 +129,8 @@ class BudgetStats:
                  f"{100 * d['attended_fraction']:.2f}% of the context",
                  "layer  dense  attended/head  kv-tokens read"]
         for row in d["per_layer"]:
-            lines.append(f"{row['layer']:>5}  {'yes' if row['dense'] else 'no':>5}  {row['mean_attended_tokens']:>13.1f}"
+            dense = "yes" if row["dense"] else "no"
+            lines.append(f"{row['layer']:>5}  {dense:>5}  {row['mean_attended_tokens']:>13.1f}"
                          f"  {row['mean_kv_tokens_read']:>14.1f}")
         return "\n".join(lines)
 

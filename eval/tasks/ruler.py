@@ -210,10 +210,11 @@ def niah_builder(spec: RulerSpec, rng) -> tuple[Callable[[int], Built], int]:
     keys = _distinct(rng, spec.key_type, spec.num_keys)
     values = [_distinct(rng, spec.value_type, spec.num_values) for _ in keys]
     type_v = spec.value_type
-    needles = [NEEDLE.format(type_needle_v=type_v, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
+    needles = [NEEDLE.format(type_needle_v=type_v, key=k, value=v)
+               for k, vs in zip(keys, values, strict=True) for v in vs]
     rng.shuffle(needles)
     depths = sorted(rng.sample(DEPTHS, len(needles)))
-    placed = list(zip(needles, depths))
+    placed = list(zip(needles, depths, strict=True))
     asked = sorted(rng.sample(range(spec.num_keys), spec.num_queries))
     queries = [keys[i] for i in asked]
     answers = [v for i in asked for v in values[i]]
@@ -267,7 +268,7 @@ def _vt_builder(rng, spec: RulerSpec, icl: bool) -> Callable[[int], Built]:
     num_hops = min(spec.num_hops, 10) if icl else spec.num_hops
     variables, chains = _vt_chains(rng, spec.num_chains, num_hops, 3 if icl else 5)
     statements = [s for chain in chains for s in chain]
-    placed = list(zip(statements, sorted(rng.sample(DEPTHS, len(statements)))))
+    placed = list(zip(statements, sorted(rng.sample(DEPTHS, len(statements))), strict=True))
     value = chains[0][0].split("=")[-1].strip()
     template, prefix, _ = TEMPLATES["variable_tracking"]
     prefix = prefix.format(num_v=len(variables[0]), query=value)
@@ -397,7 +398,8 @@ def load_hotpotqa() -> tuple[list[dict], list[str]]:
     rows = datasets.load_dataset("hotpotqa/hotpot_qa", "distractor", split="validation")
 
     def paragraphs(row):
-        return [f"{t}\n{''.join(s)}" for t, s in zip(row["context"]["title"], row["context"]["sentences"])]
+        return [f"{t}\n{''.join(s)}" for t, s in zip(row["context"]["title"], row["context"]["sentences"],
+                                                          strict=True)]
 
     docs = sorted({p for r in rows for p in paragraphs(r)})
     index = {d: i for i, d in enumerate(docs)}

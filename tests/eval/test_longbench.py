@@ -3,6 +3,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from twilight_eval.common import EvalError
 from twilight_eval.tasks import longbench
 

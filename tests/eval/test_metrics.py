@@ -1,5 +1,6 @@
 """Every metric against examples worked out by hand (the arithmetic is in the comments)."""
 import pytest
+
 from twilight_eval import metrics
 
 

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+
 from twilight_eval import report, runner
 from twilight_eval.common import Sample
 from twilight_eval.tasks.base import Task

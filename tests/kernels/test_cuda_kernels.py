@@ -6,8 +6,17 @@ import shutil
 
 import pytest
 import torch
-from kernel_helpers import (INT4_SCORE_CASES, PRUNE_CASES, assert_close, assert_top_p_guarantee, assert_top_p_matches,
-                            gpu_param, int4_reference, make_cache, random_selection)
+from kernel_helpers import (
+    INT4_SCORE_CASES,
+    PRUNE_CASES,
+    assert_close,
+    assert_top_p_guarantee,
+    assert_top_p_matches,
+    gpu_param,
+    int4_reference,
+    make_cache,
+    random_selection,
+)
 
 import twilight.kernels.cuda as cuda_kernels
 from twilight.prune import top_p_mask as torch_top_p_mask

@@ -93,7 +93,8 @@ class _Quest:
 
     def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
         if cache.page_size != self.page_size:
-            raise ValueError(f"selector.page_size={self.page_size} differs from the cache's page_size={cache.page_size}")
+            raise ValueError(f"selector.page_size={self.page_size} differs from the cache's "
+                             f"page_size={cache.page_size}")
         if cache.length - cache.min_start <= self.budget:
             return _full(q, cache)
         ps = self.page_size

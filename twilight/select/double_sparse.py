@@ -84,8 +84,8 @@ def calibrate(queries: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tens
         ranked[layer] = imp.topk(num_channels, dim=-1).indices  # most important first
         out[layer] = ranked[layer].sort(-1).values
     if path is not None:
-        data = {"num_channels": num_channels, "layers": {str(l): c.tolist() for l, c in out.items()},
-                "ranked": {str(l): c.tolist() for l, c in ranked.items()}}
+        data = {"num_channels": num_channels, "layers": {str(layer): c.tolist() for layer, c in out.items()},
+                "ranked": {str(layer): c.tolist() for layer, c in ranked.items()}}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f)
         _read_version.cache_clear()  # a rewrite within the file system's timestamp resolution

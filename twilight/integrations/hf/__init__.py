@@ -18,13 +18,25 @@ One concern per module:
 """
 from twilight.integrations.hf.attention import TwilightNotEngagedError
 from twilight.integrations.hf.cache import TwilightCache, TwilightLayer
-from twilight.integrations.hf.compat import (SUPPORTED_TRANSFORMERS, UnsupportedTransformersError,
-                                             check_transformers_version, output_cache)
+from twilight.integrations.hf.compat import (
+    SUPPORTED_TRANSFORMERS,
+    UnsupportedTransformersError,
+    check_transformers_version,
+    output_cache,
+)
 from twilight.integrations.hf.distributed import gather_budget_stats
-from twilight.integrations.hf.patching import (SUPPORTED_MODEL_TYPES, budget_stats, check_supported, engagement,
-                                               is_patched, make_cache, patch, unpatch)
+from twilight.integrations.hf.patching import (
+    SUPPORTED_MODEL_TYPES,
+    budget_stats,
+    check_supported,
+    engagement,
+    is_patched,
+    make_cache,
+    patch,
+    unpatch,
+)
 
-__all__ = ["patch", "unpatch", "budget_stats", "is_patched", "make_cache", "check_supported", "engagement", "output_cache",
-           "gather_budget_stats", "TwilightCache", "TwilightLayer", "TwilightNotEngagedError",
+__all__ = ["patch", "unpatch", "budget_stats", "is_patched", "make_cache", "check_supported", "engagement",
+           "output_cache", "gather_budget_stats", "TwilightCache", "TwilightLayer", "TwilightNotEngagedError",
            "UnsupportedTransformersError", "SUPPORTED_MODEL_TYPES", "SUPPORTED_TRANSFORMERS",
            "check_transformers_version"]

@@ -142,7 +142,8 @@ class TwilightCache(Cache):
         tokens = mask.sum(1)
         if bool((tokens != S - start).any()):
             self.padding_error = ("the attention mask has padding after a sequence's first token (right padding or "
-                                  "holes); Twilight decodes left-padded batches only: use tokenizer.padding_side='left'")
+                                  "holes); Twilight decodes left-padded batches only: use "
+                                  "tokenizer.padding_side='left'")
             return
         self.padding_error = None
         start_list = start.tolist()

@@ -31,8 +31,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from twilight.config import TwilightConfig
 from twilight.integrations.hf import compat
 from twilight.integrations.hf.attention import ACTIVE_FORWARD, DecoderForward, register

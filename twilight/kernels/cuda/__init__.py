@@ -29,8 +29,14 @@ from pathlib import Path
 import torch
 
 from twilight.backends import BackendUnavailableError, TorchBackend
-from twilight.kernels._validate import (as_float_rows, check_contiguous, check_prune_inputs, check_q,
-                                        check_selection, rows_p)
+from twilight.kernels._validate import (
+    as_float_rows,
+    check_contiguous,
+    check_prune_inputs,
+    check_q,
+    check_selection,
+    rows_p,
+)
 from twilight.selection import Selection
 
 try:  # Quest selection and attention come from Triton when it is installed
@@ -87,7 +93,8 @@ def load(verbose: bool = False):
     """The compiled extension (built on first call with nvcc for the current GPU; cached by torch)."""
     if not torch.cuda.is_available():
         raise BackendUnavailableError("the cuda backend needs a CUDA device (torch.cuda.is_available() is False)")
-    from torch.utils.cpp_extension import CUDA_HOME, load as load_extension
+    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import load as load_extension
 
     if CUDA_HOME is None:
         raise BackendUnavailableError("the cuda backend compiles csrc/ with nvcc, which was not found "

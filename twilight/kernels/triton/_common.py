@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # Triton decides at decoration (import) time whether a kernel is compiled or interpreted; so do we.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
