@@ -387,3 +387,15 @@ def environment_markdown(env: Mapping, peak: Mapping | None = None) -> str:
     if peak:
         parts.append(f"bandwidth peak {peak['peak_gbps']:.1f} GB/s ({peak['source']})")
     return "; ".join(parts)
+
+
+def pyplot():
+    """matplotlib's ``pyplot`` on the non-interactive Agg backend, or ``None`` when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

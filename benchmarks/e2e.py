@@ -366,12 +366,8 @@ def markdown_report(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return None
     rows = result["rows"]
     if not rows:

@@ -503,12 +503,8 @@ def markdown_report(result: dict) -> str:
 
 def plot(result: dict, path: str) -> str | None:
     """Latency against context per (shape, dtype, batch), quest-twilight's speed-up annotated."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return None
     rows = [r for r in result["rows"] if "times" in r]
     if not rows:
