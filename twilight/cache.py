@@ -32,6 +32,12 @@ _MIN_CHUNK = 256
 _UPDATE_CHUNK = 2048  # tokens per step when updating derived structures
 
 
+def _check_label_bits(bits: int | None) -> int | None:
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_LABEL_BITS):
+        raise ValueError(f"label_bits={bits!r} is invalid: must be None or an integer in [1, {MAX_LABEL_BITS}]")
+    return bits
+
+
 def quantize_labels(x: torch.Tensor, bits: int | None) -> torch.Tensor:
     """Per-token min-max quantize-dequantize of label vectors ``x [..., C]`` to ``bits`` bits (``None``: ``x``).
 
@@ -44,10 +50,8 @@ def quantize_labels(x: torch.Tensor, bits: int | None) -> torch.Tensor:
         >>> quantize_labels(torch.tensor([[0.0, 0.4, 0.9, 3.0]]), 2)   # steps of 1.0 from 0 to 3
         tensor([[0., 0., 1., 3.]])
     """
-    if bits is None:
+    if _check_label_bits(bits) is None:
         return x
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_LABEL_BITS:
-        raise ValueError(f"label_bits={bits!r} is invalid: must be None or an integer in [1, {MAX_LABEL_BITS}]")
     xf = x.float()
     lo = xf.amin(-1, keepdim=True)
     levels = 2 ** bits - 1
@@ -109,10 +113,7 @@ class LayerCache:
                 int(self.label_channels.min()) < 0 or int(self.label_channels.max()) >= head_dim):
             raise ValueError(f"label_channels must be channel indices in [0, head_dim={head_dim}), got values in "
                              f"[{int(self.label_channels.min())}, {int(self.label_channels.max())}]")
-        if label_bits is not None and (isinstance(label_bits, bool) or not isinstance(label_bits, int)
-                                       or not 1 <= label_bits <= MAX_LABEL_BITS):
-            raise ValueError(f"label_bits={label_bits!r} is invalid: "
-                             f"must be None or an integer in [1, {MAX_LABEL_BITS}]")
+        _check_label_bits(label_bits)
         self.label_bits = label_bits if self.label_channels is not None else None
         self.length = 0
         self.start = torch.zeros(batch, dtype=torch.int32, device=self.device)

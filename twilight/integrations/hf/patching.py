@@ -186,9 +186,9 @@ def _wrap_prepare_cache(model, state: _PatchState) -> None:
     def prepare_cache_for_generation(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         model_kwargs, generation_config = bound.get("model_kwargs"), bound.get("generation_config")
-        users = None if model_kwargs is None else compat.find_cache(model_kwargs)[1]
+        users_cache = None if model_kwargs is None else compat.find_cache(model_kwargs)[1]
         result = original(*args, **kwargs)
-        if model_kwargs is None or users is not None:
+        if model_kwargs is None or users_cache is not None:
             return result  # the user's own cache: the forward wrapper warns if it is not a Twilight cache
         name, cache = compat.find_cache(model_kwargs)
         if cache is None or isinstance(cache, TwilightCache):
