@@ -1,22 +1,28 @@
 """Everything the Hugging Face integration reads from transformers' internals, in one place.
 
-Checked against transformers 5.0.0, 5.23.0 and 5.24.0 (``scripts/test.sh`` runs the integration tests
-against the oldest and the newest release of ``SUPPORTED_TRANSFORMERS``). What moved inside that range:
+Checked against transformers 5.0.0, 5.16.1, 5.23.0 and 5.24.0 (the internals below were compared release by
+release from 5.0 to 5.24; ``scripts/test.sh`` runs the integration tests against the oldest and the newest
+release of ``SUPPORTED_TRANSFORMERS``). What moved inside that range:
 
 - **The cache's name.** Up to 5.23 the models' ``forward``, ``generate()``'s ``model_kwargs`` and the model
   outputs call the cache ``past_key_values``; from 5.24 on they call it ``cache`` (``past_key_values`` is
   still accepted by a ``deprecate_kwarg`` decorator). ``cache_parameter`` reads which name a ``forward``
   takes from its signature; ``find_cache`` looks for both spellings in a call's keyword arguments.
-- Nothing else the integration touches changed: ``Cache(layers=...)`` and ``CacheLayerMixin``, the
-  ``AttentionInterface`` / ``AttentionMaskInterface`` registries, ``config._attn_implementation_internal``,
-  ``GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, ...)`` and a
-  ``DynamicCache``'s ``offloading`` flag.
+- ``CacheLayerMixin``'s abstract "no maximum length" method is ``get_max_cache_shape`` up to 5.12 and
+  ``get_max_length`` from 5.13; ``TwilightLayer`` defines both. Its ``get_mask_sizes`` takes the query's
+  ``cache_position`` up to 5.3 and the query length from 5.4; ``TwilightLayer`` accepts both.
+- ``generate()`` marks a cache the user passed in (``_is_user_defined``) only from 5.17, so the patch tells a
+  user's cache from the one ``generate()`` builds by looking before ``_prepare_cache_for_generation`` runs.
+- Unchanged over the range: ``Cache(layers=...)``, the ``AttentionInterface`` / ``AttentionMaskInterface``
+  registries, ``config._attn_implementation_internal``,
+  ``GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, ...)``, a
+  ``DynamicCache``'s ``offloading`` flag, and ``eager_attention_forward`` in each modeling module.
 - Tensor parallelism: ``model.tp_size`` and the device mesh ``model._device_mesh`` (checked on 5.24).
-- ``CacheLayerMixin``'s abstract "no maximum length" method is ``get_max_cache_shape`` in 5.0 and
-  ``get_max_length`` later: ``TwilightLayer`` defines both.
 
-A release that changes any of these in a way this module does not recognise makes ``twilight.patch`` raise
-``UnsupportedTransformersError`` naming what it could not find, rather than letting decoding run dense.
+A release that passes the cache under a name this module does not know, or prepares ``generate()``'s cache
+without ``model_kwargs``, makes ``twilight.patch`` raise ``UnsupportedTransformersError`` naming what it could
+not find; a decode step that still bypasses Twilight at run time raises ``TwilightNotEngagedError`` (see
+``twilight.integrations.hf.attention``). Neither lets decoding run dense in silence.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 #: The oldest release of that range: scripts/test_transformers_range.sh tests it beside the newest.
 OLDEST_TRANSFORMERS = "5.0.0"
 #: The releases this module was read against (both ends of the range are tested by scripts/test.sh).
-CHECKED_RELEASES = ("5.0.0", "5.23.0", "5.24.0")
+CHECKED_RELEASES = ("5.0.0", "5.16.1", "5.23.0", "5.24.0")
 #: The names a model's ``forward`` and ``generate()`` give the cache: the current one first.
 CACHE_NAMES = ("cache", "past_key_values")
 
