@@ -126,10 +126,11 @@ def test_original_twilight_format_variants():
                                "weight_estimator": {"type": "exact"}, "weight_pruner": {"type": "top_k", "top_k": 64}})
     assert cfg.selector.type == "double_sparse" and cfg.selector.token_budget == 1024
     assert cfg.estimator.type == "exact" and cfg.pruner.type == "top_k" and cfg.pruner.k == 64
-    # no pruner in an original config means no pruning
+    # no pruner in an original config means no pruning; a missing skip_first_two_layers means true, the
+    # original code's default (sparse_config.get("skip_first_two_layers", True))
     cfg = TwilightConfig.load({"selector": {"type": "quest", "token_budget": 512, "page_size": 16},
                                "weight_estimator": {"type": "min_max_quant", "quant_bit": 4}})
-    assert cfg.pruner.type == "none" and cfg.dense_layers == []
+    assert cfg.pruner.type == "none" and cfg.dense_layers == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -300,7 +300,7 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
       ``none`` (exact scores) -> ``exact``; ``max_quant`` is not supported.
     - ``weight_pruner``: ``top_p`` (its ``threshold`` is p; ``top_p``/``p`` are accepted too),
       ``threshold``, ``top_k``, ``none``; no pruner means no pruning.
-    - ``skip_first_two_layers`` -> ``dense_layers`` ``[0, 1]``.
+    - ``skip_first_two_layers`` (default true, as in the original code) -> ``dense_layers`` ``[0, 1]``.
 
     Every other key, anywhere, is a ``ConfigError`` naming it.
     """
@@ -408,7 +408,7 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     else:
         out["pruner"] = {"type": "none"}
 
-    skip = data.get("skip_first_two_layers", False)
+    skip = data.get("skip_first_two_layers", True)  # the original code's default (its enable_sparse_attention)
     if not isinstance(skip, bool):
         _fail("skip_first_two_layers", skip, "must be true or false")
     out["dense_layers"] = [0, 1] if skip else []
