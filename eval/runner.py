@@ -76,9 +76,11 @@ class TwilightBackend:
 
 def check_engaged(name: str, sample_id: str, before: dict, after: dict) -> None:
     """``EvalError`` when a sample ran decode steps and none of them went through Twilight."""
-    decoded = after["decode_forwards"] - before["decode_forwards"]
-    if decoded and after["twilight_forwards"] == before["twilight_forwards"]:
-        cause = after.get("dense_cause") or "no decode step reached Twilight's attention function"
+    from twilight.integrations.hf import bypassed_steps
+
+    bypassed = bypassed_steps(before, after)
+    if bypassed is not None:
+        decoded, cause = bypassed
         raise EvalError(f"--configs {name}: sample {sample_id} ran {decoded} decode step(s) and none went through "
                         f"Twilight ({cause}); refusing to score it as {name} (nothing was written for it)")
 

@@ -28,6 +28,7 @@ from twilight.integrations.hf.distributed import gather_budget_stats
 from twilight.integrations.hf.patching import (
     SUPPORTED_MODEL_TYPES,
     budget_stats,
+    bypassed_steps,
     check_supported,
     engagement,
     is_patched,
@@ -37,6 +38,6 @@ from twilight.integrations.hf.patching import (
 )
 
 __all__ = ["patch", "unpatch", "budget_stats", "is_patched", "make_cache", "check_supported", "engagement",
-           "output_cache", "gather_budget_stats", "TwilightCache", "TwilightLayer", "TwilightNotEngagedError",
-           "UnsupportedTransformersError", "SUPPORTED_MODEL_TYPES", "SUPPORTED_TRANSFORMERS",
+           "bypassed_steps", "output_cache", "gather_budget_stats", "TwilightCache", "TwilightLayer",
+           "TwilightNotEngagedError", "UnsupportedTransformersError", "SUPPORTED_MODEL_TYPES", "SUPPORTED_TRANSFORMERS",
            "check_transformers_version"]

@@ -38,8 +38,8 @@ from twilight.integrations.hf.cache import TwilightCache
 from twilight.pipeline import TwilightPipeline
 from twilight.stats import BudgetStats
 
-__all__ = ["patch", "unpatch", "budget_stats", "engagement", "is_patched", "make_cache", "check_supported",
-           "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch", "unpatch", "budget_stats", "engagement", "bypassed_steps", "is_patched", "make_cache",
+           "check_supported", "SUPPORTED_MODEL_TYPES"]
 
 #: ``config.model_type`` of the model families the integration is tested on.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -209,16 +209,13 @@ def _wrap_generate(model, state: _PatchState) -> None:
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        st = getattr(model, _ATTR, state)
-        before_decode, before_twilight = st.decode_forwards, st.twilight_forwards
-        st.dense_cause = None
+        getattr(model, _ATTR, state).dense_cause = None
+        before = engagement(model)
         out = original(*args, **kwargs)
-        st = getattr(model, _ATTR, state)
-        decoded = st.decode_forwards - before_decode
-        if decoded and st.twilight_forwards == before_twilight:
-            cause = st.dense_cause or "no decode step reached Twilight's attention function"
-            warnings.warn(f"generate() ran {decoded} decode step(s) on a model patched by twilight.patch and none "
-                          f"went through Twilight: {cause}", RuntimeWarning, stacklevel=2)
+        bypassed = bypassed_steps(before, engagement(model))
+        if bypassed is not None:
+            warnings.warn(f"generate() ran {bypassed[0]} decode step(s) on a model patched by twilight.patch and "
+                          f"none went through Twilight: {bypassed[1]}", RuntimeWarning, stacklevel=2)
         return out
 
     _set_instance_attr(state, model, "generate", generate)
@@ -351,6 +348,15 @@ def engagement(model) -> dict:
     st = _state(model)
     return {"decode_forwards": st.decode_forwards, "twilight_forwards": st.twilight_forwards,
             "dense_cause": st.dense_cause}
+
+
+def bypassed_steps(before: dict, after: dict) -> tuple[int, str] | None:
+    """``(decode forwards, cause)`` when decode forwards ran between two ``engagement`` readings and none of them
+    went through Twilight; ``None`` otherwise (including when nothing was decoded)."""
+    decoded = after["decode_forwards"] - before["decode_forwards"]
+    if not decoded or after["twilight_forwards"] != before["twilight_forwards"]:
+        return None
+    return decoded, after.get("dense_cause") or "no decode step reached Twilight's attention function"
 
 
 def budget_stats(model) -> BudgetStats:
