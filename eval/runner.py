@@ -39,12 +39,19 @@ class TwilightBackend:
     """What the runner needs from ``twilight``; tests may substitute a stand-in."""
 
     def load_config(self, spec: str):
-        """``(display name, config)`` for a preset name or JSON path; ``EvalError`` if invalid."""
+        """``(display name, config)`` for a preset name or JSON path; ``EvalError`` if invalid.
+
+        An evaluation measures what sparsity does to accuracy, so a config that leaves ``dense_below`` at
+        ``"auto"`` (the speed crossover, which would decode short contexts densely) is evaluated sparse from the
+        first decode step (``dense_below=0``), as the papers evaluate; a JSON config can set it explicitly.
+        """
         import twilight
         try:
             cfg = twilight.TwilightConfig.load(spec)
         except (ValueError, OSError) as err:
             raise EvalError(f"--configs {spec}: {err}") from err
+        if cfg.dense_below == "auto":
+            cfg = cfg.replace(dense_below=0)
         return getattr(cfg, "name", None) or str(spec), cfg
 
     def patch(self, model, cfg) -> None:

@@ -17,6 +17,10 @@ import mode:
 - ``make_cache(...) -> (cache, k, v)``: a filled ``LayerCache`` with the K/V it holds.
 
 Every test starts with ``torch.manual_seed(0)`` (autouse fixture), so failures reproduce.
+
+The dense crossover (``dense_below="auto"``) would make every layer of these small test contexts dense, hiding the
+sparse path the tests are about: an autouse fixture sets the automatic crossover to 0 on every device. Tests of
+the crossover itself ask for the real defaults with ``@pytest.mark.real_crossover`` (or set ``dense_below``).
 """
 from __future__ import annotations
 
@@ -34,6 +38,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _sparse_from_the_first_token(request, monkeypatch):
+    """``dense_below="auto"`` means 0 in tests (see the module docstring), unless marked ``real_crossover``."""
+    if "real_crossover" not in request.keywords:
+        import twilight.config
+
+        monkeypatch.setattr(twilight.config, "DENSE_BELOW_AUTO", {"cpu": 0, "cuda": 0})
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -3,10 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import twilight.attention
+from twilight._tensors import compact
 from twilight.attention import dense_decode_attention, sparse_decode_attention
 from twilight.cache import LayerCache
-from twilight.select import compact
 from twilight.selection import Selection
 
 
@@ -60,11 +59,10 @@ def _selections(B, Hkv, L, start, g):
     return out
 
 
-@pytest.fixture(params=["row-loop", "padded"])
-def attend_path(request, monkeypatch):
-    """Both CPU code paths: one (batch, kv-head) row at a time, and all rows padded to the longest."""
-    if request.param == "padded":
-        monkeypatch.setattr(twilight.attention, "_CPU_ROW_LOOP_MAX", 0)
+@pytest.fixture(params=["flat", "padded"])
+def attend_path(request):
+    """Both code paths: exactly the selected tokens, flattened (CPU with host reads), and all rows padded to the
+    selection's width (fixed shapes, as on a GPU)."""
     return request.param
 
 
@@ -74,7 +72,7 @@ def test_sparse_equals_masked_attention(masked_attention_ref, attend_path, B, Hk
     cache, q, k, v = _setup(B, Hkv, G, D, L, start=start)
     scale = D ** -0.5
     for sel in _selections(B, Hkv, L, start, torch.Generator().manual_seed(L)):
-        out = sparse_decode_attention(q, cache, sel, scale)
+        out = sparse_decode_attention(q, cache, sel, scale, host_reads=attend_path == "flat")
         ref = masked_attention_ref(q, k, v, sel.to_mask(L), scale)
         assert out.shape == (B, Hkv * G, D)
         assert torch.allclose(out.double(), ref, atol=1e-5), float((out.double() - ref).abs().max())
@@ -84,15 +82,15 @@ def test_sparse_full_mask_equals_dense(attend_path):
     cache, q, k, v = _setup(2, 2, 2, 16, 90, start=torch.tensor([0, 30]))
     sel = Selection.from_mask(Selection.full(2, 2, 90, start=cache.start).to_mask(90))
     assert not sel.is_full_range  # the gather path
-    assert torch.allclose(sparse_decode_attention(q, cache, sel, 0.25), dense_decode_attention(q, cache, 0.25),
-                          atol=1e-5)
+    out = sparse_decode_attention(q, cache, sel, 0.25, host_reads=attend_path == "flat")
+    assert torch.allclose(out, dense_decode_attention(q, cache, 0.25), atol=1e-5)
 
 
 def test_empty_row_yields_zeros(masked_attention_ref, attend_path):
     cache, q, k, v = _setup(1, 2, 2, 8, 20)
     mask = torch.zeros(1, 2, 20, dtype=torch.bool)
     mask[0, 1, 3:7] = True
-    out = sparse_decode_attention(q, cache, Selection.from_mask(mask), 0.3)
+    out = sparse_decode_attention(q, cache, Selection.from_mask(mask), 0.3, host_reads=attend_path == "flat")
     assert torch.equal(out[0, :2], torch.zeros(2, 8))  # query heads 0, 1 belong to the empty kv-head 0
     assert torch.allclose(out.double(), masked_attention_ref(q, k, v, mask, 0.3), atol=1e-5)
 

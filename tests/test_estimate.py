@@ -4,15 +4,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twilight._tensors import compact, gather_tokens
 from twilight.cache import LayerCache
-from twilight.estimate import _int4_cpu, _int4_unpacked, estimate_scores, gather_tokens
+from twilight.estimate import _int4_cpu, _int4_unpacked, estimate_scores
 from twilight.quant import dequantize_int8, unpack_int4
-from twilight.select import compact
 from twilight.selection import Selection
 
 
-def _cache(B, Hkv, D, L, quant, start=None, dtype=torch.float32, page_size=16):
-    cache = LayerCache(B, Hkv, D, dtype=dtype, quant_bits=quant, start=start, page_size=page_size)
+def _cache(B, Hkv, D, L, quant, start=None, dtype=torch.float32, page_size=16, int4_block=64):
+    cache = LayerCache(B, Hkv, D, dtype=dtype, quant_bits=quant, start=start, page_size=page_size,
+                       int4_block=int4_block)
     k = (torch.randn(B, Hkv, L, D) * (1 + torch.rand(B, Hkv, L, 1) * 3)).to(dtype)
     cache.append(k, torch.randn(B, Hkv, L, D).to(dtype))
     return cache, k
@@ -122,11 +123,14 @@ def test_int4_close_to_exact(D, G):
 @pytest.mark.parametrize("D", [64, 128, 16])
 def test_int4_paths_match_dequantized_reference(D):
     """Both int4 implementations compute q · dequant(k_int4): the portable one in fp32, the CPU GEMV in bf16."""
+    from twilight.estimate import cpu_int4_block
+
     B, Hkv, G, L = 2, 2, 2, 260
     start = torch.tensor([3, 0])
-    cache, k = _cache(B, Hkv, D, L, 4, start=start)
+    block = cpu_int4_block() or 64  # the CPU path reads the GEMV's own layout
+    cache, k = _cache(B, Hkv, D, L, 4, start=start, int4_block=block)
     q = torch.randn(B, Hkv * G, D)
-    deq = (unpack_int4(cache.k_int4).float() - 8) * cache.k_qparams[..., :1] + cache.k_qparams[..., 1:]
+    deq = (unpack_int4(cache.k_int4, block).float() - 8) * cache.k_qparams[..., :1] + cache.k_qparams[..., 1:]
     g = torch.Generator().manual_seed(2)
     qg = q.view(B, Hkv, G, D)
     for name, sel in _selections(B, Hkv, L, start, g).items():
@@ -138,6 +142,30 @@ def test_int4_paths_match_dequantized_reference(D):
         if D in (32, 64, 128, 256):
             cpu = _int4_cpu(qg, cache, sel).reshape(B, Hkv * G, -1).double()
             assert bool(((cpu - ref).abs() <= 1e-2 * mag + 1e-4)[valid].all()), name
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32, 64, 128, 24])
+def test_int4_cpu_reads_quest_pages(page_size):
+    """Quest's page-major selections (one block per page, or a page's blocks) score like the portable path, in
+    every int4 block layout the CPU GEMV may use, with a partial last page."""
+    from twilight.config import SelectorConfig
+    from twilight.estimate import cpu_int4_block
+    from twilight.select import make_selector
+
+    block = cpu_int4_block()
+    if block is None:
+        pytest.skip("the CPU int4 GEMV reproduces neither layout here")
+    B, Hkv, G, D, L = 2, 2, 3, 64, 1001
+    cache, k = _cache(B, Hkv, D, L, 4, page_size=page_size, int4_block=block)
+    q = torch.randn(B, Hkv * G, D)
+    sel = make_selector(SelectorConfig(type="quest", token_budget=300, page_size=page_size))(q, cache)
+    assert sel.page_size == page_size and not sel.is_full_range
+    qg = q.view(B, Hkv, G, D)
+    ref = _int4_unpacked(qg, cache, sel).double()  # q · dequantized keys, token by token, fp32
+    got = _int4_cpu(qg, cache, sel).double()
+    valid = sel.valid().unsqueeze(2).expand_as(ref)
+    mag = (qg.abs().double() @ k.abs().double().amax(2).transpose(-1, -2)).amax(-1, keepdim=True)  # [B, H, G, 1]
+    assert bool(((got - ref).abs() <= 1e-2 * mag + 1e-4)[valid].all())
 
 
 @settings(max_examples=25, deadline=None)
@@ -227,14 +255,12 @@ def test_errors():
 def test_cpu_int4_layout_matches_torchs_own_packing():
     """The layout the CPU path hands PyTorch's int4 GEMV equals what PyTorch itself packs on this machine
     (64-token blocks on AVX-512, 32-token blocks on AVX2)."""
-    from twilight.estimate import _repack_block32, cpu_int4_block
+    from twilight.estimate import cpu_int4_block
     from twilight.quant import pack_int4
 
     block = cpu_int4_block()
     assert block in (32, 64), "the CPU int4 GEMV reproduces neither layout: the portable path serves the CPU"
     codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    ours = pack_int4(codes)
-    if block == 32:
-        ours = _repack_block32(ours)
+    ours = pack_int4(codes, block)
     torch_packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     assert torch.equal(ours, torch_packed.view(torch.uint8).reshape(ours.shape))

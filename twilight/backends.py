@@ -1,15 +1,11 @@
-"""Backends: who runs each stage's arithmetic.
+"""Backends: the registry of who runs each stage's arithmetic.
 
-A backend is an object with four operations, each with the torch implementation's signature:
-
-- ``quest_page_scores(q, cache) -> [B, Hkv, pages]`` (Quest's page upper bounds)
-- ``estimate(q, cache, sel, kind) -> [B, Hq, K_max]`` (approximate ``q·k``)
-- ``prune_top_p(logits, p) -> bool mask`` (sorting-free top-p)
-- ``attend(q, cache, sel, scale) -> [B, Hq, D]`` (sparse decode attention)
-
-``torch`` runs anywhere and is the reference. ``triton``, ``cuda`` and ``flashinfer`` override what they
-accelerate and inherit the rest. ``resolve_backend("auto", device)`` picks the fastest available one for
-the device; naming an unavailable backend raises ``BackendUnavailableError`` saying why.
+What a backend implements is ``twilight.contract.Backend`` (select, prune, attend and their primitives);
+``torch`` (``twilight.contract.TorchBackend``) runs anywhere and is the reference. ``triton``, ``cuda`` and
+``flashinfer`` (``twilight.kernels``) subclass it and override what they accelerate. This module only lists
+them: kernel modules import the contract, never this registry, and are imported here when first built.
+``resolve_backend("auto", device)`` picks the fastest available one for the device; naming an unavailable
+backend raises ``BackendUnavailableError`` saying why.
 """
 from __future__ import annotations
 
@@ -20,33 +16,10 @@ from typing import Callable
 
 import torch
 
-from twilight.attention import sparse_decode_attention
 from twilight.config import BACKENDS
-from twilight.estimate import estimate_scores
-from twilight.prune import top_p_mask
-from twilight.select import quest_page_scores
+from twilight.contract import Backend, BackendUnavailableError, TorchBackend
 
-
-class BackendUnavailableError(RuntimeError):
-    """The backend named in the config cannot run here; the message says why."""
-
-
-class TorchBackend:
-    """Reference implementations in PyTorch (CPU and GPU)."""
-
-    name = "torch"
-
-    def quest_page_scores(self, q, cache):
-        return quest_page_scores(q, cache)
-
-    def estimate(self, q, cache, sel, kind):
-        return estimate_scores(q, cache, sel, kind)
-
-    def prune_top_p(self, logits, p):
-        return top_p_mask(logits, p)
-
-    def attend(self, q, cache, sel, scale):
-        return sparse_decode_attention(q, cache, sel, scale)
+__all__ = ["Backend", "BackendUnavailableError", "TorchBackend", "available_backends", "resolve_backend"]
 
 
 def _why_triton_unavailable(device: torch.device) -> str | None:

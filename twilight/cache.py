@@ -7,13 +7,17 @@ Kept in sync on every append (prefill in bulk, decode one token at a time):
   ``[B, Hkv, capacity, D]`` int8, with ``k_qparams [B, Hkv, capacity, 2]`` float32 (scale, mid).
 - ``page_bounds`` ``[B, Hkv, pages, 2, D]``: per-page channel max (``[..., 0, :]``) and min
   (``[..., 1, :]``) of the valid keys, for Quest. Stored in bf16 (fp16 for fp16 caches) rounded
-  outward, so they still bound the exact keys while Quest reads half the bytes.
+  outward, so they still bound the exact keys while Quest reads half the bytes; ``bounds_dtype`` overrides
+  it (the torch backend keeps float32 bounds on CPUs without fast bf16 matmuls).
 - ``k_label`` ``[B, Hkv, capacity, C]``: the label channels of K, for Double Sparsity; with ``label_bits``
   each token's label vector is min-max quantized to that many bits and stored dequantized
   (``quantize_labels``), as the original Twilight code scores Double Sparsity against.
 
 Storage grows by doubling (rounded to whole tiles and pages), so appends cost amortised O(new tokens);
-the cache never concatenates the whole K/V per step.
+the cache never concatenates the whole K/V per step. With ``lazy_derived`` the derived structures are brought
+up to date by ``update_derived()`` (the pipeline calls it when a sparse step needs them) instead of on every
+append: a context that stays below the dense crossover never pays for them, and a one-token update writes
+one token's nibbles and widens one page's bounds (a few elementwise ops, no repacking).
 
 Batches: every sequence appends the same number of positions (as Hugging Face models do); sequence
 ``b`` is valid on ``[start[b], length)``, where ``start`` counts its left padding. Padding positions are
@@ -26,7 +30,16 @@ import math
 import torch
 
 from twilight.config import MAX_LABEL_BITS
-from twilight.quant import INT4_TILE, int4_codes, int4_params, pack_int4, quantize_int8, round_outward, unpack_int4
+from twilight.quant import (
+    INT4_BLOCKS,
+    INT4_TILE,
+    int4_codes,
+    int4_params,
+    pack_int4,
+    quantize_int8,
+    round_outward,
+    unpack_int4,
+)
 
 _MIN_CHUNK = 256
 _UPDATE_CHUNK = 2048  # tokens per step when updating derived structures
@@ -71,6 +84,9 @@ class LayerCache:
         label_bits: ``None`` (exact labels) or 1..16: per-token min-max quantization of ``k_label``
             (``quantize_labels``); ignored without ``label_channels``.
         start: ``[B]`` first valid position of each sequence (left padding), default all zero.
+        int4_block: tokens per tile of the int4 layout (64, or 32 for PyTorch's AVX2 CPU GEMV; ``twilight.quant``).
+        bounds_dtype: dtype of ``page_bounds`` (default: bf16, fp16 for fp16 caches).
+        lazy_derived: update the derived structures in ``update_derived()`` rather than in ``append``.
 
     Example::
 
@@ -83,7 +99,8 @@ class LayerCache:
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", page_size: int = 16, quant_bits: int | None = 4,
                  keep_page_bounds: bool = True, label_channels: torch.Tensor | None = None,
-                 label_bits: int | None = None, start: torch.Tensor | None = None, initial_capacity: int = 0):
+                 label_bits: int | None = None, start: torch.Tensor | None = None, initial_capacity: int = 0,
+                 int4_block: int = INT4_TILE, lazy_derived: bool = False, bounds_dtype: torch.dtype | None = None):
         if batch < 1 or num_kv_heads < 1 or head_dim < 1:
             raise ValueError(f"batch, num_kv_heads, head_dim must be >= 1, got {batch}, {num_kv_heads}, {head_dim}")
         if page_size < 1:
@@ -92,12 +109,24 @@ class LayerCache:
             raise ValueError(f"quant_bits={quant_bits!r} is invalid: must be 4, 8 or None")
         if quant_bits == 4 and head_dim % 2:
             raise ValueError(f"int4 keys need an even head_dim, got {head_dim}")
+        if int4_block not in INT4_BLOCKS:
+            raise ValueError(f"int4_block={int4_block!r} is invalid: must be one of {INT4_BLOCKS}")
+        self.int4_block = int4_block
+        self.lazy_derived = lazy_derived
+        self.derived_length = 0  # positions [0, derived_length) have up-to-date derived structures
+        #: Updates one decode token's derived structures (``LayerCache._update_one`` by default); a backend with a
+        #: fused kernel for it sets its own (``twilight.kernels.triton.append.update_token``).
+        self.token_updater = None
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.page_size = page_size
         self.quant_bits = quant_bits
         self.keep_page_bounds = keep_page_bounds
-        self.bounds_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
+        if bounds_dtype is None:
+            bounds_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
+        if bounds_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"bounds_dtype={bounds_dtype} is invalid: must be float16, bfloat16 or float32")
+        self.bounds_dtype = bounds_dtype
         self.label_channels = None if label_channels is None else label_channels.to(self.device, torch.long)
         if self.label_channels is not None and (self.label_channels.dim() != 2
                                                 or self.label_channels.shape[0] != num_kv_heads):
@@ -121,7 +150,7 @@ class LayerCache:
         if start is not None:
             self.set_start(start)
         # The capacity is a multiple of both the int4 tile and the page size.
-        self._granule = INT4_TILE * page_size // math.gcd(INT4_TILE, page_size)
+        self._granule = INT4_TILE * page_size // math.gcd(INT4_TILE, page_size)  # 64 is a multiple of 32 too
         self.capacity = 0
         self._alloc(max(initial_capacity, 1))
 
@@ -151,8 +180,13 @@ class LayerCache:
         elif self.quant_bits == 8:
             self.k_int8 = grow(None if first else self.k_int8, (B, H, new_cap, D), torch.int8)
         if self.keep_page_bounds:
-            self.page_bounds = grow(None if first else self.page_bounds,
-                                    (B, H, new_cap // self.page_size, 2, D), self.bounds_dtype)
+            # Pages not written yet bound nothing: max -inf, min +inf, so a token's bounds widen them in place.
+            bounds = torch.empty((B, H, new_cap // self.page_size, 2, D), dtype=self.bounds_dtype, device=dev)
+            bounds[:, :, :, 0].fill_(float("-inf"))
+            bounds[:, :, :, 1].fill_(float("inf"))
+            if not first:
+                bounds[:, :, :self.page_bounds.shape[2]].copy_(self.page_bounds)
+            self.page_bounds = bounds
         if self.label_channels is not None:
             C = self.label_channels.shape[1]
             self.k_label = grow(None if first else self.k_label, (B, H, new_cap, C), self.dtype)
@@ -167,8 +201,8 @@ class LayerCache:
             raise ValueError("start must be >= 0")
         self.start = start
         self.min_start, self.max_start = int(start.min()), int(start.max())
-        if self.length and self.keep_page_bounds:
-            self._update_page_bounds(0, self.length)
+        if self.derived_length and self.keep_page_bounds:
+            self._update_page_bounds(0, self.derived_length)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep the sequences ``index [B']`` (in that order, repeats allowed): beam-search reordering and
@@ -201,13 +235,59 @@ class LayerCache:
         self.k[:, :, L0:L1].copy_(k)
         self.v[:, :, L0:L1].copy_(v)
         self.length = L1
-        # Derived structures are updated a granule-aligned chunk at a time: small temporaries stay in cache
-        # and are reused by the allocator instead of page-faulting fresh memory for every bulk append.
+        if not self.lazy_derived:
+            self.update_derived()
+
+    @property
+    def has_derived(self) -> bool:
+        return self.quant_bits is not None or self.keep_page_bounds or self.label_channels is not None
+
+    def update_derived(self) -> None:
+        """Bring the derived structures up to date with positions ``[derived_length, length)``."""
+        L0, L1 = self.derived_length, self.length
+        if L0 == L1:
+            return
+        self.derived_length = L1
+        if not self.has_derived:
+            return
+        if L1 - L0 == 1 and L0 >= self.max_start:  # a decode step's token: update in place
+            (self.token_updater or LayerCache._update_one)(self, L0)
+            return
+        # Bulk updates go a granule-aligned chunk at a time: small temporaries stay in cache and are reused by
+        # the allocator instead of page-faulting fresh memory for every bulk append.
         c0 = L0
         while c0 < L1:  # chunks end on multiples of _UPDATE_CHUNK; the next one starts where this one ended
             c1 = min(L1, c0 - c0 % _UPDATE_CHUNK + _UPDATE_CHUNK)
             self._update_derived(c0, c1)
             c0 = c1
+
+    def _update_one(self, pos: int) -> None:
+        """Derived structures of the single (valid) position ``pos``."""
+        x = self.k[:, :, pos]  # [B, H, D]
+        if self.quant_bits == 4:
+            qp = int4_params(x)
+            self.k_qparams[:, :, pos].copy_(qp)
+            codes = int4_codes(x, qp)  # [B, H, D]
+            blk = self.int4_block
+            half = blk // 2
+            tile = self.k_int4[:, :, pos - pos % blk:pos - pos % blk + blk].view(self.batch, self.num_kv_heads,
+                                                                                self.head_dim, half)
+            byte = tile[..., pos % half]  # [B, H, D]: this token's bytes; it owns the low or the high nibble
+            if pos % blk < half:
+                byte.copy_(codes)  # the high nibble belongs to a later position, not written yet
+            else:
+                byte.bitwise_or_(codes << 4)
+        elif self.quant_bits == 8:
+            codes, qp = quantize_int8(x)
+            self.k_int8[:, :, pos].copy_(codes)
+            self.k_qparams[:, :, pos].copy_(qp)
+        if self.keep_page_bounds:
+            lo, hi = round_outward(x, x, self.bounds_dtype)
+            page = self.page_bounds[:, :, pos // self.page_size]  # [B, H, 2, D]
+            torch.maximum(page[:, :, 0], hi, out=page[:, :, 0])
+            torch.minimum(page[:, :, 1], lo, out=page[:, :, 1])
+        if self.label_channels is not None:
+            self._update_labels(pos, pos + 1)
 
     def _update_derived(self, L0: int, L1: int) -> None:
         if self.quant_bits == 8:
@@ -219,19 +299,23 @@ class LayerCache:
         if self.keep_page_bounds:
             self._update_page_bounds(L0, L1)
         if self.label_channels is not None:
-            idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, L1 - L0, -1)
-            labels = torch.gather(self.k[:, :, L0:L1], 3, idx)
-            self.k_label[:, :, L0:L1].copy_(quantize_labels(labels, self.label_bits))
+            self._update_labels(L0, L1)
+
+    def _update_labels(self, L0: int, L1: int) -> None:
+        idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, L1 - L0, -1)
+        labels = torch.gather(self.k[:, :, L0:L1], 3, idx)
+        self.k_label[:, :, L0:L1].copy_(quantize_labels(labels, self.label_bits))
 
     def _update_int4(self, L0: int, L1: int) -> None:
         """Requantize positions ``[L0, L1)``: repack the int4 tiles they touch."""
-        t0 = (L0 // INT4_TILE) * INT4_TILE
-        t1 = -(-L1 // INT4_TILE) * INT4_TILE
+        blk = self.int4_block
+        t0 = (L0 // blk) * blk
+        t1 = -(-L1 // blk) * blk
         qp = int4_params(self.k[:, :, L0:L1])
         self.k_qparams[:, :, L0:L1].copy_(qp)
-        codes = unpack_int4(self.k_int4[:, :, t0:t1])  # [B, H, t1 - t0, D]
+        codes = unpack_int4(self.k_int4[:, :, t0:t1], blk)  # [B, H, t1 - t0, D]
         codes[:, :, L0 - t0:L1 - t0] = int4_codes(self.k[:, :, L0:L1], qp)
-        self.k_int4[:, :, t0:t1].copy_(pack_int4(codes))
+        self.k_int4[:, :, t0:t1].copy_(pack_int4(codes, blk))
 
     def _update_page_bounds(self, L0: int, L1: int) -> None:
         """Recompute the bounds of the pages that positions ``[L0, L1)`` touch."""

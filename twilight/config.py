@@ -24,6 +24,10 @@ PRUNER_TYPES = ("none", "top_p", "top_k", "threshold")
 BACKENDS = ("auto", "torch", "triton", "cuda", "flashinfer")
 CHANNELS_KEYS = ("q", "k", "qk")  # which projection's channel list a DoubleSparse channel file is read from
 MAX_LABEL_BITS = 16
+#: ``dense_below="auto"`` by device type: the context below which a sparse decode step costs more than a dense
+#: one, measured end to end by ``twilight bench e2e`` (benchmarks/README.md, "Crossover"). CUDA: not measured
+#: yet, so sparse from the first step (0) until a GPU run sets it.
+DENSE_BELOW_AUTO = {"cpu": 4096, "cuda": 0}
 
 
 class ConfigError(ValueError):
@@ -147,6 +151,10 @@ class TwilightConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     dense_layers: list[int] = field(default_factory=lambda: [0, 1])
     backend: str = "auto"
+    #: Decode densely while the longest sequence holds fewer valid tokens than this (every layer: where sparsity
+    #: cannot pay for its own work, a patched model must not be slower than the unpatched one). ``"auto"``: the
+    #: crossover measured for the device (``DENSE_BELOW_AUTO``); ``0``: always sparse, as the papers evaluate.
+    dense_below: int | str = "auto"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -163,7 +171,17 @@ class TwilightConfig:
         self.dense_layers = [_check_int("dense_layers[]", i, 0) for i in self.dense_layers]
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, f"must be one of {', '.join(BACKENDS)}")
+        if self.dense_below != "auto" and (isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int)
+                                           or self.dense_below < 0):
+            _fail("dense_below", self.dense_below, "must be 'auto' or an integer >= 0 (tokens)")
         return self
+
+    def crossover(self, device: Any) -> int:
+        """``dense_below`` on ``device``: the number itself, or the measured default for the device's type."""
+        if self.dense_below != "auto":
+            return self.dense_below
+        kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+        return DENSE_BELOW_AUTO.get(kind, 0)
 
     @property
     def is_dense(self) -> bool:
@@ -199,7 +217,7 @@ class TwilightConfig:
         if any(k in data for k in ("weight_estimator", "weight_pruner", "skip_first_two_layers", "compressor",
                                    "use_estimated_weights_in_attn")):
             data = _from_legacy(data)
-        known = {"selector", "estimator", "pruner", "dense_layers", "backend", "name"}
+        known = {"selector", "estimator", "pruner", "dense_layers", "backend", "dense_below", "name"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {sorted(known)}")
@@ -211,6 +229,8 @@ class TwilightConfig:
             kwargs["dense_layers"] = data["dense_layers"]
         if "backend" in data:
             kwargs["backend"] = data["backend"]
+        if "dense_below" in data:
+            kwargs["dense_below"] = data["dense_below"]
         kwargs["name"] = name or data.get("name", "custom")
         return cls(**kwargs)
 

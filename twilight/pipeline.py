@@ -3,7 +3,10 @@
 One pipeline serves every layer of a model. ``new_cache`` builds a layer's ``LayerCache`` with what the
 config's selector and estimator need; ``decode`` runs one decode step of one layer and records the
 budget in ``stats``. Layers in ``config.dense_layers`` (and every layer under a dense config) attend to
-all tokens.
+all tokens; so does every layer of a step whose context is below the crossover ``config.dense_below``.
+
+Every backend runs the same path (``twilight.contract``): ``plan`` once per step, then per layer
+``backend.select`` -> ``backend.prune`` -> ``backend.attend``.
 
 Example::
 
@@ -20,8 +23,8 @@ import torch
 from twilight.backends import resolve_backend
 from twilight.cache import LayerCache
 from twilight.config import TwilightConfig
-from twilight.prune import prune_mask
-from twilight.select import compact, make_selector, selector_channels
+from twilight.contract import StepPlan
+from twilight.select import make_selector, selector_channels
 from twilight.selection import Selection
 from twilight.stats import BudgetStats
 
@@ -40,6 +43,9 @@ class TwilightPipeline:
         self._selectors: dict[int, object] = {}
         self._backends: dict[torch.device, object] = {}
         self._dense_layers = set(self.config.dense_layers)
+        #: May backends read counts back to size their work? ``None``: where the cache lives on the CPU. ``False``
+        #: runs the fixed-shape path a GPU runs (tests count its synchronisations on the CPU).
+        self.host_reads: bool | None = None
 
     # ------------------------------------------------------------------ setup
     def is_dense(self, layer_idx: int) -> bool:
@@ -55,15 +61,21 @@ class TwilightPipeline:
     def new_cache(self, layer_idx: int, batch: int, num_kv_heads: int, head_dim: int,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                   start: torch.Tensor | None = None) -> LayerCache:
-        """A ``LayerCache`` holding what this layer's stages read (nothing extra for dense layers)."""
-        self.backend(device)  # fail early on an unavailable backend
+        """A ``LayerCache`` holding what this layer's stages read (nothing extra for dense layers), in the layout
+        the backend reads. Its derived structures (int4 keys, page bounds, labels) are built when a sparse step
+        first needs them, so contexts that stay below the dense crossover never pay for them."""
+        backend = self.backend(device)  # fail early on an unavailable backend
         dense = self.is_dense(layer_idx)
         sel = self.config.selector
-        return LayerCache(batch, num_kv_heads, head_dim, dtype=dtype, device=device, page_size=sel.page_size,
+        cache = LayerCache(batch, num_kv_heads, head_dim, dtype=dtype, device=device, page_size=sel.page_size,
                           quant_bits=None if dense else self.config.estimator.bits,
                           keep_page_bounds=not dense and sel.type == "quest",
                           label_channels=None if dense else selector_channels(sel, layer_idx, num_kv_heads),
-                          label_bits=None if dense else sel.label_bits, start=start)
+                          label_bits=None if dense else sel.label_bits, start=start,
+                          int4_block=backend.int4_block(torch.device(device)), lazy_derived=True,
+                          bounds_dtype=backend.bounds_dtype(torch.device(device), dtype))
+        cache.token_updater = backend.token_updater(cache)
+        return cache
 
     def _selector(self, layer_idx: int):
         if layer_idx not in self._selectors:
@@ -71,48 +83,52 @@ class TwilightPipeline:
         return self._selectors[layer_idx]
 
     # ------------------------------------------------------------------ one step
-    def select(self, layer_idx: int, q: torch.Tensor, cache: LayerCache) -> Selection:
-        """Stage 1: the candidate ``Selection``."""
-        if self.is_dense(layer_idx):
-            return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=q.device, start=cache.start)
-        sel_cfg = self.config.selector
-        backend = self.backend(q.device)
-        if sel_cfg.type == "quest" and hasattr(backend, "quest_select"):  # a fused kernel (GPU backends)
-            return backend.quest_select(q, cache, sel_cfg.token_budget, sel_cfg.page_size)
-        return self._selector(layer_idx)(q, cache)
+    def plan(self, cache: LayerCache, host_reads: bool | None = None) -> StepPlan:
+        """The step plan shared by every layer of one decode step (all layers hold the same positions).
 
-    def prune(self, q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float) -> tuple[Selection, torch.Tensor]:
+        ``host_reads`` (default: the cache is on the CPU) lets backends size their work from tensor counts;
+        ``False`` keeps every shape host-known, as on a GPU (no synchronisation).
+        """
+        if host_reads is None:
+            host_reads = self.host_reads if self.host_reads is not None else cache.device.type == "cpu"
+        longest = cache.length - cache.min_start
+        return StepPlan(cache.length, cache.min_start, cache.max_start,
+                        dense=longest < self.config.crossover(cache.device), host_reads=host_reads)
+
+    def select(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, plan: StepPlan | None = None) -> Selection:
+        """Stage 1: the candidate ``Selection``."""
+        plan = plan or self.plan(cache)
+        if self.is_dense(layer_idx) or plan.dense:
+            return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=q.device,
+                                  start=cache.start if cache.max_start else None)
+        cache.update_derived()
+        return self.backend(q.device).select(q, cache, self._selector(layer_idx), plan)
+
+    def prune(self, q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float,
+              plan: StepPlan | None = None) -> tuple[Selection, torch.Tensor]:
         """Stages 2 and 3: estimate the candidates' scores, prune per query head, union per kv-head.
 
         Returns the pruned selection and the kept-token count of every query head ``[B, Hq]``.
         """
-        backend = self.backend(q.device)
-        cfg = self.config
-        if cfg.pruner.type == "top_p" and hasattr(backend, "prune_to_selection"):
-            # Fused GPU kernels: top-p on the raw scores (scaled inside), GQA union and compaction in one go.
-            scores = backend.estimate(q, cache, sel, cfg.estimator.type)  # [B, Hq, K]
-            return backend.prune_to_selection(scores, sel, cfg.pruner.p, scale=scale)
-        logits = backend.estimate(q, cache, sel, cfg.estimator.type) * scale  # [B, Hq, K]
-        if cfg.pruner.type == "top_p":
-            keep = backend.prune_top_p(logits, cfg.pruner.p)
-        else:
-            keep = prune_mask(logits, cfg.pruner)
-        B, Hq, K = keep.shape
-        keep_kv = keep.view(B, cache.num_kv_heads, Hq // cache.num_kv_heads, K).any(2)  # union over the group
-        indices, counts = compact(sel.indices, keep_kv)
-        return Selection(indices, counts), keep.sum(-1, dtype=torch.int32)
+        return self.backend(q.device).prune(q, cache, sel, self.config, scale, plan or self.plan(cache))
 
-    def decode(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float) -> torch.Tensor:
-        """One decode step of one layer: ``q [B, Hq, D]`` -> attention output ``[B, Hq, D]``."""
+    def decode(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float,
+               plan: StepPlan | None = None) -> torch.Tensor:
+        """One decode step of one layer: ``q [B, Hq, D]`` -> attention output ``[B, Hq, D]``.
+
+        ``plan``: this step's ``StepPlan`` (``self.plan(cache)``), computed once and passed to every layer;
+        built here when omitted.
+        """
         if q.dim() != 3 or q.shape[1] != self.num_q_heads:
             raise ValueError(f"q must be [B, Hq={self.num_q_heads}, D], got {tuple(q.shape)}")
+        plan = plan or self.plan(cache)
         backend = self.backend(q.device)
-        sel = self.select(layer_idx, q, cache)
-        dense = self.is_dense(layer_idx)
+        dense = self.is_dense(layer_idx) or plan.dense
+        sel = self.select(layer_idx, q, cache, plan)
         if dense or self.config.pruner.type == "none":
-            q_counts = sel.counts.repeat_interleave(self.num_q_heads // cache.num_kv_heads, dim=1)
+            q_counts = None
         else:
-            sel, q_counts = self.prune(q, cache, sel, scale)
-        out = backend.attend(q, cache, sel, scale)
-        self.stats.record(layer_idx, q_counts, sel.counts, cache.lengths(), dense)
+            sel, q_counts = backend.prune(q, cache, sel, self.config, scale, plan)
+        out = backend.attend(q, cache, sel, scale, plan)
+        self.stats.record(layer_idx, q_counts, sel.counts, (plan.length, cache.start), dense)
         return out

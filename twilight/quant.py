@@ -9,18 +9,19 @@ offset; ``qparams[..., 0]`` is the scale and ``qparams[..., 1]`` the *mid* value
 The absolute error per channel is at most ``scale / 2 = (max - min) / 30`` for int4 and
 ``(max - min) / 510`` for int8 (plus float rounding).
 
-**int4 layout.** Tokens are grouped in tiles of ``INT4_TILE = 64``; a tile is stored dim-major:
-byte ``[tile, d, c]`` (``c < 32``) holds channel ``d`` of token ``c`` in its low nibble and of token
-``c + 32`` in its high nibble. Viewed as ``[T, D // 2]`` bytes this is exactly the layout PyTorch's
-CPU int4 GEMV (``torch._weight_int4pack_mm_for_cpu``) consumes, so the torch backend scores keys
-without unpacking them; the Triton and CUDA kernels address the same layout.
+**int4 layout.** Tokens are grouped in tiles of ``block`` tokens (``INT4_TILE = 64`` by default); a tile is
+stored dim-major: byte ``[tile, d, c]`` (``c < block / 2``) holds channel ``d`` of token ``c`` in its low nibble
+and of token ``c + block / 2`` in its high nibble. Viewed as ``[T, D // 2]`` bytes this is exactly the layout
+PyTorch's CPU int4 GEMV (``torch._weight_int4pack_mm_for_cpu``) consumes, with 64-token blocks on AVX-512
+CPUs and 32-token blocks on AVX2 ones, so the torch backend scores keys without unpacking them; the Triton
+and CUDA kernels address the 64-token layout.
 """
 from __future__ import annotations
 
 import torch
 
 INT4_TILE = 64
-_HALF_TILE = INT4_TILE // 2
+INT4_BLOCKS = (32, 64)  # tile sizes the cache can keep
 
 
 def _minmax_params(x: torch.Tensor, levels: int, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +34,8 @@ def _minmax_params(x: torch.Tensor, levels: int, offset: float) -> tuple[torch.T
     return scale, mid
 
 
-def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x [..., T, D]`` (``T`` a multiple of 64, ``D`` even) to the tiled int4 layout.
+def quantize_int4(x: torch.Tensor, block: int = INT4_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [..., T, D]`` (``T`` a multiple of ``block``, ``D`` even) to the tiled int4 layout.
 
     Returns ``packed [..., T, D // 2] uint8`` and ``qparams [..., T, 2] float32`` (scale, mid).
 
@@ -46,7 +47,7 @@ def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tensor(True)
     """
     qparams = int4_params(x)
-    return pack_int4(int4_codes(x, qparams)), qparams
+    return pack_int4(int4_codes(x, qparams), block), qparams
 
 
 def int4_params(x: torch.Tensor) -> torch.Tensor:
@@ -55,28 +56,34 @@ def int4_params(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([scale, mid], -1)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack codes ``[..., T, D]`` (uint8 in [0, 15]; ``T % 64 == 0``, even ``D``) into ``[..., T, D // 2]``."""
+def _check_block(block: int) -> int:
+    if block not in INT4_BLOCKS:
+        raise ValueError(f"int4 block={block!r} is invalid: must be one of {INT4_BLOCKS}")
+    return block
+
+
+def pack_int4(codes: torch.Tensor, block: int = INT4_TILE) -> torch.Tensor:
+    """Pack codes ``[..., T, D]`` (uint8 in [0, 15]; ``T % block == 0``, even ``D``) into ``[..., T, D // 2]``."""
     *lead, T, D = codes.shape
-    if T % INT4_TILE or D % 2:
-        raise ValueError(f"int4 packing needs T % {INT4_TILE} == 0 and even D, got T={T}, D={D}")
-    q = codes.reshape(*lead, T // INT4_TILE, INT4_TILE, D).transpose(-1, -2)  # [..., tiles, D, 64]
-    packed = q[..., :_HALF_TILE] | (q[..., _HALF_TILE:] << 4)  # [..., tiles, D, 32]
+    if T % _check_block(block) or D % 2:
+        raise ValueError(f"int4 packing needs T % {block} == 0 and even D, got T={T}, D={D}")
+    q = codes.reshape(*lead, T // block, block, D).transpose(-1, -2)  # [..., tiles, D, block]
+    packed = q[..., :block // 2] | (q[..., block // 2:] << 4)  # [..., tiles, D, block / 2]
     return packed.reshape(*lead, T, D // 2)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of the packing in ``quantize_int4``: ``[..., T, D // 2] uint8`` -> codes ``[..., T, D]`` uint8."""
+def unpack_int4(packed: torch.Tensor, block: int = INT4_TILE) -> torch.Tensor:
+    """Inverse of ``pack_int4``: ``[..., T, D // 2] uint8`` -> codes ``[..., T, D]`` uint8."""
     *lead, T, half_d = packed.shape
     D = half_d * 2
-    tiles = packed.reshape(*lead, T // INT4_TILE, D, _HALF_TILE)
-    q = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # [..., tiles, D, 64]
+    tiles = packed.reshape(*lead, T // _check_block(block), D, block // 2)
+    q = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # [..., tiles, D, block]
     return q.transpose(-1, -2).reshape(*lead, T, D)
 
 
-def dequantize_int4(packed: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, qparams: torch.Tensor, block: int = INT4_TILE) -> torch.Tensor:
     """``[..., T, D // 2]`` packed + ``[..., T, 2]`` params -> ``[..., T, D]`` float32."""
-    q = unpack_int4(packed).float()
+    q = unpack_int4(packed, block).float()
     return (q - 8.0) * qparams[..., 0:1] + qparams[..., 1:2]
 
 
@@ -97,12 +104,23 @@ def dequantize_int8(codes: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
 
 
 def round_outward(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cast bounds to ``dtype`` rounding ``lo`` down and ``hi`` up, so they still bound the exact values."""
-    lo_c, hi_c = lo.to(dtype), hi.to(dtype)
-    if lo_c.dtype == lo.dtype:
-        return lo_c, hi_c
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=lo.device)
-    pos_inf = torch.tensor(float("inf"), dtype=dtype, device=lo.device)
-    lo_c = torch.where(lo_c.to(lo.dtype) > lo, torch.nextafter(lo_c, neg_inf), lo_c)
-    hi_c = torch.where(hi_c.to(hi.dtype) < hi, torch.nextafter(hi_c, pos_inf), hi_c)
+    """Cast bounds to ``dtype`` so that they still bound the exact values: ``lo`` rounded down, ``hi`` up.
+
+    Round-to-nearest moves a value by at most half a unit in the last place: ``|x| * eps / 2`` for normal
+    numbers, half the smallest subnormal below them. Widening each bound by ``|x| * c`` with
+    ``c = eps / 2 + eps**2`` (which covers the half unit of the widened value too; taken as the larger of
+    ``x * (1 ± c)``, so that the infinite bounds of empty pages stay infinite) plus the smallest subnormal of
+    ``dtype`` before the cast keeps it on the safe side, about one unit looser than the tightest bound, with
+    elementwise ops only (no constants built on the host).
+    """
+    if lo.dtype == dtype:
+        return lo, hi
+    info = torch.finfo(dtype)
+    tiny = info.smallest_normal * info.eps  # the smallest subnormal of dtype
+    lo, hi = lo.float(), hi.float()
+    if info.max < 1e30:  # float16: a finite value past its range would round to the wrong infinity
+        lo, hi = lo.clamp(max=info.max), hi.clamp(min=-info.max)
+    c = info.eps / 2 + info.eps ** 2
+    lo_c = (torch.minimum(lo * (1 + c), lo * (1 - c)) - tiny).to(dtype)
+    hi_c = (torch.maximum(hi * (1 + c), hi * (1 - c)) + tiny).to(dtype)
     return lo_c, hi_c

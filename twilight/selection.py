@@ -28,6 +28,12 @@ class Selection:
     #: True when row (b, h) is exactly the contiguous range ``[start[b], start[b] + counts)`` in order,
     #: as ``Selection.full`` builds it; stages may then read the cache contiguously instead of gathering.
     is_full_range: bool = False
+    #: When set, every row is whole pages of this many tokens, page after page (slot ``s`` belongs to the row's
+    #: page ``s // page_size``; a partial last page ends the row), as Quest's selector builds it without left
+    #: padding; the CPU estimator then reads the int4 keys page by page instead of token by token.
+    page_size: int | None = None
+    #: When set, every row holds exactly this many valid entries (known on the host: no read of ``counts``).
+    uniform_count: int | None = None
 
     def __post_init__(self) -> None:
         if self.indices.dim() != 3:
@@ -82,7 +88,7 @@ class Selection:
         idx = torch.arange(length, device=device, dtype=torch.int32).expand(batch, heads, length)
         if start is None:
             counts = torch.full((batch, heads), length, dtype=torch.int32, device=device)
-            return cls(idx.contiguous(), counts, is_full_range=True)
+            return cls(idx.contiguous(), counts, is_full_range=True, uniform_count=length)
         start = start.to(device=device, dtype=torch.int32).view(batch, 1, 1)
         idx = (idx + start).clamp_max(max(length - 1, 0))
         counts = (length - start.view(batch, 1)).clamp_min(0).expand(batch, heads).to(torch.int32).contiguous()

@@ -2,8 +2,9 @@
 
 The pipeline records every decode step of every layer: per query head the size of its own kept set
 (after pruning; the candidate count when nothing prunes), per kv-head the tokens actually read (the union
-over its query heads), and the context length. Sums stay on the device until read, so recording costs no
-synchronisation.
+over its query heads), and the context length. Recording only keeps references to the step's count tensors;
+they are reduced in batches (every ``_FOLD_EVERY`` steps of a layer, and when read), so a decode step pays
+no tensor op and no synchronisation for its statistics.
 
 ``as_dict()`` keys:
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+_FOLD_EVERY = 64  # pending steps of a layer reduced together
+
 
 class BudgetStats:
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int):
@@ -36,26 +39,46 @@ class BudgetStats:
         self._ctx_sum: dict[int, torch.Tensor] = {}
         self._rows: dict[int, int] = {}
         self._dense: dict[int, bool] = {}
+        self._pending: dict[int, list] = {}
 
-    def record(self, layer: int, q_counts: torch.Tensor, kv_counts: torch.Tensor, context: torch.Tensor,
-               dense: bool) -> None:
-        """One decode step of ``layer``: ``q_counts [B, Hq]``, ``kv_counts [B, Hkv]``, ``context [B]``."""
-        q = q_counts.to(torch.float64)
+    def record(self, layer: int, q_counts: torch.Tensor | None, kv_counts: torch.Tensor,
+               context: "torch.Tensor | tuple[int, torch.Tensor]", dense: bool) -> None:
+        """One decode step of ``layer``: ``q_counts [B, Hq]`` (``None``: each query head kept its kv-head's
+        candidates), ``kv_counts [B, Hkv]``, ``context [B]`` valid tokens or ``(length, start [B])``."""
+        self._pending.setdefault(layer, []).append((q_counts, kv_counts, context))
+        self._dense[layer] = dense
+        if len(self._pending[layer]) >= _FOLD_EVERY:
+            self._fold(layer)
+
+    def _fold(self, layer: int) -> None:
+        pending = self._pending.pop(layer, None)
+        if not pending:
+            return
+        group = self.num_q_heads // self.num_kv_heads
+        kv = torch.stack([kv_counts for _, kv_counts, _ in pending]).to(torch.float64)  # [S, B, Hkv]
+        q = torch.stack([kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts
+                         for q_counts, kv_counts, _ in pending]).to(torch.float64)  # [S, B, Hq]
+        ctx = torch.stack([(c[0] - c[1]).clamp_min(0) if isinstance(c, tuple) else c
+                           for _, _, c in pending]).to(torch.float64)  # [S, B]
+        q = q.flatten(0, 1)
         if layer not in self._q_sum:
             self._q_sum[layer] = q.sum(0)
-            self._kv_sum[layer] = kv_counts.to(torch.float64).sum(0)
+            self._kv_sum[layer] = kv.flatten(0, 1).sum(0)
             self._q_min[layer] = q.amin(0)
             self._q_max[layer] = q.amax(0)
-            self._ctx_sum[layer] = context.to(torch.float64).sum()
+            self._ctx_sum[layer] = ctx.sum()
             self._rows[layer] = q.shape[0]
         else:
             self._q_sum[layer] += q.sum(0)
-            self._kv_sum[layer] += kv_counts.to(torch.float64).sum(0)
+            self._kv_sum[layer] += kv.flatten(0, 1).sum(0)
             torch.minimum(self._q_min[layer], q.amin(0), out=self._q_min[layer])
             torch.maximum(self._q_max[layer], q.amax(0), out=self._q_max[layer])
-            self._ctx_sum[layer] += context.to(torch.float64).sum()
+            self._ctx_sum[layer] += ctx.sum()
             self._rows[layer] += q.shape[0]
-        self._dense[layer] = dense
+
+    def _fold_all(self) -> None:
+        for layer in list(self._pending):
+            self._fold(layer)
 
     @classmethod
     def concat_heads(cls, parts: "list[BudgetStats]") -> "BudgetStats":
@@ -66,6 +89,8 @@ class BudgetStats:
         """
         if not parts:
             raise ValueError("concat_heads needs at least one BudgetStats")
+        for p in parts:
+            p._fold_all()
         first = parts[0]
         for i, p in enumerate(parts[1:], 1):
             if p.num_layers != first.num_layers or p._rows != first._rows:
@@ -83,9 +108,11 @@ class BudgetStats:
 
     @property
     def decode_steps(self) -> int:
+        self._fold_all()
         return max(self._rows.values(), default=0)
 
     def as_dict(self) -> dict:
+        self._fold_all()
         layers = sorted(self._rows)
         per_layer, per_head = [], [None] * self.num_layers
         sparse_q, sparse_kv, sparse_rows, lo, hi = 0.0, 0.0, 0, float("inf"), float("-inf")

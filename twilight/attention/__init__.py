@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from twilight._checks import check_selection, group_queries
+from twilight._tensors import check_selection, exp_weights, gather_tokens, group_queries
 from twilight.cache import LayerCache
-from twilight.estimate import gather_tokens
-from twilight.prune import exp_weights
 from twilight.selection import Selection
 
 __all__ = ["sparse_decode_attention", "dense_decode_attention"]
@@ -24,14 +22,15 @@ def dense_decode_attention(q: torch.Tensor, cache: LayerCache, scale: float) -> 
     qg = group_queries(q, cache)  # [B, Hkv, G, D]
     keys, values = cache.keys(), cache.values()  # [B, Hkv, L, D]
     mask = None
-    if bool((cache.start > 0).any()):
+    if cache.max_start > 0:  # a host copy: no read back from the device
         pos = torch.arange(cache.length, device=q.device)
         mask = (pos.view(1, 1, 1, -1) >= cache.start.view(-1, 1, 1, 1))  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)  # [B, Hkv, G, D]
     return out.reshape(q.shape)
 
 
-def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float) -> torch.Tensor:
+def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float,
+                            host_reads: bool = True) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` over the tokens ``sel`` picks for each kv-head.
 
     Args:
@@ -39,6 +38,8 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
         cache: the layer's ``LayerCache`` (exact K/V are read only at selected positions).
         sel: ``Selection`` with ``indices [B, Hkv, K_max]`` and ``counts [B, Hkv]``.
         scale: softmax scale, usually ``D ** -0.5``.
+        host_reads: on the CPU, attend to exactly the selected tokens (their positions are read from
+            ``sel``); ``False`` keeps shapes fixed by ``sel``'s width (no read back, as on a GPU).
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype; a row with an empty selection yields zeros.
 
@@ -57,19 +58,13 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
     if sel.is_full_range:
         return dense_decode_attention(q, cache, scale)
     B, Hq, D = q.shape
-    H = cache.num_kv_heads
-    if q.device.type == "cpu" and B * H <= _CPU_ROW_LOOP_MAX:
+    if q.device.type == "cpu" and host_reads:
         return _attend_rows(qg, cache, sel, scale).reshape(B, Hq, D).to(q.dtype)
     keys = gather_tokens(cache.k, sel.indices)  # [B, Hkv, K, D]
     values = gather_tokens(cache.v, sel.indices)
     logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, K]
     logits = logits.masked_fill_(~sel.valid().unsqueeze(2), float("-inf"))
     return _softmax_values(logits, values).reshape(B, Hq, D).to(q.dtype)
-
-
-# On the CPU, up to this many (batch, kv-head) rows are attended one by one, each reading exactly its own
-# tokens: budgets differ by 1000x between heads, so padding every row to the longest costs more than the loop.
-_CPU_ROW_LOOP_MAX = 64
 
 
 def _softmax_values(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -80,7 +75,12 @@ def _softmax_values(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_rows(qg: torch.Tensor, cache: LayerCache, sel: Selection, scale: float) -> torch.Tensor:
-    """``[B, Hkv, G, D]`` attention, one (batch, kv-head) row at a time over its ``counts`` tokens."""
+    """``[B, Hkv, G, D]`` attention, one (batch, kv-head) row at a time over exactly its ``counts`` tokens.
+
+    Budgets differ by 1000x between heads, so padding every row to the longest costs more than the loop, and
+    flattening the rows needs ``[tokens, G, D]`` temporaries: on the CPU (where reading the counts is free) each
+    row reads its own tokens, two gathers and two small matmuls.
+    """
     B, H, G, D = qg.shape
     counts = sel.counts.tolist()
     out = torch.zeros(B, H, G, D, dtype=torch.float32, device=qg.device)

@@ -10,9 +10,9 @@ multiplied by the softmax scale), ``-inf`` at padding slots. ``kind``:
   elsewhere the gathered codes are unpacked with tensor ops (the GPU backends have kernels).
 
 PyTorch's CPU GEMV packs tokens in blocks of 64 on AVX-512 machines and of 32 elsewhere (AVX2).
-``cpu_int4_block()`` finds out which, once per process, by running the GEMV on a probe it can check; the
-cache keeps the 64-token layout, so with 32-token blocks the tiles read are repacked first. Should neither
-layout reproduce the probe, the portable path serves the CPU too.
+``cpu_int4_block()`` finds out which, once per process, by running the GEMV on a probe it can check; the torch
+backend builds its CPU caches in that layout (``LayerCache.int4_block``), so keys are scored where they lie.
+A cache in another layout (or should neither layout reproduce the probe) is scored by the portable path.
 """
 from __future__ import annotations
 
@@ -20,31 +20,18 @@ import functools
 
 import torch
 
-from twilight._checks import check_selection, group_queries
 from twilight._compat import INDEX_DTYPE
+from twilight._tensors import check_selection, compact, gather_tokens, group_queries
 from twilight.cache import LayerCache
 from twilight.config import ESTIMATOR_TYPES
 from twilight.quant import INT4_TILE
-from twilight.select import compact
 from twilight.selection import Selection
 
-__all__ = ["estimate_scores", "gather_tokens", "ESTIMATOR_TYPES"]
+__all__ = ["estimate_scores", "ESTIMATOR_TYPES"]
 
 _CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Above this fraction of 64-token tiles holding candidates, scoring every tile in place beats gathering.
 _GATHER_MAX_FRACTION = 0.6
-
-
-def gather_tokens(store: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows of ``store [B, H, capacity, X]`` at ``indices [B, H, K]`` -> ``[B, H, K, X]``.
-
-    One ``index_select`` over the flattened rows (much faster than ``torch.gather`` on CPU).
-    """
-    B, H, cap, X = store.shape
-    dtype = torch.int32 if B * H * cap < 2**31 else torch.int64
-    base = torch.arange(B * H, device=store.device, dtype=dtype).view(B, H, 1) * cap
-    flat = (indices.to(dtype) + base).reshape(-1)
-    return store.reshape(B * H * cap, X).index_select(0, flat).view(B, H, -1, X)
 
 
 def _exact(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
@@ -71,48 +58,19 @@ def _int4_unpacked(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch
     """Portable int4 path: gather each candidate's bytes from the tiled layout, unpack, dequantize."""
     B, H, K = sel.indices.shape
     D = cache.head_dim
+    blk, half = cache.int4_block, cache.int4_block // 2
     idx = sel.indices.long()
-    tile, c = idx // INT4_TILE, idx % INT4_TILE
-    # byte [tile, d, c % 32] of the (b, h) row, in the view [B*H, tiles, D, 32]
-    n_tiles = cache.capacity // INT4_TILE
+    tile, c = idx // blk, idx % blk
+    # byte [tile, d, c % half] of the (b, h) row, in the view [B*H, tiles, D, half]
+    n_tiles = cache.capacity // blk
     bh = torch.arange(B * H, device=idx.device).view(B, H, 1)
-    base = ((bh * n_tiles + tile) * D) * (INT4_TILE // 2) + (c % (INT4_TILE // 2))  # [B, H, K]
-    d_off = torch.arange(D, device=idx.device) * (INT4_TILE // 2)
+    base = ((bh * n_tiles + tile) * D) * half + (c % half)  # [B, H, K]
+    d_off = torch.arange(D, device=idx.device) * half
     packed = cache.k_int4.reshape(-1)[(base.unsqueeze(-1) + d_off).reshape(-1)].view(B, H, K, D)
-    shift = ((c >= INT4_TILE // 2).to(torch.uint8) * 4).unsqueeze(-1)
+    shift = ((c >= half).to(torch.uint8) * 4).unsqueeze(-1)
     codes = ((packed >> shift) & 0xF).float()
     qp = gather_tokens(cache.k_qparams, sel.indices)
     return _affine_scores(qg.float(), codes - 8.0, qp)
-
-
-_WORKSPACES: dict[tuple, torch.Tensor] = {}
-
-
-def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable scratch buffer (large CPU temporaries otherwise page-fault fresh memory every step)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    key = (name, dtype, torch.device(device))
-    buf = _WORKSPACES.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACES[key] = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
-                                             dtype=dtype, device=device)
-    return buf[:numel].view(shape)
-
-
-def _repack_block32(rows: torch.Tensor) -> torch.Tensor:
-    """``[..., T, D/2]`` bytes in the cache's 64-token tiles -> PyTorch's 32-token block layout (AVX2).
-
-    A 64-token tile ``[D, 32]`` holds token ``c`` in the low and ``c + 32`` in the high nibble; a 32-token block
-    ``[D, 16]`` holds token ``c`` and ``c + 16``.
-    """
-    *lead, T, half_d = rows.shape
-    D = 2 * half_d
-    tiles = rows.reshape(*lead, T // INT4_TILE, D, INT4_TILE // 2)
-    codes = torch.cat([tiles & 0xF, tiles >> 4], -1).view(*lead, T // INT4_TILE, D, 2, 32)  # [.., tiles, D, 2, 32]
-    packed = codes[..., :16] | (codes[..., 16:] << 4)  # [..., tiles, D, 2, 16]
-    return packed.transpose(-3, -2).reshape(*lead, T, half_d)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,9 +87,9 @@ def cpu_int4_block() -> int | None:
     D = 64
     keys = torch.randn(2 * INT4_TILE, D, generator=g)
     q = torch.randn(1, D, generator=g)
-    packed, qparams = quantize_int4(keys)
-    ref = q @ dequantize_int4(packed, qparams).T  # [1, 128]
-    for block, rows in ((64, packed), (32, _repack_block32(packed))):
+    for block in (64, 32):
+        rows, qparams = quantize_int4(keys, block)
+        ref = q @ dequantize_int4(rows, qparams, block).T  # [1, 128]
         try:
             out = torch._weight_int4pack_mm_for_cpu(q.to(torch.bfloat16), rows, D,
                                                    qparams.to(torch.bfloat16).unsqueeze(0)).float()
@@ -143,50 +101,70 @@ def cpu_int4_block() -> int | None:
 
 
 def _int4_cpu(qg: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
-    """CPU int4 path: PyTorch's int4 GEMV over the tiles holding candidates, no unpacking."""
+    """CPU int4 path: PyTorch's int4 GEMV on the cache's own block layout, no unpacking, no repacking.
+
+    Which keys it reads: every block in place for a full-range selection (or when most blocks hold
+    candidates); one block per page (or the blocks of a page) for Quest's page-major selections; otherwise the
+    blocks that hold candidates, gathered.
+    """
     B, H, G, D = qg.shape
+    blk = cache.int4_block
     idx = sel.indices.to(INDEX_DTYPE)
-    n_tiles = -(-cache.length // INT4_TILE)
-    cap_tiles = cache.capacity // INT4_TILE
-    touched = None
-    if not sel.is_full_range:
-        tile_of = idx >> 6  # INT4_TILE == 64
-        touched = torch.zeros(B, H, n_tiles + 1, dtype=torch.bool, device=idx.device)
-        touched.scatter_(-1, torch.where(sel.valid(), tile_of, n_tiles), True)
-        touched = touched[..., :n_tiles]
-    if touched is None or bool(touched.float().mean() > _GATHER_MAX_FRACTION):
-        # Most tiles hold candidates: run the GEMV over every tile in place rather than gathering.
-        rows = cache.k_int4[:, :, :n_tiles * INT4_TILE]  # [B, H, n * 64, D/2]
-        qparams = cache.k_qparams[:, :, :n_tiles * INT4_TILE]
-        column = idx  # [B, H, K]: where each candidate's score lands in the GEMV output
-    else:  # gather the touched tiles of every (b, h) into one padded batch
-        tiles, _ = compact(torch.arange(n_tiles, device=idx.device).expand(B, H, n_tiles), touched)  # [B, H, T]
-        # Position of each touched tile in the gathered list. Padding slots may point at tiles no candidate
-        # touches (their value is any valid position): clamp so they read a real column (masked later).
-        rank = (torch.cumsum(touched, -1, dtype=torch.int32) - 1).clamp_min(0)
-        column = rank.gather(-1, tile_of) * INT4_TILE + (idx & (INT4_TILE - 1))
-        flat = (tiles + torch.arange(B * H, device=idx.device, dtype=torch.int32).view(B, H, 1) * cap_tiles).view(-1)
-        rows = _workspace("int4_rows", (flat.numel(), INT4_TILE * D // 2), torch.uint8, idx.device)
-        torch.index_select(cache.k_int4.view(B * H * cap_tiles, -1), 0, flat, out=rows)
-        rows = rows.view(B, H, -1, D // 2)
-        qparams = cache.k_qparams.view(B * H * cap_tiles, -1).index_select(0, flat).view(B, H, -1, 2)
-    if cpu_int4_block() == 32:
-        rows = _repack_block32(rows)
+    K = idx.shape[-1]
+    n_blocks = -(-cache.length // blk)
+    cap_blocks = cache.capacity // blk
+    flat = None
+    ps = sel.page_size
+    bh = torch.arange(B * H, device=idx.device, dtype=idx.dtype).view(B, H, 1) * cap_blocks
+    if sel.is_full_range:
+        column = None if cache.max_start == 0 else idx  # no padding: column j is position j
+    elif ps is not None and ps % blk == 0:  # each page is ps / blk whole blocks: the gathered rows are the row's
+        per = ps // blk                     # tokens in slot order
+        pages = idx[..., ::ps] // ps  # [B, H, n_pages]
+        blocks = (pages.unsqueeze(-1) * per + torch.arange(per, device=idx.device, dtype=idx.dtype)).flatten(-2)
+        flat, column = (blocks + bh).view(-1), None
+    else:
+        # The blocks holding candidates (for Quest's pages: one per page, two pages may share one), each read once.
+        if ps is not None and blk % ps == 0:
+            owners = idx[..., ::ps] // blk  # [B, H, n_pages]: every slot of a page is valid but the last page's tail
+        else:
+            owners = torch.where(sel.valid(), idx // blk, n_blocks)
+        touched = torch.zeros(B, H, n_blocks + 1, dtype=torch.bool, device=idx.device)
+        touched.scatter_(-1, owners, True)
+        touched = touched[..., :n_blocks]
+        if float(touched.float().mean()) > _GATHER_MAX_FRACTION:  # most blocks hold candidates: read all in place
+            column = idx
+        else:
+            blocks, _ = compact(torch.arange(n_blocks, device=idx.device).expand(B, H, n_blocks), touched)
+            # Position of each touched block in the gathered list; padding slots read a real column (masked later).
+            rank = (torch.cumsum(touched, -1, dtype=torch.int32) - 1).clamp_min(0)
+            column = rank.gather(-1, idx // blk) * blk + idx % blk
+            flat = (blocks.to(idx.dtype) + bh).view(-1)
+    if flat is None:  # every block in place
+        rows = cache.k_int4[:, :, :n_blocks * blk]  # [B, H, n * blk, D/2]
+        qparams = cache.k_qparams[:, :, :n_blocks * blk].to(torch.bfloat16)
+    else:
+        rows = cache.k_int4.view(B * H * cap_blocks, -1).index_select(0, flat).view(B, H, -1, D // 2)
+        qparams = cache.k_qparams.view(B * H * cap_blocks, -1).index_select(0, flat).to(torch.bfloat16)
+        qparams = qparams.view(B, H, -1, 2)
     a = qg.to(torch.bfloat16)
-    qparams = qparams.to(torch.bfloat16)  # (scale, mid) is torch's (scale, zero) for codes - 8
-    out = torch.empty(B, H, G, rows.shape[2], dtype=torch.bfloat16, device=qg.device)
-    for b in range(B):
-        for h in range(H):
-            out[b, h] = torch._weight_int4pack_mm_for_cpu(a[b, h], rows[b, h], D, qparams[b, h].unsqueeze(0))
+    # (scale, mid) is torch's (scale, zero) for codes - 8
+    out = torch.stack([torch._weight_int4pack_mm_for_cpu(a[b, h], rows[b, h], D, qparams[b, h].unsqueeze(0))
+                       for b in range(B) for h in range(H)]).view(B, H, G, -1)
+    if column is None:
+        return out[..., :K].float()
     return out.gather(-1, column.unsqueeze(2).expand(B, H, G, -1)).float()
 
 
-def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: str = "int4") -> torch.Tensor:
+def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: str = "int4",
+                    host_reads: bool = True) -> torch.Tensor:
     """Approximate ``q·k`` of each query head for its kv-head's candidates.
 
     Args:
         q: ``[B, Hq, D]`` queries; cache: the layer's ``LayerCache``; sel: candidates ``[B, Hkv, K_max]``.
         kind: ``exact | int8 | int4``.
+        host_reads: on the CPU, int4 keys go through PyTorch's GEMV, which sizes its reads from the selection
+            (reading counts back); ``False`` runs the fixed-shape portable path a GPU runs.
     Returns:
         ``[B, Hq, K_max]`` float32, ``-inf`` where ``slot >= counts``.
 
@@ -201,6 +179,7 @@ def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: st
     """
     qg = group_queries(q, cache)
     check_selection(sel, cache)
+    cache.update_derived()
     if kind == "exact":
         scores = _exact(qg, cache, sel)
     elif kind == "int8":
@@ -210,12 +189,17 @@ def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: st
     elif kind == "int4":
         if cache.quant_bits != 4:
             raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
-        if q.device.type == "cpu" and cache.head_dim in _CPU_INT4_GROUP_SIZES and cpu_int4_block() is not None:
+        if host_reads and q.device.type == "cpu" and cache.head_dim in _CPU_INT4_GROUP_SIZES and \
+                cache.int4_block == cpu_int4_block():
             scores = _int4_cpu(qg, cache, sel)
         else:
             scores = _int4_unpacked(qg, cache, sel)
     else:
         raise ValueError(f"estimator.type={kind!r} is invalid: must be one of {', '.join(ESTIMATOR_TYPES)}")
     B, H, G, K = scores.shape
-    scores = scores.masked_fill(~sel.valid().unsqueeze(2), float("-inf"))
+    if sel.uniform_count is not None:  # padding slots, if any, are the tail of every row
+        if sel.uniform_count < K:
+            scores[..., sel.uniform_count:] = float("-inf")
+    else:
+        scores = scores.masked_fill(~sel.valid().unsqueeze(2), float("-inf"))
     return scores.reshape(B, H * G, K)

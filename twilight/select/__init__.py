@@ -1,12 +1,15 @@
 """Select: coarse candidate sets, one `Selection` per decode step.
 
-Every selector is a callable ``selector(q, cache) -> Selection`` built by ``make_selector(cfg, layer_idx)``,
-with ``q [B, Hq, D]`` the step's queries and ``cache`` a ``LayerCache``. Selections are per kv-head:
+Every selector is a callable ``selector(q, cache, plan=None) -> Selection`` built by
+``make_selector(cfg, layer_idx)``, with ``q [B, Hq, D]`` the step's queries, ``cache`` a ``LayerCache`` and
+``plan`` the step's ``twilight.contract.StepPlan`` (``plan.host_reads`` false: output widths are host-known,
+no count is read back from the device). Selections are per kv-head:
 under GQA a token is a candidate for the whole group.
 
 - ``full``: every valid token.
 - ``quest``: the pages with the highest upper bound of ``q·k`` (Quest), ``token_budget`` tokens in all
-  (rounded up to whole pages); the most recent page is always among them.
+  (rounded up to whole pages); the most recent page, partial or not, is always among them, as Quest and the
+  original Twilight code attend to the current page, and it comes last.
 - ``streaming``: ``sink_tokens`` first tokens plus the ``window`` most recent (StreamingLLM).
 - ``double_sparse``: top tokens by ``q·k`` over ``num_channels`` calibrated label channels per kv-head
   (Double Sparsity), read from ``channels_path`` (see ``twilight.select.double_sparse``); with
@@ -17,53 +20,30 @@ from __future__ import annotations
 
 import torch
 
-from twilight._checks import group_queries
-from twilight._compat import INDEX_DTYPE
+from twilight._tensors import compact, group_queries, valid_positions
 from twilight.cache import LayerCache, quantize_labels
 from twilight.config import SELECTOR_TYPES, SelectorConfig
 from twilight.selection import Selection
 
-__all__ = ["make_selector", "quest_page_scores", "compact", "SELECTOR_TYPES"]
+__all__ = ["make_selector", "quest_page_scores", "SELECTOR_TYPES"]
 
 
-def compact(values: torch.Tensor, keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move the kept entries of each row to its front, in order, without sorting.
-
-    Args:
-        values: ``[..., N]`` int tensor; keep: ``[..., N]`` bool.
-        width: output width (default: the largest row count, at least 1).
-    Returns:
-        ``(out [..., width] int32, counts [...] int32)``; slots past a row's count repeat its first kept
-        value (or 0), so they are always valid positions.
-    """
-    counts = keep.sum(-1, dtype=torch.int32)
-    if width is None:
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
-    slot = torch.cumsum(keep, -1, dtype=torch.int32) - 1
-    slot = torch.where(keep, slot, width).to(INDEX_DTYPE)  # dropped entries land in a spill column
-    out = torch.zeros(*values.shape[:-1], width + 1, dtype=torch.int32, device=values.device)
-    out.scatter_(-1, slot, values.to(torch.int32))
-    out = out[..., :width]
-    pad = torch.arange(width, device=values.device) >= counts.unsqueeze(-1)
-    out = torch.where(pad, out[..., :1], out)
-    return out.contiguous(), counts
+def _width(plan, n: int) -> int | None:
+    """``compact``'s width: read from the counts (``None``) when the plan allows host reads, else ``n``."""
+    return None if plan is None or plan.host_reads else n
 
 
-def _valid_positions(cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:
-    """Bool: ``positions [B, H, N]`` inside each sequence's valid range ``[start, length)``."""
-    return (positions >= cache.start.view(-1, 1, 1)) & (positions < cache.length)
+def _full(q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    start = cache.start if cache.max_start else None  # None: every row is [0, length), known on the host
+    return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=cache.device, start=start)
 
 
-def _full(q: torch.Tensor, cache: LayerCache) -> Selection:
-    return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=cache.device, start=cache.start)
-
-
-def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int) -> Selection:
+def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int, plan=None) -> Selection:
     """Top ``budget`` positions per kv-head from token scores ``[B, Hkv, L]`` (invalid positions -inf)."""
     if budget >= cache.length:
         return _full(None, cache)
     idx = torch.topk(scores, budget, dim=-1, sorted=False).indices
-    valid = _valid_positions(cache, idx) & (scores.gather(-1, idx) > float("-inf"))
+    valid = valid_positions(cache, idx) & (scores.gather(-1, idx) > float("-inf"))
     out, counts = compact(idx, valid, width=budget)
     return Selection(out, counts)
 
@@ -76,6 +56,7 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     Pages holding no valid token score ``-inf``.
     """
     qg = group_queries(q, cache)  # [B, Hkv, G, D]
+    cache.update_derived()
     B, H, G, D = qg.shape
     P = cache.num_pages
     bounds = cache.page_bounds[:, :, :P].reshape(B * H, P, 2 * D)  # [max | min] per page
@@ -88,32 +69,31 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
 
 
 class _Quest:
+    kind = "quest"  # backends with a fused Quest kernel recognise it by this
+
     def __init__(self, cfg: SelectorConfig):
         self.budget, self.page_size = cfg.token_budget, cfg.page_size
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
         if cache.page_size != self.page_size:
             raise ValueError(f"selector.page_size={self.page_size} differs from the cache's "
                              f"page_size={cache.page_size}")
         if cache.length - cache.min_start <= self.budget:
             return _full(q, cache)
         ps = self.page_size
-        n_pages = min(-(-self.budget // ps), cache.num_pages)
-        scores = quest_page_scores(q, cache)  # [B, Hkv, P]
-        if cache.max_start == 0:
-            # No padding: only the last page can hold invalid (not yet written) positions. Keep it always, as
-            # Quest does with the most recent page, and last, so the valid tokens form a prefix of the row.
-            last = cache.num_pages - 1
-            pages = torch.topk(scores[..., :last], n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
-            pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)
-        else:
-            pages = torch.topk(scores, n_pages, dim=-1, sorted=False).indices.to(torch.int32)  # [B, Hkv, n_pages]
+        last = cache.num_pages - 1  # the most recent page: always kept, and last
+        n_pages = min(-(-self.budget // ps), last + 1)
+        scores = quest_page_scores(q, cache)[..., :last]  # [B, Hkv, P - 1]
+        pages = torch.topk(scores, n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
+        pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)  # [B, Hkv, n_pages]
         tokens = (pages.unsqueeze(-1) * ps + torch.arange(ps, device=q.device, dtype=torch.int32)).flatten(-2)
-        if cache.max_start == 0:
-            counts = torch.full(pages.shape[:2], (n_pages - 1) * ps + cache.length - last * ps,
-                                dtype=torch.int32, device=q.device)
-            return Selection(tokens.contiguous(), counts)
-        out, counts = compact(tokens, _valid_positions(cache, tokens))  # padding may sit in any page
+        if cache.max_start == 0:  # no padding: the valid tokens are a prefix of the row
+            n = (n_pages - 1) * ps + cache.length - last * ps
+            counts = torch.full(pages.shape[:2], n, dtype=torch.int32, device=q.device)
+            return Selection(tokens.contiguous(), counts, page_size=ps, uniform_count=n)
+        # Padding may sit in any page (pages holding no valid token score -inf and come first only when fewer
+        # valid pages than the budget exist): keep the valid positions, compacted.
+        out, counts = compact(tokens, valid_positions(cache, tokens), width=_width(plan, tokens.shape[-1]))
         return Selection(out, counts)
 
 
@@ -121,14 +101,14 @@ class _Streaming:
     def __init__(self, cfg: SelectorConfig):
         self.sinks, self.window = cfg.sink_tokens, cfg.window
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
         B, H, L = cache.batch, cache.num_kv_heads, cache.length
         pos = torch.arange(L, device=cache.device).view(1, 1, L)
         start = cache.start.view(-1, 1, 1)
         if self.sinks + self.window >= L:
             return _full(q, cache)
         keep = ((pos < start + self.sinks) | (pos >= L - self.window)) & (pos >= start)
-        out, counts = compact(pos.expand(B, 1, L), keep)
+        out, counts = compact(pos.expand(B, 1, L), keep, width=_width(plan, min(L, self.sinks + self.window)))
         return Selection(out.expand(B, H, -1).contiguous(), counts.expand(B, H).contiguous())
 
 
@@ -136,12 +116,12 @@ class _OracleTopK:
     def __init__(self, cfg: SelectorConfig):
         self.budget = cfg.token_budget
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
         qg = group_queries(q, cache).float()
         scores = torch.einsum("bhgd,bhld->bhgl", qg, cache.keys().float()).amax(2)  # [B, Hkv, L]
         pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
-        scores = scores.masked_fill(~_valid_positions(cache, pos), float("-inf"))
-        return _topk_tokens(scores, cache, self.budget)
+        scores = scores.masked_fill(~valid_positions(cache, pos), float("-inf"))
+        return _topk_tokens(scores, cache, self.budget, plan)
 
 
 class _DoubleSparse:
@@ -151,7 +131,7 @@ class _DoubleSparse:
         self.budget, self.label_bits = cfg.token_budget, cfg.label_bits
         self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key)  # [Hkv, C]
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
         if cache.label_channels is None:
             raise ValueError("double_sparse needs a cache built with label_channels (the calibrated channels)")
         qg = group_queries(q, cache)
@@ -165,8 +145,8 @@ class _DoubleSparse:
             k_label = quantize_labels(k_label, self.label_bits)  # a cache that keeps exact labels
         scores = torch.einsum("bhgc,bhlc->bhgl", q_label.float(), k_label.float()).amax(2)
         pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
-        scores = scores.masked_fill(~_valid_positions(cache, pos), float("-inf"))
-        return _topk_tokens(scores, cache, self.budget)
+        scores = scores.masked_fill(~valid_positions(cache, pos), float("-inf"))
+        return _topk_tokens(scores, cache, self.budget, plan)
 
 
 def make_selector(cfg: SelectorConfig, layer_idx: int = 0):

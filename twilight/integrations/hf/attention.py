@@ -37,6 +37,7 @@ class DecoderForward:
 
     cache: TwilightCache | None
     served: int = 0  # decode attention calls Twilight ran in this forward
+    plan: object = None  # this step's StepPlan, made by the first layer that decodes and shared by the others
 
 
 ACTIVE_FORWARD: contextvars.ContextVar[DecoderForward | None] = contextvars.ContextVar("twilight_forward",
@@ -64,7 +65,7 @@ def _make_attention_function(delegate: str):
                         f"layer {module.layer_idx} attends to K/V that are not its TwilightCache's own (the cache "
                         "was not updated through TwilightCache.update): Twilight cannot decode this step")
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-                out = _decode(forward.cache.pipeline, module.layer_idx, query[:, :, 0], layer_cache, scale,
+                out = _decode(forward, module.layer_idx, query[:, :, 0], layer_cache, scale,
                               kwargs.get("sliding_window"))
                 forward.served += 1
                 return out.unsqueeze(1), None  # [B, 1, Hq, D], as attention functions return
@@ -75,20 +76,29 @@ def _make_attention_function(delegate: str):
     return twilight_attention
 
 
-def _decode(pipeline: TwilightPipeline, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float,
+def _decode(forward: DecoderForward, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float,
             sliding_window: int | None) -> torch.Tensor:
-    """``pipeline.decode`` on ``q [B, Hq, D]``; a model's sliding window narrows each sequence's valid range."""
+    """``pipeline.decode`` on ``q [B, Hq, D]``; a model's sliding window narrows each sequence's valid range.
+
+    Every layer of a step holds the same positions, so the step's plan is made once, by the first layer that
+    decodes, and reused by the others."""
+    pipeline: TwilightPipeline = forward.cache.pipeline
     if sliding_window is None or cache.length <= sliding_window:
-        return pipeline.decode(layer_idx, q, cache, scale)
+        plan = forward.plan
+        if plan is None or plan.length != cache.length:
+            plan = forward.plan = pipeline.plan(cache)
+        return pipeline.decode(layer_idx, q, cache, scale, plan)
     # The model attends only to the last `sliding_window` positions: [length - window, length). Moving `start`
-    # for this call keeps the selectors, attention and stats inside the window; Quest's page bounds, computed
-    # over a wider range, still bound every key in it.
-    padding_start = cache.start
-    cache.start = padding_start.clamp_min(cache.length - sliding_window)
+    # (and its host copies) for this call keeps the selectors, attention and stats inside the window; Quest's page
+    # bounds, computed over a wider range, still bound every key in it.
+    saved = cache.start, cache.min_start, cache.max_start
+    first = cache.length - sliding_window
+    cache.start = saved[0].clamp_min(first)
+    cache.min_start, cache.max_start = max(saved[1], first), max(saved[2], first)
     try:
-        return pipeline.decode(layer_idx, q, cache, scale)
+        return pipeline.decode(layer_idx, q, cache, scale, pipeline.plan(cache))
     finally:
-        cache.start = padding_start
+        cache.start, cache.min_start, cache.max_start = saved
 
 
 def register(delegate: str) -> str:

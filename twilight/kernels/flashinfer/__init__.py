@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from twilight.backends import TorchBackend
+from twilight.contract import TorchBackend
 from twilight.kernels._validate import as_float_rows, check_q, check_selection, rows_p
+from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
 __all__ = ["FlashInferBackend", "top_p_mask", "paged_decode_attention"]
@@ -144,24 +145,23 @@ class FlashInferBackend(TorchBackend):
             return self._triton.quest_page_scores(q, cache)
         return super().quest_page_scores(q, cache)
 
-    def quest_select(self, q, cache, token_budget: int, page_size: int | None = None) -> Selection:
+    def int4_block(self, device) -> int:
+        return INT4_TILE  # read by Triton's SpGEMV
+
+    def select(self, q, cache, selector, plan) -> Selection:
         if self._triton is not None:
-            return self._triton.quest_select(q, cache, token_budget, page_size)
-        from twilight.config import SelectorConfig
-        from twilight.select import make_selector
+            return self._triton.select(q, cache, selector, plan)
+        return super().select(q, cache, selector, plan)
 
-        cfg = SelectorConfig(type="quest", token_budget=token_budget, page_size=page_size or cache.page_size)
-        return make_selector(cfg)(q, cache)
-
-    def estimate(self, q, cache, sel, kind):
+    def estimate(self, q, cache, sel, kind, plan=None):
         if self._triton is not None and kind == "int4":
-            return self._triton.estimate(q, cache, sel, kind)
-        return super().estimate(q, cache, sel, kind)
+            return self._triton.estimate(q, cache, sel, kind, plan)
+        return super().estimate(q, cache, sel, kind, plan)
 
     def prune_top_p(self, logits, p):
         return top_p_mask(logits, p)
 
-    def attend(self, q, cache, sel, scale):
+    def attend(self, q, cache, sel, scale, plan=None):
         if q.dtype not in (torch.float16, torch.bfloat16):  # FlashInfer's kernels are 16-bit
             return super().attend(q, cache, sel, scale)
         return paged_decode_attention(q, cache, sel, scale, self._wrappers)

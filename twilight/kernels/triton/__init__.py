@@ -7,11 +7,14 @@ module                      kernels
 ``spgemv``                  int4 SpGEMV: estimated ``q·k`` of the candidates from the packed K cache
 ``top_p``                   exact sorting-free top-p (mask), fused with GQA union + compaction
 ``attention``               sparse flash-decoding over a `Selection`, split by tokens, then merged
+``append``                  a decode token's int4 codes, scale/mid and Quest page bounds in one launch
 ==========================  ==========================================================================
 
-``TritonBackend`` overrides the `TorchBackend` operations with the same signatures (``estimate`` for
-``kind="int4"``; other kinds fall back to torch) and adds two fused entry points the pipeline uses when a
-backend has them: ``quest_select`` and ``prune_to_selection``.
+``TritonBackend`` implements the backend contract (``twilight.contract``) by overriding the `TorchBackend`
+operations it accelerates: ``select`` runs the fused Quest selection for a Quest selector, ``prune`` the int4
+SpGEMV (``estimate`` for ``kind="int4"``; other kinds fall back to torch) and the fused top-p -> GQA union ->
+compaction (``prune_to_selection``), ``attend`` the sparse flash-decoding kernels. Every output width comes
+from host-known sizes, so a step reads nothing back from the device.
 
 On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set before import).
 """
@@ -19,11 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from twilight.backends import TorchBackend
+from twilight.contract import TorchBackend
+from twilight.kernels.triton.append import supports as supports_token_update
+from twilight.kernels.triton.append import update_token
 from twilight.kernels.triton.attention import sparse_decode_attention
 from twilight.kernels.triton.quest import quest_page_scores, quest_select
 from twilight.kernels.triton.spgemv import int4_scores
 from twilight.kernels.triton.top_p import prune_to_selection, top_p_mask
+from twilight.quant import INT4_TILE
 
 __all__ = ["TritonBackend", "quest_page_scores", "quest_select", "int4_scores", "top_p_mask", "prune_to_selection",
            "sparse_decode_attention"]
@@ -34,6 +40,17 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
+    def int4_block(self, device) -> int:
+        return INT4_TILE  # the kernels address 64-token tiles
+
+    def token_updater(self, cache):
+        return update_token if supports_token_update(cache) else None
+
+    def select(self, q: torch.Tensor, cache, selector, plan):
+        if getattr(selector, "kind", None) == "quest":
+            return quest_select(q, cache, selector.budget, selector.page_size)
+        return super().select(q, cache, selector, plan)
+
     def quest_page_scores(self, q: torch.Tensor, cache) -> torch.Tensor:
         return quest_page_scores(q, cache)
 
@@ -41,17 +58,17 @@ class TritonBackend(TorchBackend):
         """Quest's candidate `Selection` (see ``twilight.kernels.triton.quest.quest_select``)."""
         return quest_select(q, cache, token_budget, page_size)
 
-    def estimate(self, q: torch.Tensor, cache, sel, kind: str) -> torch.Tensor:
+    def estimate(self, q: torch.Tensor, cache, sel, kind: str, plan=None) -> torch.Tensor:
         if kind == "int4":
             return int4_scores(q, cache, sel)
-        return super().estimate(q, cache, sel, kind)
+        return super().estimate(q, cache, sel, kind, plan)
 
     def prune_top_p(self, logits: torch.Tensor, p) -> torch.Tensor:
         return top_p_mask(logits, p)
 
-    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0):
+    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0, plan=None):
         """Fused top-p → GQA union → compacted `Selection` (see ``twilight.kernels.triton.top_p``)."""
         return prune_to_selection(scores, sel, p, scale)
 
-    def attend(self, q: torch.Tensor, cache, sel, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache, sel, scale: float, plan=None) -> torch.Tensor:
         return sparse_decode_attention(q, cache, sel, scale)
