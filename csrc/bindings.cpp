@@ -81,15 +81,19 @@ at::Tensor int4_spgemv(const at::Tensor& q, const at::Tensor& packed, const at::
   return out;
 }
 
-// x [R, N] float32; p [R] float32; lengths: optional [R / group] int32
+// x [R, N] float32; p: optional [R] float32 (else every row uses p_value); lengths: optional [R / group] int32
 // -> (threshold bits [R] int32, row max [R] float32, kept [R] int32, mask [R, N] bool or empty)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_threshold(
-    const at::Tensor& x, const at::Tensor& p, double scale, const std::optional<at::Tensor>& lengths, int64_t group,
-    bool write_mask) {
+    const at::Tensor& x, const std::optional<at::Tensor>& p, double p_value, double scale,
+    const std::optional<at::Tensor>& lengths, int64_t group, bool write_mask) {
   check_tensor(x, "x", at::kFloat, 2);
-  check_tensor(p, "p", at::kFloat, 1);
   const int64_t R = x.size(0), N = x.size(1);
-  TORCH_CHECK(p.size(0) == R, "p must have one entry per row (", R, "), got ", p.size(0));
+  const float* p_ptr = nullptr;
+  if (p.has_value()) {
+    check_tensor(*p, "p", at::kFloat, 1);
+    TORCH_CHECK(p->size(0) == R, "p must have one entry per row (", R, "), got ", p->size(0));
+    p_ptr = p->data_ptr<float>();
+  }
   TORCH_CHECK(group >= 1 && R % group == 0, "group=", group, " must divide the row count ", R);
   const int32_t* len_ptr = nullptr;
   if (lengths.has_value()) {
@@ -102,9 +106,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_threshold(
   auto thr = at::empty({R}, opts_i), kept = at::empty({R}, opts_i);
   auto rowmax = at::empty({R}, x.options());
   auto mask = write_mask ? at::empty({R, N}, x.options().dtype(at::kBool)) : at::empty({0}, x.options().dtype(at::kBool));
-  check_ok(twilight::top_p_threshold(x.data_ptr<float>(), N, len_ptr, static_cast<int>(group), p.data_ptr<float>(),
-                                     static_cast<float>(scale), static_cast<int>(R), static_cast<int>(N),
-                                     thr.data_ptr<int32_t>(), rowmax.data_ptr<float>(), kept.data_ptr<int32_t>(),
+  check_ok(twilight::top_p_threshold(x.data_ptr<float>(), N, len_ptr, static_cast<int>(group), p_ptr,
+                                     static_cast<float>(p_value), static_cast<float>(scale), static_cast<int>(R),
+                                     static_cast<int>(N), thr.data_ptr<int32_t>(), rowmax.data_ptr<float>(),
+                                     kept.data_ptr<int32_t>(),
                                      write_mask ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr, N,
                                      kThreads, scope.stream()),
            "top_p_threshold");
@@ -141,7 +146,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_spgemv", &int4_spgemv, "int4 SpGEMV: [B,Hq,D] f32 queries x packed int4 keys -> [B,Hq,K] f32",
         py::arg("q"), py::arg("packed"), py::arg("qparams"), py::arg("indices"), py::arg("counts"));
   m.def("top_p_threshold", &top_p_threshold, "exact top-p threshold (and mask) of each row of x * scale",
-        py::arg("x"), py::arg("p"), py::arg("scale"), py::arg("lengths"), py::arg("group"), py::arg("write_mask"));
+        py::arg("x"), py::arg("p"), py::arg("p_value"), py::arg("scale"), py::arg("lengths"), py::arg("group"),
+        py::arg("write_mask"));
   m.def("union_compact", &union_compact, "GQA union of top-p masks and compaction into a selection",
         py::arg("mask"), py::arg("indices"), py::arg("counts"));
 }

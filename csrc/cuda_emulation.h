@@ -6,8 +6,12 @@
 // OS thread, switched only at __syncthreads() and warp shuffles, so every interleaving is deterministic and
 // shared memory (`__shared__` -> a function-static variable) is shared by the threads of the running block.
 // Supported: threadIdx/blockIdx/blockDim/gridDim (x, y, z), __syncthreads, __shfl_{xor,up,down,}_sync over
-// full warps, dynamic shared memory (TW_DYNAMIC_SMEM), and a few math intrinsics. A barrier that can never
-// complete (divergent __syncthreads, a shuffle with lanes missing) throws instead of hanging.
+// full warps, dynamic shared memory (TW_DYNAMIC_SMEM) with the runtime's limit (48 KiB per launch unless the
+// kernel opted in with cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); static
+// shared memory is not counted here: the compile check adds ptxas' figure), atomicAdd (threads switch only at
+// barriers, so it is a plain read-modify-write), and a few math intrinsics. A barrier that can never complete
+// (divergent __syncthreads, a shuffle with lanes missing) throws instead of hanging, as does a launch asking for
+// more dynamic shared memory than the kernel may have.
 #pragma once
 
 #include <ucontext.h>
@@ -17,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,6 +31,9 @@ struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 typedef void* cudaStream_t;
+typedef int cudaError_t;
+constexpr cudaError_t cudaSuccess = 0;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace twemu {
 
@@ -46,6 +54,13 @@ inline std::function<void()> g_body;
 inline std::vector<unsigned char> g_dynamic_smem;
 inline std::vector<uint64_t> g_shuffle;  // one exchange slot per thread
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // what a launch may ask for without opting in
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel (by function address), as cudaFuncSetAttribute set it.
+inline std::map<const void*, size_t>& dynamic_smem_limits() {
+  static std::map<const void*, size_t> limits;
+  return limits;
+}
 
 inline void yield_as(State s) {
   Thread& t = g_threads[g_cur];
@@ -106,6 +121,12 @@ inline void run_block(unsigned nthreads) {
 
 template <class Kernel, class... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
+  const auto limit = dynamic_smem_limits().find(reinterpret_cast<const void*>(kernel));
+  const size_t max_smem = limit == dynamic_smem_limits().end() ? kDefaultDynamicSmem : limit->second;
+  if (smem > max_smem)
+    throw std::runtime_error("launch asks for " + std::to_string(smem) + " bytes of dynamic shared memory; the kernel "
+                             "may have " + std::to_string(max_smem) + " (48 KiB unless it opted in with "
+                             "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))");
   g_grid_dim = grid;
   g_block_dim = block;
   g_dynamic_smem.assign(smem + 16, 0);
@@ -172,7 +193,21 @@ template <class T>
 T __shfl_sync(unsigned, T v, int src_lane) { return twemu::exchange(v, src_lane & 31, true); }
 template <class T>
 T __ldg(const T* p) { return *p; }
+template <class T>
+T atomicAdd(T* address, T value) {  // threads switch only at barriers: nothing can interleave
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+template <class T>
+cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
+    twemu::dynamic_smem_limits()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }

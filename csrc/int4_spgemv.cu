@@ -14,6 +14,11 @@
 namespace twilight {
 namespace {
 
+// The group's queries and their sums in dynamic shared memory: at most 48 KiB (the kernel has no static shared
+// memory), the most a launch gets without opting in.
+constexpr size_t kMaxQueryFloats = 12288;
+constexpr size_t kSpgemvMaxDynamicSmem = sizeof(float) * kMaxQueryFloats;
+
 template <int kMaxG>
 __global__ void __launch_bounds__(256) int4_spgemv_kernel(
     const float* __restrict__ q, const uint8_t* __restrict__ packed, const float* __restrict__ qparams,
@@ -66,10 +71,12 @@ void launch_spgemv(const float* q, const uint8_t* packed, const float* qparams, 
                    const int32_t* counts, float* out, int rows, int G, int K, int64_t cap, int D, int threads,
                    void* stream) {
   auto kernel = int4_spgemv_kernel<kMaxG>;
-  const size_t smem = sizeof(float) * (static_cast<size_t>(G) * D + G);
+  const size_t smem = sizeof(float) * (static_cast<size_t>(G) * D + G);  // <= kSpgemvMaxDynamicSmem
   TW_LAUNCH(kernel, dim3((K + threads - 1) / threads, rows), dim3(threads), smem, stream, q, packed, qparams,
             indices, counts, out, G, K, cap, D);
 }
+
+TW_SMEM_CONTRACT(int4_spgemv_kernel, kSpgemvMaxDynamicSmem, false);
 
 }  // namespace
 
@@ -78,7 +85,7 @@ const char* int4_spgemv(const float* q, const uint8_t* packed, const float* qpar
                         void* stream) {
   if (rows == 0 || K == 0) return nullptr;
   if (D % 2) return "int4_spgemv: D must be even";
-  if (static_cast<size_t>(G) * D + G > 12288) return "int4_spgemv: G * D too large for shared memory";
+  if (static_cast<size_t>(G) * D + G > kMaxQueryFloats) return "int4_spgemv: G * D too large for shared memory";
   if (G <= 1) launch_spgemv<1>(q, packed, qparams, indices, counts, out, rows, G, K, cap, D, threads, stream);
   else if (G <= 2) launch_spgemv<2>(q, packed, qparams, indices, counts, out, rows, G, K, cap, D, threads, stream);
   else if (G <= 4) launch_spgemv<4>(q, packed, qparams, indices, counts, out, rows, G, K, cap, D, threads, stream);

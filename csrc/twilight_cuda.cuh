@@ -1,9 +1,13 @@
-// Device helpers shared by the Twilight CUDA kernels (block-wide reductions and scans), and the two macros
-// that let the same source build with nvcc or run under the CPU emulation (cuda_emulation.h):
+// Device helpers shared by the Twilight CUDA kernels (block-wide reductions and scans), the macros that let the
+// same source build with nvcc or run under the CPU emulation (cuda_emulation.h):
 //   TW_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)   a kernel launch
 //   TW_DYNAMIC_SMEM(type, name)                                    the block's dynamic shared memory
-// Every helper must be called by all threads of the block (they synchronise).
+// and each kernel's shared-memory contract (TW_SMEM_CONTRACT, below).
+// Every block-wide helper must be called by all threads of the block (they synchronise).
 #pragma once
+
+#include <cstddef>
+#include <vector>
 
 #ifdef TWILIGHT_CUDA_EMULATE
 #include "cuda_emulation.h"
@@ -21,6 +25,27 @@ inline const char* tw_last_error() {
 #endif
 
 namespace twilight {
+
+// Shared memory. A block may use at most 48 KiB of static + dynamic shared memory unless its kernel opts in with
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) before the launch (then up to
+// 227 KiB on H100/H200, 163 KiB on A100); a launch over the limit fails. Every kernel therefore states, next to
+// its launcher, the most dynamic shared memory that launcher can request and whether it opts in:
+//   TW_SMEM_CONTRACT(kernel_name, max_dynamic_bytes, opt_in);
+// tests/kernels/cuda_compile_check.py reads the contracts (by running this header's registry on the host) and
+// adds ptxas' static shared memory of every compiled kernel ("bytes smem"), failing when the sum exceeds the
+// limit or a kernel has no contract. The CPU emulation enforces the dynamic part at every launch.
+struct SmemContract {
+  const char* kernel;        // the kernel's name (all template instances)
+  size_t max_dynamic_bytes;  // the largest dynamic shared memory its launcher can request
+  bool opt_in;               // whether the launcher raises cudaFuncAttributeMaxDynamicSharedMemorySize first
+};
+inline std::vector<SmemContract>& smem_contracts() {
+  static std::vector<SmemContract> contracts;
+  return contracts;
+}
+#define TW_SMEM_CONTRACT(kernel, max_dynamic_bytes, opt_in)                                          \
+  [[maybe_unused]] static const bool tw_smem_contract_##kernel =                                     \
+      (::twilight::smem_contracts().push_back({#kernel, static_cast<size_t>(max_dynamic_bytes), (opt_in)}), true)
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxWarps = 32;

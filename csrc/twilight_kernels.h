@@ -17,13 +17,14 @@ const char* int4_spgemv(const float* q, const uint8_t* packed, const float* qpar
                         int threads, void* stream);
 
 // Exact top-p threshold of each row of x * scale (semantics of twilight.prune.top_p_mask).
-//   x [R, N] float32 with row stride stride_x; p [R] float32 in (0, 1]
+//   x [R, N] float32 with row stride stride_x
+//   p: [R] float32 (one p per row), or nullptr: every row uses p_value; p >= 1 keeps every finite entry
 //   lengths: nullptr, or [R / group] int32: row r reads only its first min(lengths[r / group], N) entries
 //   thr/rowmax/kept [R]: threshold bit pattern (-1: keep every finite entry), max of x * scale, kept count
 //   mask: nullptr, or [R, N] uint8 (row stride stride_m) receiving the kept flags of each row's first n slots
 const char* top_p_threshold(const float* x, int64_t stride_x, const int32_t* lengths, int group, const float* p,
-                            float scale, int R, int N, int32_t* thr, float* rowmax, int32_t* kept, uint8_t* mask,
-                            int64_t stride_m, int threads, void* stream);
+                            float p_value, float scale, int R, int N, int32_t* thr, float* rowmax, int32_t* kept,
+                            uint8_t* mask, int64_t stride_m, int threads, void* stream);
 
 // Union over each GQA group of the kept flags and compaction of the candidates into a pruned selection.
 //   mask [rows * G, K] uint8; indices [rows, K] int32; counts [rows] int32

@@ -92,6 +92,48 @@ def attention_reference(q: torch.Tensor, cache: LayerCache, mask: torch.Tensor, 
     return torch.einsum("bhl,bhld->bhd", probs, v)
 
 
+def top_p_sort_oracle(logits: torch.Tensor, p) -> torch.Tensor:
+    """Sort-based top-p with the kernels' weights: ``w = exp(x - max)`` in float32, sorted descending, cumulative
+    mass in float64; ``w*`` is the first sorted weight at which it reaches ``p`` of the total; keep every
+    candidate with ``0 < w >= w*`` (ties kept), every finite one where ``p >= 1``, nothing in an empty row."""
+    n = logits.shape[-1]
+    x = logits.detach().cpu().float().reshape(-1, n)
+    ps = (p.detach().cpu().double().reshape(-1).expand(x.shape[0]) if isinstance(p, torch.Tensor)
+          else torch.full((x.shape[0],), float(p), dtype=torch.float64))
+    m = x.amax(-1, keepdim=True)
+    w = torch.exp(x - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    out = torch.zeros(x.shape, dtype=torch.bool)
+    for r in range(x.shape[0]):
+        finite = torch.isfinite(x[r])
+        if ps[r] >= 1.0:
+            out[r] = finite
+            continue
+        wr = w[r].double()
+        total = float(wr.sum())
+        if total == 0.0:
+            continue
+        desc = torch.sort(wr, descending=True).values
+        cum = torch.cumsum(desc, 0)
+        w_star = desc[min(int((cum < ps[r] * total).sum()), n - 1)]
+        out[r] = (wr >= w_star) & (wr > 0)
+    return out.reshape(logits.shape)
+
+
+def long_top_p_rows(n: int, seed: int = 0) -> torch.Tensor:
+    """Rows of ``n`` logits for the long-row paths: half ``-inf`` padding, no candidate, a single candidate,
+    ties at the top, a tie group of 4000 straddling the cut-off (kept all or not at all), a plain random row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, n, generator=g) * 3
+    x[0, n // 2:] = float("-inf")  # padding at the end, as candidate rows have
+    x[1] = float("-inf")
+    x[2, 1:] = float("-inf")
+    x[3, :64] = 12.0  # ties at the top
+    x[4] = torch.randn(n, generator=g) - 4.0
+    x[4, :4000] = 2.0  # the tie group holds most of the mass: the threshold lands in it
+    x[4, 4000:4003] = 6.0
+    return x
+
+
 def top_p_margins(logits: torch.Tensor, p) -> torch.Tensor:
     """Per row, the distance (in mass fraction, float64) between ``p`` and the nearest cumulative sum of the
     sorted probabilities: rows closer than float32 resolution may legitimately resolve either way."""

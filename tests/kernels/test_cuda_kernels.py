@@ -14,13 +14,15 @@ from kernel_helpers import (
     assert_top_p_matches,
     gpu_param,
     int4_reference,
+    long_top_p_rows,
     make_cache,
     random_selection,
+    top_p_sort_oracle,
 )
 
 import twilight.kernels.cuda as cuda_kernels
+from twilight._tensors import compact
 from twilight.prune import top_p_mask as torch_top_p_mask
-from twilight.select import compact
 from twilight.selection import Selection
 
 HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
@@ -73,11 +75,30 @@ def test_top_p_per_row_p_and_scale(device):
     assert bool((thr.cpu()[p >= 1] == -1).all())
 
 
-def test_top_p_rows_beyond_shared_memory(device):
-    """Rows longer than the shared-memory cache (12288 weights) stream the row at every step."""
-    x = torch.randn(2, 13000, generator=torch.Generator().manual_seed(1)) * 4
-    for p in (0.5, 0.9):
-        assert_top_p_matches(x, p, cuda_kernels.top_p_mask(x.to(device), p), torch_top_p_mask(x, p))
+@pytest.mark.parametrize("n", [8192, 8193, 12289])
+def test_top_p_long_rows(device, n):
+    """Rows at and past the shared-memory cache (8192 weights; longer rows recompute the weights in each of the
+    radix search's 4 passes) and past the old 12288 limit, against the torch reference and a sort-based oracle:
+    -inf padding, empty and single-candidate rows, ties at the top and at the cut-off, p = 1, per-row p."""
+    x = long_top_p_rows(n, seed=n)
+    for p in (0.5, 0.9, 1.0, torch.tensor([0.3, 0.6, 0.99, 0.05, 0.8, 1.0])):
+        mask = cuda_kernels.top_p_mask(x.to(device), p.to(device) if isinstance(p, torch.Tensor) else p)
+        assert_top_p_matches(x, p, mask, torch_top_p_mask(x, p))
+        assert_top_p_matches(x, p, mask, top_p_sort_oracle(x, p))
+        kept = mask[4, :4000].cpu()
+        assert bool(kept.all()) or not bool(kept.any()), "a tie group is kept whole or not at all"
+    thr, _, kept = cuda_kernels.top_p_threshold(x.to(device), 0.7)
+    assert torch.equal(kept.cpu(), top_p_sort_oracle(x, 0.7).sum(-1, dtype=torch.int32))
+    assert int(thr[1]) == 0 and int(kept[1]) == 0, "a row without candidates keeps nothing"
+
+
+def test_top_p_matches_sort_oracle(device):
+    """Short rows (the cached path) against the sort-based oracle, many seeds and p values."""
+    for seed in range(4):
+        x = torch.randn(8, 257, generator=torch.Generator().manual_seed(seed)) * (1 + seed)
+        x[seed, 100:] = float("-inf")
+        for p in (0.1, 0.5, 0.8, 0.95):
+            assert_top_p_matches(x, p, cuda_kernels.top_p_mask(x.to(device), p), top_p_sort_oracle(x, p))
 
 
 @pytest.mark.parametrize("dtype,D,G,counts,start", INT4_SCORE_CASES)
@@ -113,6 +134,27 @@ def test_prune_to_selection(device, G, counts, p):
             pad = ref_idx[b, h, 0] if n else 0
             assert bool((pruned.indices[b, h, n:].cpu() == pad).all()), "padding repeats the first kept position"
     assert_top_p_guarantee(logits, p, keep)
+
+
+def test_prune_to_selection_long_candidate_rows(device):
+    """Candidate rows past the shared-memory cache, with per-head counts (the uncached path with lengths)."""
+    B, Hkv, G, K = 1, 2, 2, 9000
+    g = torch.Generator().manual_seed(11)
+    idx = torch.stack([torch.randperm(20000, generator=g)[:K] for _ in range(Hkv)]).view(B, Hkv, K).int()
+    sel = Selection(idx, torch.tensor([[9000, 8500]], dtype=torch.int32))
+    scores = torch.randn(B, Hkv * G, K, generator=g) * 5
+    scores = scores.masked_fill(~sel.valid().repeat_interleave(G, 1), 1e4)  # garbage past the counts: never read
+    pruned, q_counts = cuda_kernels.prune_to_selection(scores.to(device),
+                                                       Selection(idx.to(device), sel.counts.to(device)), 0.9, 0.5)
+    logits = (scores * 0.5).masked_fill(~sel.valid().repeat_interleave(G, 1), float("-inf"))
+    keep = torch_top_p_mask(logits, 0.9)
+    ref_idx, ref_counts = compact(sel.indices, keep.view(B, Hkv, G, K).any(2))
+    assert torch.equal(pruned.counts.cpu(), ref_counts)
+    assert torch.equal(q_counts.cpu(), keep.sum(-1, dtype=torch.int32))
+    for h in range(Hkv):
+        n = int(ref_counts[0, h])
+        assert torch.equal(pruned.indices[0, h, :n].cpu(), ref_idx[0, h, :n])
+    assert_top_p_matches(logits, 0.9, keep, top_p_sort_oracle(logits, 0.9))
 
 
 def test_cpu_tensors_need_emulation(monkeypatch):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import PRUNE_CASES, TRITON_DEVICES, assert_top_p_guarantee, assert_top_p_matches
+from kernel_helpers import (
+    PRUNE_CASES,
+    TRITON_DEVICES,
+    assert_top_p_guarantee,
+    assert_top_p_matches,
+    long_top_p_rows,
+    top_p_sort_oracle,
+)
 
+from twilight._tensors import compact
 from twilight.prune import top_p_mask as torch_top_p_mask
-from twilight.select import compact
 from twilight.selection import Selection
 
 top_p = pytest.importorskip("twilight.kernels.triton.top_p", reason="needs triton")
@@ -57,6 +64,25 @@ def test_long_rows_are_streamed(device, monkeypatch):
         assert_top_p_matches(x, p, top_p.top_p_mask(x.to(device), p), torch_top_p_mask(x, p))
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n", [8193, 12289])
+def test_long_rows_radix_search(device, n):
+    """Rows past the in-register limit (the streamed radix search, 8 bits per pass) against the torch reference and
+    a sort-based oracle: -inf padding, empty and single-candidate rows, ties at the top and at the cut-off, p = 1,
+    per-row p."""
+    assert n > top_p._MAX_SINGLE
+    x = long_top_p_rows(n, seed=n)
+    for p in (0.5, 0.9, 1.0, torch.tensor([0.3, 0.6, 0.99, 0.05, 0.8, 1.0])):
+        mask = top_p.top_p_mask(x.to(device), p.to(device) if isinstance(p, torch.Tensor) else p)
+        assert_top_p_matches(x, p, mask, torch_top_p_mask(x, p))
+        assert_top_p_matches(x, p, mask, top_p_sort_oracle(x, p))
+        kept = mask[4, :4000].cpu()
+        assert bool(kept.all()) or not bool(kept.any()), "a tie group is kept whole or not at all"
+    thr, _, kept = top_p.top_p_threshold(x.to(device), 0.7)
+    assert torch.equal(kept.cpu(), top_p_sort_oracle(x, 0.7).sum(-1, dtype=torch.int32))
+    assert int(thr[1]) == 0 and int(kept[1]) == 0, "a row without candidates keeps nothing"
+
+
 def _pipeline_reference(scores, sel, p, scale):
     """What TwilightPipeline.prune does with the torch backend."""
     B, Hq, K = scores.shape
@@ -103,6 +129,25 @@ def test_prune_to_selection_per_row_p(device):
                                                 p.to(device))
     ref_idx, ref_counts, ref_q_counts, _, _ = _pipeline_reference(scores, sel, p, 1.0)
     assert torch.equal(pruned.counts.cpu(), ref_counts) and torch.equal(q_counts.cpu(), ref_q_counts)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_prune_to_selection_long_candidate_rows(device):
+    """Candidate rows longer than the in-register limit, with per-head counts (the streamed path with lengths)."""
+    B, Hkv, G, K = 1, 2, 2, 9000
+    g = torch.Generator().manual_seed(11)
+    idx = torch.stack([torch.randperm(20000, generator=g)[:K] for _ in range(Hkv)]).view(B, Hkv, K).int()
+    sel = Selection(idx, torch.tensor([[9000, 8500]], dtype=torch.int32))
+    scores = torch.randn(B, Hkv * G, K, generator=g) * 5
+    scores = scores.masked_fill(~sel.valid().repeat_interleave(G, 1), 1e4)  # never read
+    pruned, q_counts = top_p.prune_to_selection(scores.to(device), Selection(idx.to(device), sel.counts.to(device)),
+                                                0.9, scale=0.5)
+    ref_idx, ref_counts, ref_q_counts, logits, keep = _pipeline_reference(scores, sel, 0.9, 0.5)
+    assert torch.equal(pruned.counts.cpu(), ref_counts) and torch.equal(q_counts.cpu(), ref_q_counts)
+    for h in range(Hkv):
+        n = int(ref_counts[0, h])
+        assert torch.equal(pruned.indices[0, h, :n].cpu(), ref_idx[0, h, :n])
+    assert_top_p_matches(logits, 0.9, keep, top_p_sort_oracle(logits, 0.9))
 
 
 def test_rejects_bad_inputs():

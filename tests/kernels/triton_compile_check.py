@@ -43,17 +43,24 @@ def variants():
                   {"count_ptr": "*i32", "out_ptr": dt, "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "G": "i32",
                    "n_chunks": "i32", "CHUNK": "i32"},
                   {"D": 128, "BLOCK_D": 128, "BLOCK_G": 16}, {"num_warps": 4}))
-    v.append(("quest", "_top_pages_kernel",
-              {"scores_ptr": "*fp32", "start_ptr": "*i32", "out_ptr": "*i32", "count_ptr": "*i32", "P": "i32",
-               "H": "i32", "n_pages": "i32", "row_budget": "i32", "length": "i32", "page_size": "i32", "width": "i32"},
-              {"BLOCK": 1024, "PS": 16, "EXPAND": 128}, {"num_warps": 4}))
+    v.append(("quest", "_block_select_kernel",
+              {"scores_ptr": "*fp32", "start_ptr": "*i32", "key_ptr": "*i32", "page_ptr": "*i32", "cnt_ptr": "*i32",
+               "P": "i32", "H": "i32", "n_cand": "i32", "k": "i32", "row_budget": "i32", "length": "i32",
+               "NB": "i32", "BPK": "i32"},
+              {"BP": 1024}, {"num_warps": 4}))
+    v.append(("quest", "_merge_expand_kernel",
+              {"key_ptr": "*i32", "page_ptr": "*i32", "cnt_ptr": "*i32", "start_ptr": "*i32", "out_ptr": "*i32",
+               "count_ptr": "*i32", "H": "i32", "k": "i32", "row_budget": "i32", "length": "i32",
+               "page_size": "i32", "width": "i32", "last_page": "i32", "NB": "i32", "BPK": "i32"},
+              {"NB_P2": 8, "BLOCK": 256, "PS": 16, "EXPAND": 128, "FORCE_LAST": True}, {"num_warps": 4}))
     for single, block, warps in ((True, 8192, 16), (True, 1024, 4), (False, 2048, 8)):
-        for has_len in (False, True):
+        for has_len, row_p in ((False, False), (True, False), (True, True)):
             v.append(("top_p", "_top_p_threshold_kernel",
-                      {"x_ptr": "*fp32", "stride_x": "i32", "len_ptr": "*i32", "p_ptr": "*fp32", "scale": "fp32",
-                       "N": "i32", "G": "i32", "thr_ptr": "*i32", "max_ptr": "*fp32", "kept_ptr": "*i32",
-                       "mask_ptr": "*i1", "stride_m": "i32"},
-                      {"HAS_LEN": has_len, "WRITE_MASK": True, "BLOCK": block, "SINGLE": single},
+                      {"x_ptr": "*fp32", "stride_x": "i32", "len_ptr": "*i32", "p_ptr": "*fp32", "p_value": "fp32",
+                       "scale": "fp32", "N": "i32", "G": "i32", "thr_ptr": "*i32", "max_ptr": "*fp32",
+                       "kept_ptr": "*i32", "mask_ptr": "*i1", "stride_m": "i32", "hist_ptr": "*i64",
+                       "fx_scale": "fp32"},
+                      {"HAS_LEN": has_len, "WRITE_MASK": True, "ROW_P": row_p, "BLOCK": block, "SINGLE": single},
                       {"num_warps": warps, "enable_fp_fusion": False}))
     v.append(("top_p", "_union_compact_kernel",
               {"mask_ptr": "*i1", "idx_ptr": "*i32", "count_ptr": "*i32", "out_idx_ptr": "*i32",

@@ -1,4 +1,4 @@
-"""Input checks shared by the kernel wrappers: ``twilight._checks``' shape checks plus the device, layout and
+"""Input checks shared by the kernel wrappers: ``twilight._tensors``' shape checks plus the device, layout and
 dtype checks a kernel launch needs. Every mistake is a ``ValueError`` that names the argument."""
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import contextlib
 
 import torch
 
-from twilight import _checks as checks
+from twilight import _tensors as checks
 from twilight.cache import LayerCache
+from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
 
@@ -47,6 +48,39 @@ def rows_p(p, rows_shape: tuple, device: torch.device) -> torch.Tensor:
             raise ValueError(f"per-row p must have shape {tuple(rows_shape)}, got {tuple(p.shape)}")
         return p.reshape(n).contiguous()
     return torch.full((n,), float(p), dtype=torch.float32, device=device)
+
+
+def check_int4_cache(cache: LayerCache) -> None:
+    """A cache the int4 SpGEMV kernels can read: int4 keys in 64-token tiles, contiguous, up to date."""
+    if cache.quant_bits != 4:
+        raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
+    block = getattr(cache, "int4_block", INT4_TILE)
+    if block != INT4_TILE:
+        raise ValueError(f"the int4 kernels read {INT4_TILE}-token tiles; this cache packs int4_block={block}")
+    check_contiguous(k_int4=cache.k_int4, k_qparams=cache.k_qparams)
+    cache.update_derived()  # (a no-op unless the cache defers its derived structures)
+
+
+def kernel_p(p, rows_shape: tuple, device: torch.device) -> float | torch.Tensor:
+    """``p`` as a top-p kernel takes it, without reading the device: a float (checked to lie in ``(0, 1]``, passed
+    as a scalar argument), or a float tensor of shape ``rows_shape`` (or a scalar tensor) as a contiguous float32
+    ``[prod(rows_shape)]`` tensor. A tensor's values are not checked (that would be a host synchronisation): they
+    must lie in ``(0, 1]``; the kernels keep every finite candidate where ``p >= 1``, and other values outside the
+    range give unspecified (but in-bounds) masks."""
+    if not isinstance(p, torch.Tensor):
+        checks.check_p(p)
+        return float(p)
+    if not p.is_floating_point():
+        raise ValueError(f"p must be a float tensor, got {p.dtype}")
+    n = 1
+    for s in rows_shape:
+        n *= s
+    p = p.to(device=device, dtype=torch.float32)
+    if p.dim() == 0:
+        return p.reshape(1).expand(n).contiguous()
+    if tuple(p.shape) != tuple(rows_shape):
+        raise ValueError(f"per-row p must have shape {tuple(rows_shape)}, got {tuple(p.shape)}")
+    return p.reshape(n).contiguous()
 
 
 def device_guard(t: torch.Tensor):

@@ -3,8 +3,9 @@
 =====================  ========================================================================================
 kernel (csrc/)         what it computes
 =====================  ========================================================================================
-``top_p.cu``           exact sorting-free top-p threshold per row (30-step bitwise search, one block per row,
-                       weights cached in shared memory), its mask; GQA union + compaction into a `Selection`
+``top_p.cu``           exact sorting-free top-p threshold per row (radix search, 8 bits per round, one block
+                       per row, weights of rows up to 8192 cached in shared memory), its mask; GQA union +
+                       compaction into a `Selection`
 ``int4_spgemv.cu``     estimated ``q·k`` of the candidates from the packed int4 K cache, all query heads of a
                        GQA group per pass, one thread per candidate
 =====================  ========================================================================================
@@ -28,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from twilight.backends import BackendUnavailableError, TorchBackend
+from twilight.contract import BackendUnavailableError, TorchBackend
 from twilight.kernels._validate import (
     as_float_rows,
-    check_contiguous,
+    check_int4_cache,
     check_prune_inputs,
     check_q,
     check_selection,
-    rows_p,
+    kernel_p,
 )
 from twilight.selection import Selection
 
@@ -150,11 +151,15 @@ def int4_scores(q: torch.Tensor, cache, sel: Selection) -> torch.Tensor:
     """
     check_q(q, cache)
     check_selection(sel, cache)
-    if cache.quant_bits != 4:
-        raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
-    check_contiguous(k_int4=cache.k_int4, k_qparams=cache.k_qparams)
+    check_int4_cache(cache)
     return _ops(q).int4_spgemv(q.float().contiguous(), cache.k_int4, cache.k_qparams, sel.indices.contiguous(),
                                sel.counts.contiguous())
+
+
+def _p_args(p, rows_shape: tuple, device) -> tuple:
+    """``(p tensor or None, p_value)`` for the binding: a per-row tensor, or one float for every row."""
+    p = kernel_p(p, rows_shape, device)
+    return (p, 1.0) if isinstance(p, torch.Tensor) else (None, p)
 
 
 def top_p_threshold(logits: torch.Tensor, p, scale: float = 1.0):
@@ -163,8 +168,8 @@ def top_p_threshold(logits: torch.Tensor, p, scale: float = 1.0):
     Same encoding as ``twilight.kernels.triton.top_p.top_p_threshold``.
     """
     x = as_float_rows(logits).contiguous()
-    thr, rowmax, kept, _ = _ops(x).top_p_threshold(x, rows_p(p, tuple(logits.shape[:-1]), x.device), float(scale),
-                                                   None, 1, False)
+    thr, rowmax, kept, _ = _ops(x).top_p_threshold(x, *_p_args(p, tuple(logits.shape[:-1]), x.device),
+                                                   float(scale), None, 1, False)
     return thr, rowmax, kept
 
 
@@ -173,7 +178,8 @@ def top_p_mask(logits: torch.Tensor, p, scale: float = 1.0) -> torch.Tensor:
 
     Args:
         logits: ``[..., N]`` float; ``-inf`` marks non-candidates. p: float in ``(0, 1]`` or a tensor of shape
-            ``logits.shape[:-1]``. scale: multiplies the logits first.
+            ``logits.shape[:-1]`` (its values are not checked on the host: no device read). scale: multiplies the
+            logits first.
     Returns:
         ``[..., N]`` bool — ``twilight.prune.top_p_mask(logits * scale, p)`` up to float summation order at exact
         mass ties.
@@ -184,7 +190,7 @@ def top_p_mask(logits: torch.Tensor, p, scale: float = 1.0) -> torch.Tensor:
         tensor([[ True,  True, False, False]], device='cuda:0')
     """
     x = as_float_rows(logits).contiguous()
-    _, _, _, mask = _ops(x).top_p_threshold(x, rows_p(p, tuple(logits.shape[:-1]), x.device), float(scale),
+    _, _, _, mask = _ops(x).top_p_threshold(x, *_p_args(p, tuple(logits.shape[:-1]), x.device), float(scale),
                                             None, 1, True)
     return mask.reshape(logits.shape)
 
@@ -200,7 +206,8 @@ def prune_to_selection(scores: torch.Tensor, sel: Selection, p, scale: float = 1
     x = as_float_rows(scores).contiguous()
     ops = _ops(x)
     counts = sel.counts.contiguous()
-    _, _, kept, mask = ops.top_p_threshold(x, rows_p(p, (B, Hq), x.device), float(scale), counts.view(-1), G, True)
+    _, _, kept, mask = ops.top_p_threshold(x, *_p_args(p, (B, Hq), x.device), float(scale), counts.view(-1), G,
+                                           True)
     out_idx, out_cnt = ops.union_compact(mask, sel.indices.contiguous(), counts)
     return Selection(out_idx, out_cnt), kept.view(B, Hq)
 
@@ -214,13 +221,13 @@ class CudaBackend(_Base):
         if torch.cuda.is_available():
             load()  # build now, so that an unusable toolchain shows up when the backend is chosen
 
-    def estimate(self, q: torch.Tensor, cache, sel, kind: str) -> torch.Tensor:
+    def estimate(self, q: torch.Tensor, cache, sel, kind: str, plan=None) -> torch.Tensor:
         if kind == "int4":
             return int4_scores(q, cache, sel)
-        return super().estimate(q, cache, sel, kind)
+        return super().estimate(q, cache, sel, kind, plan)
 
     def prune_top_p(self, logits: torch.Tensor, p) -> torch.Tensor:
         return top_p_mask(logits, p)
 
-    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0):
+    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0, plan=None):
         return prune_to_selection(scores, sel, p, scale)

@@ -3,10 +3,22 @@
 - ``quest_page_scores(q, cache) -> [B, Hkv, pages]`` float32: for each page, the upper bound of
   ``max over the GQA group of q·k`` from the page's channel-wise ``[max | min]`` (``cache.page_bounds``);
   ``-inf`` for pages holding no valid token. Same definition as ``twilight.select.quest_page_scores``.
-- ``quest_select(q, cache, token_budget, page_size=None) -> Selection``: the ``ceil(budget / page_size)``
-  best pages per kv-head, expanded to their valid tokens (in page order) — Quest's candidate set — computed
-  without sorting: an exact bitwise binary search for the k-th largest page score, then a prefix-sum
-  compaction, all in one program per (batch, kv-head).
+- ``quest_select(q, cache, token_budget, page_size=None) -> Selection``: Quest's candidate set, as the torch
+  selector (``twilight.select``, type ``quest``) defines it: ``n_pages = ceil(token_budget / page_size)`` pages per
+  kv-head, always including the most recent page (the partial last one: Quest and the original Twilight code
+  always attend to the current page), the other ``n_pages - 1`` the best by page bound among the other pages
+  holding a valid token; expanded to their valid tokens, the others in page order, the last page last.
+- ``top_pages_to_tokens(scores, cache, n_pages, row_budget=None) -> Selection``: the ``n_pages`` best pages of any
+  page scores (no page forced), expanded the same way.
+
+The top pages are found exactly and without sorting, in two kernels. ``_block_select_kernel`` runs several
+programs per (batch, kv-head) row, each on a block of ``_PAGE_BLOCK`` pages: it finds its block's own top
+``n_pages`` (a radix select over the pages' order-preserving 32-bit keys, 8 bits per round, on ``tl.histogram``;
+the block's keys stay in registers) and writes them, compacted, as the row's candidates: the row's top pages are
+among them. ``_merge_expand_kernel`` (one program per row) runs the same radix select over the candidates (4
+passes over at most ``blocks * n_pages`` keys, instead of a 32-step search over every page) and expands the
+chosen pages to tokens with a prefix sum. Ties at the cut-off go to the lower page index. Neither synchronises
+with the host: the output width is ``n_pages * page_size``; padding slots hold ``length - 1``, a valid position.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ from twilight.selection import Selection
 __all__ = ["quest_page_scores", "quest_select", "top_pages_to_tokens"]
 
 _NEG_INF = tl.constexpr(float("-inf"))
-_PAGE_BLOCK = 1024  # page scores per step of the top-page search
+_PAGE_BLOCK = 1024  # pages per program of the block-select kernel
 _EXPAND_TOKENS = 2048  # tokens written per step when expanding the chosen pages (keeps registers unspilled)
 
 
@@ -77,6 +89,7 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     G = check_q(q, cache)
     if not cache.keep_page_bounds:
         raise ValueError("quest needs a cache built with keep_page_bounds=True (the per-page key bounds)")
+    cache.update_derived()  # (a no-op unless the cache defers its derived structures)
     B, H, D, P = cache.batch, cache.num_kv_heads, cache.head_dim, cache.num_pages
     out = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
     if P == 0:
@@ -95,72 +108,161 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
 
 
 @triton.jit
-def _ordered_key(x):
-    """float32 -> int32 with the same order (signed compare)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _ordered_ukey(s):
+    """float32 -> uint32 with the same order (unsigned compare)."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order
+    return key.to(tl.uint32, bitcast=True) ^ 0x80000000
 
 
 @triton.jit
-def _top_pages_kernel(scores_ptr, start_ptr, out_ptr, count_ptr, P, H, n_pages, row_budget, length, page_size,
-                      width, BLOCK: tl.constexpr, PS: tl.constexpr, EXPAND: tl.constexpr):
+def _radix_digit(hist, remaining, prefix):
+    """One round of a radix select from a digit histogram: the largest digit ``d`` with ``#(digits >= d) >=
+    remaining``; returns the prefix extended by ``d`` and how many of the k largest remain to be found within it."""
+    bins = tl.arange(0, 256)
+    suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # entries with digit >= d
+    d = tl.max(tl.where(suffix >= remaining, bins, 0), axis=0)
+    remaining -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
+    return (prefix << 8) | d.to(tl.uint32), remaining
+
+
+@triton.jit
+def _kth_largest(ukey, valid, k):
+    """``(T, ties)``: ``T`` the ``k``-th largest of ``ukey[valid]`` (``1 <= k <= #valid``), ``ties`` how many entries
+    equal to ``T`` are among the ``k`` largest. Four rounds of 8 bits over keys held in registers."""
+    prefix = tl.full([], 0, tl.uint32)
+    remaining = k
+    for rnd in tl.static_range(4):
+        shift = 24 - 8 * rnd
+        act = valid
+        if rnd > 0:
+            act = act & ((ukey >> (shift + 8)) == prefix)
+        hist = tl.histogram(((ukey >> shift) & 255).to(tl.int32), 256, mask=act)
+        prefix, remaining = _radix_digit(hist, remaining, prefix)
+    return prefix, remaining
+
+
+@triton.jit
+def _block_select_kernel(scores_ptr, start_ptr, key_ptr, page_ptr, cnt_ptr, P, H, n_cand, k, row_budget, length,
+                         NB, BPK, BP: tl.constexpr):
+    """Program (row, block): the block's top ``k`` candidate pages (all its valid ones when fewer, or when the
+    row's valid tokens fit in ``row_budget``), compacted in page order into the row's candidate slots."""
+    row = tl.program_id(0)  # b * H + h
+    blk = tl.program_id(1)
+    start = tl.load(start_ptr + row // H)
+    pg = blk * BP + tl.arange(0, BP)
+    s = tl.load(scores_ptr + row.to(tl.int64) * P + pg, mask=pg < n_cand, other=_NEG_INF)
+    valid = s > _NEG_INF
+    ukey = _ordered_ukey(s)
+    take = valid
+    if (length - start > row_budget) & (tl.sum(valid.to(tl.int32), axis=0) > k):
+        thr, ties = _kth_largest(ukey, valid, k)
+        tie = valid & (ukey == thr)
+        take = valid & ((ukey > thr) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties)))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    base = (row.to(tl.int64) * NB + blk) * BPK
+    tl.store(key_ptr + base + slot, ukey.to(tl.int32, bitcast=True), mask=take)
+    tl.store(page_ptr + base + slot, pg, mask=take)
+    tl.store(cnt_ptr + row * NB + blk, tl.sum(take.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _merge_expand_kernel(key_ptr, page_ptr, cnt_ptr, start_ptr, out_ptr, count_ptr, H, k, row_budget, length,
+                         page_size, width, last_page, NB, BPK, NB_P2: tl.constexpr, BLOCK: tl.constexpr,
+                         PS: tl.constexpr, EXPAND: tl.constexpr, FORCE_LAST: tl.constexpr):
+    """Program (row): the top ``k`` of the row's candidates, expanded to their valid tokens in page order (then the
+    forced last page), count, and padding."""
     row = tl.program_id(0)  # b * H + h
     start = tl.load(start_ptr + row // H)
-    srow = scores_ptr + row.to(tl.int64) * P
-    orow = out_ptr + row.to(tl.int64) * width
+    b_offs = tl.arange(0, NB_P2)
+    n_cands = tl.sum(tl.load(cnt_ptr + row * NB + b_offs, mask=b_offs < NB, other=0), axis=0)
+    k = tl.where(length - start <= row_budget, n_cands, tl.minimum(k, n_cands))
+    take_all = k >= n_cands
+    thr = tl.full([], 0, tl.uint32)
+    ties_left = k
     offs = tl.arange(0, BLOCK)
-    # Pages to take: n_pages; every page with a valid token when there are fewer, or when the sequence's valid
-    # tokens fit in the budget anyway.
-    n_valid = tl.full([], 0, tl.int32)
-    for c0 in range(0, P, BLOCK):
-        s = tl.load(srow + c0 + offs, mask=c0 + offs < P, other=_NEG_INF)
-        n_valid += tl.sum((s > _NEG_INF).to(tl.int32), axis=0)
-    k = tl.where(length - start <= row_budget, n_valid, tl.minimum(n_valid, n_pages))
-    # Exact binary search over the ordered int32 keys: the largest T with #{key >= T} >= k (the k-th largest).
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.full([], 0, tl.int32)
-        for c0 in range(0, P, BLOCK):
-            s = tl.load(srow + c0 + offs, mask=c0 + offs < P, other=_NEG_INF)
-            cnt += tl.sum(((_ordered_key(s).to(tl.int64) >= mid) & (s > _NEG_INF)).to(tl.int32), axis=0)
-        ok = cnt >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    # Pages strictly above T, then the first pages (by index) tied at T until k are taken.
-    n_above = tl.full([], 0, tl.int32)
-    for c0 in range(0, P, BLOCK):
-        s = tl.load(srow + c0 + offs, mask=c0 + offs < P, other=_NEG_INF)
-        n_above += tl.sum(((_ordered_key(s).to(tl.int64) > lo) & (s > _NEG_INF)).to(tl.int32), axis=0)
-    ties_left = k - n_above
+    if not take_all:  # radix select over the candidates, block by block (4 passes)
+        for rnd in tl.static_range(4):
+            shift = 24 - 8 * rnd
+            hist = tl.zeros([256], tl.int32)
+            for b in range(0, NB):
+                cb = tl.load(cnt_ptr + row * NB + b)
+                base = (row.to(tl.int64) * NB + b) * BPK
+                for j0 in range(0, cb, BLOCK):
+                    j = j0 + offs
+                    ok = j < cb
+                    ukey = tl.load(key_ptr + base + j, mask=ok, other=0).to(tl.uint32, bitcast=True)
+                    if rnd > 0:
+                        ok = ok & ((ukey >> (shift + 8)) == thr)
+                    hist += tl.histogram(((ukey >> shift) & 255).to(tl.int32), 256, mask=ok)
+            thr, ties_left = _radix_digit(hist, ties_left, thr)
     # Expand the chosen pages to their valid tokens [max(page_start, start), min(page_end, length)).
+    orow = out_ptr + row.to(tl.int64) * width
+    tok = tl.arange(0, PS)
+    e_offs = tl.arange(0, EXPAND)  # [EXPAND, PS] token tiles: few enough pages per step to stay in registers
     written = tl.full([], 0, tl.int32)
     ties_seen = tl.full([], 0, tl.int32)
-    tok = tl.arange(0, PS)
-    offs_e = tl.arange(0, EXPAND)  # fewer pages per step here: the [pages, PS] token tile lives in registers
-    for c0 in range(0, P, EXPAND):
-        pg = c0 + offs_e
-        s = tl.load(srow + pg, mask=pg < P, other=_NEG_INF)
-        key = _ordered_key(s).to(tl.int64)
-        finite = s > _NEG_INF
-        tie = (key == lo) & finite
-        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among tied pages
-        take = ((key > lo) & finite) | (tie & (tie_rank <= ties_left))
-        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
-        first = tl.maximum(pg * page_size, start)
-        last = tl.minimum(pg * page_size + page_size, length)
-        n_tok = tl.where(take, tl.maximum(last - first, 0), 0)
-        slot0 = written + tl.cumsum(n_tok, axis=0) - n_tok  # exclusive prefix sum
-        pos = first[:, None] + tok[None, :]  # [BLOCK, PS]
-        ok = (tok[None, :] < n_tok[:, None])
-        tl.store(orow + slot0[:, None] + tok[None, :], pos.to(tl.int32), mask=ok)
-        written += tl.sum(n_tok, axis=0)
+    for b in range(0, NB):
+        cb = tl.load(cnt_ptr + row * NB + b)
+        base = (row.to(tl.int64) * NB + b) * BPK
+        for j0 in range(0, cb, EXPAND):
+            j = j0 + e_offs
+            ok = j < cb
+            ukey = tl.load(key_ptr + base + j, mask=ok, other=0).to(tl.uint32, bitcast=True)
+            pg = tl.load(page_ptr + base + j, mask=ok, other=0)
+            tie = ok & (ukey == thr)
+            tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among tied pages
+            take = ok & (take_all | (ukey > thr) | (tie & (tie_rank <= ties_left)))
+            ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+            first = tl.maximum(pg * page_size, start)
+            n_tok = tl.where(take, tl.maximum(tl.minimum(pg * page_size + page_size, length) - first, 0), 0)
+            slot0 = written + tl.cumsum(n_tok, axis=0) - n_tok  # exclusive prefix sum
+            tl.store(orow + slot0[:, None] + tok[None, :], first[:, None] + tok[None, :],
+                     mask=tok[None, :] < n_tok[:, None])
+            written += tl.sum(n_tok, axis=0)
+    if FORCE_LAST:  # the most recent page, last
+        first = tl.maximum(last_page * page_size, start)
+        n_last = tl.maximum(length - first, 0)
+        tl.store(orow + written + tok, first + tok, mask=tok < n_last)
+        written += n_last
     tl.store(count_ptr + row, written)
-    # Padding slots hold 0, a valid position.
+    pad = tl.maximum(length - 1, 0)  # a valid position of every row that has one
     for c0 in range((written // BLOCK) * BLOCK, width, BLOCK):
         o = c0 + offs
-        tl.store(orow + o, tl.zeros([BLOCK], tl.int32), mask=(o >= written) & (o < width))
+        tl.store(orow + o, tl.zeros([BLOCK], tl.int32) + pad, mask=(o >= written) & (o < width))
+
+
+def _top_pages(scores: torch.Tensor, cache: LayerCache, n_pages: int, row_budget: int,
+               force_last: bool) -> Selection:
+    """``n_pages`` pages per row of ``scores [B, Hkv, P]`` as tokens; with ``force_last`` the last page plus the
+    best ``n_pages - 1`` others; a row whose valid tokens number ``<= row_budget`` takes all its valid pages."""
+    B, H, P = scores.shape
+    ps, rows = cache.page_size, B * H
+    width = n_pages * ps
+    k = n_pages - 1 if force_last else n_pages  # pages chosen by score
+    n_cand = P - 1 if force_last else P  # pages that compete
+    BP = min(_PAGE_BLOCK, max(16, next_pow2(n_cand)))
+    NB = triton.cdiv(n_cand, BP) if k > 0 or row_budget >= 0 else 0
+    BPK = BP if row_budget >= 0 else min(BP, k)  # candidate slots per block
+    out = torch.empty(B, H, width, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
+    if rows == 0:
+        return Selection(out, counts)
+    n_slots = rows * NB * BPK
+    scratch = torch.empty(2 * n_slots + rows * NB, dtype=torch.int32, device=scores.device) if NB else out
+    keys, pages, cnt = (scratch[:n_slots], scratch[n_slots:2 * n_slots], scratch[2 * n_slots:]) if NB else (out,) * 3
+    scores = scores.contiguous()
+    pow2_ps = next_pow2(ps)
+    with launch_guard(scores):
+        if NB:
+            _block_select_kernel[(rows, NB)](scores, cache.start, keys, pages, cnt, P, H, n_cand, k, row_budget,
+                                             cache.length, NB, BPK, BP=BP, num_warps=4)
+        _merge_expand_kernel[(rows,)](
+            keys, pages, cnt, cache.start, out, counts, H, k, row_budget, cache.length, ps, width, P - 1, NB, BPK,
+            NB_P2=max(2, next_pow2(NB)), BLOCK=min(1024, max(16, next_pow2(max(BPK, 1)))), PS=pow2_ps,
+            EXPAND=max(16, min(next_pow2(max(BPK, 1)), _EXPAND_TOKENS // pow2_ps)), FORCE_LAST=force_last,
+            num_warps=4)
+    return Selection(out, counts)
 
 
 def top_pages_to_tokens(scores: torch.Tensor, cache: LayerCache, n_pages: int,
@@ -170,7 +272,7 @@ def top_pages_to_tokens(scores: torch.Tensor, cache: LayerCache, n_pages: int,
     Pages scoring ``-inf`` are never taken; ties at the k-th score go to the lower page index. Each taken page
     contributes its valid tokens (inside ``[start[b], length)``), in page order. A sequence with at most
     ``row_budget`` valid tokens (default ``n_pages * page_size``) takes all of them. The result has width
-    ``n_pages * page_size`` (no host synchronisation); slots past a row's count hold 0.
+    ``n_pages * page_size`` (no host synchronisation); slots past a row's count hold ``length - 1``.
 
     Example::
 
@@ -183,32 +285,27 @@ def top_pages_to_tokens(scores: torch.Tensor, cache: LayerCache, n_pages: int,
                          f"got {tuple(scores.shape)}")
     if n_pages < 1:
         raise ValueError(f"n_pages={n_pages} must be >= 1")
-    ps = cache.page_size
-    width = n_pages * ps
+    width = n_pages * cache.page_size
     row_budget = width if row_budget is None else min(int(row_budget), width)
-    out = torch.empty(B, H, width, dtype=torch.int32, device=scores.device)
-    counts = torch.empty(B, H, dtype=torch.int32, device=scores.device)
-    scores = scores.contiguous()
-    BLOCK = min(_PAGE_BLOCK, max(16, next_pow2(P)))
-    EXPAND = max(16, min(BLOCK, _EXPAND_TOKENS // next_pow2(ps)))  # pages per expansion step ([EXPAND, PS] tokens)
-    with launch_guard(scores):
-        _top_pages_kernel[(B * H,)](scores, cache.start, out, counts, P, H, n_pages, row_budget, cache.length, ps,
-                                    width, BLOCK=BLOCK, PS=next_pow2(ps), EXPAND=EXPAND, num_warps=4)
-    return Selection(out, counts)
+    return _top_pages(scores, cache, n_pages, max(row_budget, 0), force_last=False)
 
 
 def quest_select(q: torch.Tensor, cache: LayerCache, token_budget: int, page_size: int | None = None) -> Selection:
-    """Quest's candidate set: the ``ceil(token_budget / page_size)`` best pages of every kv-head, as tokens.
+    """Quest's candidate set: ``ceil(token_budget / page_size)`` pages per kv-head, the most recent one always.
 
     Args:
         q: ``[B, Hq, D]``; cache: a ``LayerCache`` with page bounds.
         token_budget: candidate tokens per kv-head (Quest's budget).
         page_size: must equal ``cache.page_size`` when given (a config mismatch is an error, as in torch).
     Returns:
-        A `Selection` ``[B, Hkv, n_pages * page_size]``. When the whole cache fits in the budget it is
-        ``Selection.full`` (as the torch selector returns). Otherwise a sequence whose own valid length fits in
-        the budget keeps all its valid tokens, and a longer one its top pages: the torch selector's result up
-        to ties in page scores, and for such short left-padded rows possibly one page more of valid tokens.
+        ``Selection.full`` when every sequence's valid tokens fit in the budget (as the torch selector returns).
+        Otherwise a `Selection` ``[B, Hkv, n_pages * page_size]``: the last page (the current one, usually
+        partial) and the ``n_pages - 1`` other pages with the highest bound of ``q·k`` among those holding a valid
+        token (pages wholly in left padding score ``-inf`` and are never taken; every valid page when there are
+        fewer), expanded to their valid tokens: the others in page order, then the last page. Without left padding
+        the valid tokens are whole pages followed by the partial last one; with it, each row's valid tokens are
+        compacted to its front. The torch selector's set, up to ties in page bounds (its bf16/fp16 matmul rounds
+        them; this kernel sums in float32).
 
     Example::
 
@@ -221,8 +318,8 @@ def quest_select(q: torch.Tensor, cache: LayerCache, token_budget: int, page_siz
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
         raise ValueError(f"token_budget={token_budget!r} must be an integer >= 1")
     check_q(q, cache)
-    if cache.length <= token_budget:
+    if cache.length - cache.min_start <= token_budget:
         return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=cache.device, start=cache.start)
     n_pages = min(-(-token_budget // cache.page_size), cache.num_pages)
     scores = quest_page_scores(q, cache)
-    return top_pages_to_tokens(scores, cache, n_pages, row_budget=token_budget)
+    return _top_pages(scores, cache, n_pages, row_budget=-1, force_last=True)

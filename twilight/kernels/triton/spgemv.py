@@ -16,12 +16,14 @@ import triton
 import triton.language as tl
 
 from twilight.cache import LayerCache
-from twilight.kernels._validate import check_contiguous, check_q, check_selection, next_pow2
+from twilight.kernels._validate import check_int4_cache, check_q, check_selection, next_pow2
 from twilight.kernels.triton._common import dot, dot_in_f32, launch_guard
 from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
 __all__ = ["int4_scores"]
+
+assert INT4_TILE == 64  # the kernel hard-codes the tile geometry (check_int4_cache checks the cache's)
 
 
 @triton.jit
@@ -89,9 +91,7 @@ def int4_scores(q: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Ten
     """
     G = check_q(q, cache)
     check_selection(sel, cache)
-    if cache.quant_bits != 4:
-        raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
-    check_contiguous(k_int4=cache.k_int4, k_qparams=cache.k_qparams)
+    check_int4_cache(cache)
     B, Hkv, D = cache.batch, cache.num_kv_heads, cache.head_dim
     K = sel.k_max
     out = torch.empty(B, Hkv * G, K, dtype=torch.float32, device=q.device)
@@ -99,7 +99,6 @@ def int4_scores(q: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Ten
         return out
     q = q.contiguous()
     idx, counts = sel.indices.contiguous(), sel.counts.contiguous()
-    assert INT4_TILE == 64  # the kernel hard-codes the tile geometry
     BLOCK_N = 64
     with launch_guard(q):
         _int4_spgemv_kernel[(B * Hkv, triton.cdiv(K, BLOCK_N))](

@@ -4,16 +4,26 @@ Semantics are those of ``twilight.prune.top_p_mask``: with weights ``w = exp(x -
 candidate whose weight is ``>= w*``, where ``w*`` is the largest weight such that the candidates ``>= w*`` hold at
 least ``p`` of the row's mass (ties kept; ``p = 1`` keeps every finite candidate, ``-inf`` is never kept).
 
-The threshold is found exactly: the bit pattern of a non-negative float32 orders like the float, and every
-weight is ``<= 1.0`` (bits ``< 2**30``), so ``w*``'s bit pattern is built from bit 29 down to bit 0, keeping the
-largest bits such that the mass of the weights at or above the pattern still reaches ``p * sum(w)`` — a binary
-search decided two bits per pass (three independent row sums), 15 dependent rounds, no sort, no tolerance.
-One program per row; a row of up to ``_MAX_SINGLE`` candidates stays in registers for the whole search (one
-read of the logits), a longer one is streamed in chunks per pass.
+The threshold is found exactly, without sorting: the bit pattern of a non-negative float32 orders like the float,
+so ``w*``'s bit pattern is searched digit by digit from the top. One program per row.
+
+- A row of up to ``_MAX_SINGLE`` candidates stays in registers (one read of the logits): a binary search over
+  bits 29..0 (every weight is ``<= 1.0``, bits ``< 2**30``), decided two bits per step from three independent row
+  sums, 15 dependent steps.
+- A longer row is streamed in chunks: a radix search, 8 bits per pass over the row (4 passes), each building the
+  histogram of mass per next digit among the candidates that share the digits found so far (256 bins, in a
+  per-row scratch buffer, with atomic adds) and keeping the largest digit whose suffix still reaches ``p`` of the
+  mass. Masses are summed in 64-bit fixed point (``2**F`` units with ``F = 63 - N.bit_length()``, so the row's
+  weights sum below ``2**63``): integer sums do not depend on the order of the atomics, so the threshold is the
+  same on every run. With the max and the mask, 6 passes over the row.
 
 - ``top_p_mask(logits, p, scale=1.0) -> bool [..., N]`` (the backend's ``prune_top_p``).
 - ``prune_to_selection(scores, sel, p, scale=1.0) -> (Selection, q_counts)``: top-p per query head over each
   kv-head's candidates, union over the GQA group, compacted straight into the pruned `Selection`.
+
+No wrapper synchronises with the host: output shapes come from the input shapes, ``p`` is passed to the kernel as
+a scalar argument (a float) or a pointer (a tensor, whose values are not checked on the host: that would be a
+device read; values ``>= 1`` keep every finite candidate).
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from twilight.kernels._validate import as_float_rows, check_prune_inputs, next_pow2, rows_p
+from twilight.kernels._validate import as_float_rows, check_prune_inputs, kernel_p, next_pow2
 from twilight.kernels.triton._common import launch_guard
 from twilight.selection import Selection
 
@@ -29,6 +39,7 @@ __all__ = ["top_p_mask", "top_p_threshold", "prune_to_selection"]
 
 _MAX_SINGLE = 8192  # longest row searched entirely in registers
 _CHUNK = 2048  # chunk of a longer row
+_RADIX_BINS = 256  # 8-bit digits: 4 passes over a streamed row
 _NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -57,14 +68,56 @@ def _search_threshold(w, target):
 
 
 @triton.jit
-def _top_p_threshold_kernel(x_ptr, stride_x, len_ptr, p_ptr, scale, N, G, thr_ptr, max_ptr, kept_ptr, mask_ptr,
-                            stride_m, HAS_LEN: tl.constexpr, WRITE_MASK: tl.constexpr, BLOCK: tl.constexpr,
-                            SINGLE: tl.constexpr):
+def _radix_threshold(xrow, n, scale, m, p, hrow, fx_scale, offs, BLOCK: tl.constexpr):
+    """Bit pattern of the largest weight ``w*`` with ``mass(w >= w*) >= p * mass`` over a streamed row.
+
+    Four passes over the row, one per 8-bit digit of ``w*`` from the top; each adds every candidate's fixed-point
+    mass (``w * fx_scale``, truncated) that shares the digits found so far into the histogram of its next digit
+    (``hrow``: 256 int64 bins of scratch for this row), then keeps the largest digit ``d`` such that the mass above
+    the current range plus the mass of the digits ``>= d`` still reaches the target.
+    """
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.int32)
+    above = tl.full([], 0, tl.int64)
+    target = tl.full([], 1, tl.int64)
+    for rnd in tl.static_range(4):
+        shift = 24 - 8 * rnd
+        if rnd > 0:
+            tl.debug_barrier()  # every thread has read the previous round's bins
+        tl.store(hrow + bins, tl.zeros([256], tl.int64))
+        tl.debug_barrier()  # the bins are clear before any thread adds to them
+        for c0 in range(0, n, BLOCK):
+            o = c0 + offs
+            w = tl.exp(tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale - m)
+            bits = w.to(tl.int32, bitcast=True)
+            mass = (w * fx_scale).to(tl.int64)
+            ok = (o < n) & (mass > 0)
+            if rnd > 0:
+                ok = ok & ((bits >> (shift + 8)) == prefix)  # inside the range of the digits found so far
+            tl.atomic_add(hrow + ((bits >> shift) & 255), mass, mask=ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are done
+        hist = tl.load(hrow + bins, volatile=True)  # (volatile: from L2, where the atomics went)
+        if rnd == 0:  # the total mass, and the target: at least 1 unit, so that an empty row keeps nothing
+            target = tl.maximum(tl.ceil(p.to(tl.float64) * tl.sum(hist, axis=0).to(tl.float64)).to(tl.int64), 1)
+        suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # mass of the digits >= d
+        digit = tl.max(tl.where(above + suffix >= target, bins, 0), axis=0)  # 0 when none reaches: empty row
+        above += tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = (prefix << 8) | digit
+    return prefix
+
+
+@triton.jit
+def _top_p_threshold_kernel(x_ptr, stride_x, len_ptr, p_ptr, p_value, scale, N, G, thr_ptr, max_ptr, kept_ptr,
+                            mask_ptr, stride_m, hist_ptr, fx_scale, HAS_LEN: tl.constexpr, WRITE_MASK: tl.constexpr,
+                            ROW_P: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     r = tl.program_id(0)
     n = N
     if HAS_LEN:  # rows of query heads; their length is their kv-head's candidate count
         n = tl.minimum(tl.load(len_ptr + r // G), N)
-    p = tl.load(p_ptr + r)
+    if ROW_P:
+        p = tl.load(p_ptr + r)
+    else:
+        p = p_value
     xrow = x_ptr + r.to(tl.int64) * stride_x
     mrow = mask_ptr + r.to(tl.int64) * stride_m
     offs = tl.arange(0, BLOCK)
@@ -88,27 +141,9 @@ def _top_p_threshold_kernel(x_ptr, stride_x, len_ptr, p_ptr, scale, N, G, thr_pt
             y = tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale
             m = tl.maximum(m, tl.max(y, axis=0))
         m = tl.where(m == _NEG_INF, 0.0, m)
-        total = tl.full([], 0.0, tl.float32)
-        for c0 in range(0, n, BLOCK):
-            o = c0 + offs
-            y = tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale
-            total += tl.sum(tl.exp(y - m), axis=0)
-        target = p * total
-        thr = tl.full([], 0, tl.int32)
-        for i in range(15):  # two bits per pass over the row, as in _search_threshold
-            shift = 28 - 2 * i
-            m1 = tl.full([], 0.0, tl.float32)
-            m2 = tl.full([], 0.0, tl.float32)
-            m3 = tl.full([], 0.0, tl.float32)
-            for c0 in range(0, n, BLOCK):
-                o = c0 + offs
-                w = tl.exp(tl.load(xrow + o, mask=o < n, other=_NEG_INF) * scale - m)
-                bits = w.to(tl.int32, bitcast=True)
-                m1 += tl.sum(tl.where(bits >= (thr | (1 << shift)), w, 0.0), axis=0)
-                m2 += tl.sum(tl.where(bits >= (thr | (2 << shift)), w, 0.0), axis=0)
-                m3 += tl.sum(tl.where(bits >= (thr | (3 << shift)), w, 0.0), axis=0)
-            thr = _pick(thr, shift, m1, m2, m3, target)
-        thr = tl.where(p >= 1.0, -1, thr)
+        thr = tl.full([], -1, tl.int32)  # p >= 1: keep every finite candidate, no search
+        if p < 1.0:
+            thr = _radix_threshold(xrow, n, scale, m, p, hist_ptr + r.to(tl.int64) * 256, fx_scale, offs, BLOCK)
         kept = tl.full([], 0, tl.int32)
         for c0 in range(0, n, BLOCK):
             o = c0 + offs
@@ -123,23 +158,29 @@ def _top_p_threshold_kernel(x_ptr, stride_x, len_ptr, p_ptr, scale, N, G, thr_pt
     tl.store(kept_ptr + r, kept)
 
 
-def _launch_threshold(x2d: torch.Tensor, p_rows: torch.Tensor, scale: float, mask: torch.Tensor | None,
+def _launch_threshold(x2d: torch.Tensor, p, scale: float, mask: torch.Tensor | None,
                       lengths: torch.Tensor | None = None, group: int = 1):
+    """Launch the threshold kernel on the rows of ``x2d [R, N]``; ``p`` a float or a ``[R]`` float32 tensor.
+    Returns ``(thr, rowmax, kept)``, each ``[R]`` (views of one buffer)."""
     R, N = x2d.shape
-    thr = torch.empty(R, dtype=torch.int32, device=x2d.device)
-    rowmax = torch.empty(R, dtype=torch.float32, device=x2d.device)
-    kept = torch.empty(R, dtype=torch.int32, device=x2d.device)
+    out = torch.empty(3, R, dtype=torch.int32, device=x2d.device)
+    thr, rowmax, kept = out[0], out[1].view(torch.float32), out[2]
     if R == 0:
         return thr, rowmax, kept
     single = N <= _MAX_SINGLE
     block = max(16, next_pow2(N)) if single else _CHUNK
     warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    # Streamed rows: 256 int64 histogram bins per row, cleared by the kernel; masses in units of 2^-F.
+    hist = thr if single else torch.empty(R, _RADIX_BINS, dtype=torch.int64, device=x2d.device)
+    row_p = isinstance(p, torch.Tensor)
     with launch_guard(x2d):
         _top_p_threshold_kernel[(R,)](
-            x2d, x2d.stride(0), lengths if lengths is not None else thr, p_rows, float(scale), N, group,
-            thr, rowmax, kept, mask if mask is not None else thr, mask.stride(0) if mask is not None else 0,
-            HAS_LEN=lengths is not None, WRITE_MASK=mask is not None, BLOCK=block, SINGLE=single, num_warps=warps,
-            enable_fp_fusion=False)  # round x * scale before subtracting the max, as torch does
+            x2d, x2d.stride(0), lengths if lengths is not None else thr, p if row_p else thr,
+            0.0 if row_p else float(p), float(scale), N, group, thr, rowmax, kept,
+            mask if mask is not None else thr, mask.stride(0) if mask is not None else 0,
+            hist, float(2.0 ** (63 - max(N, 1).bit_length())),
+            HAS_LEN=lengths is not None, WRITE_MASK=mask is not None, ROW_P=row_p, BLOCK=block, SINGLE=single,
+            num_warps=warps, enable_fp_fusion=False)  # round x * scale before subtracting the max, as torch does
     return thr, rowmax, kept
 
 
@@ -157,7 +198,7 @@ def top_p_threshold(logits: torch.Tensor, p, scale: float = 1.0):
         tensor([2], device='cuda:0', dtype=torch.int32)
     """
     x = as_float_rows(logits)
-    return _launch_threshold(x, rows_p(p, tuple(logits.shape[:-1]), x.device), scale, None)
+    return _launch_threshold(x, kernel_p(p, tuple(logits.shape[:-1]), x.device), scale, None)
 
 
 def top_p_mask(logits: torch.Tensor, p, scale: float = 1.0) -> torch.Tensor:
@@ -177,9 +218,8 @@ def top_p_mask(logits: torch.Tensor, p, scale: float = 1.0) -> torch.Tensor:
         tensor([[ True,  True, False, False]], device='cuda:0')
     """
     x = as_float_rows(logits)
-    p_rows = rows_p(p, tuple(logits.shape[:-1]), x.device)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-    _launch_threshold(x, p_rows, scale, mask)
+    _launch_threshold(x, kernel_p(p, tuple(logits.shape[:-1]), x.device), scale, mask)
     return mask.reshape(logits.shape)
 
 
@@ -243,9 +283,8 @@ def prune_to_selection(scores: torch.Tensor, sel: Selection, p, scale: float = 1
     B, Hq, K, Hkv, G = check_prune_inputs(scores, sel)
     x = as_float_rows(scores)
     counts = sel.counts.contiguous()
-    p_rows = rows_p(p, (B, Hq), x.device)
     keep = torch.empty(B * Hq, K, dtype=torch.bool, device=x.device)
-    _, _, kept = _launch_threshold(x, p_rows, scale, keep, lengths=counts, group=G)
+    _, _, kept = _launch_threshold(x, kernel_p(p, (B, Hq), x.device), scale, keep, lengths=counts, group=G)
     out_idx = torch.empty(B, Hkv, K, dtype=torch.int32, device=x.device)
     out_cnt = torch.empty(B, Hkv, dtype=torch.int32, device=x.device)
     if B * Hkv and K:
