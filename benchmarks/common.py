@@ -23,6 +23,7 @@ import re
 import statistics
 import subprocess
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -178,6 +179,36 @@ def measure(fns: Mapping[str, Callable[[], object]], device: torch.device | str 
         if max_seconds is not None and r + 1 >= min_repeats and time.perf_counter() - t_start > max_seconds:
             break
     return {name: Timing.from_samples(s) for name, s in samples.items()}
+
+
+def step_counts(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 1) -> dict:
+    """Aten ops, host syncs and Triton launches of one call of ``fn``, after ``warmup`` calls
+    (``twilight.diagnostics.count_ops``).
+
+    On CUDA only syncs on device tensors and CPU<->device copies count; on the CPU every host read of a tensor's
+    values counts (it is what would wait for the device on a GPU). Returns ``count_ops``'s ``as_dict()`` with the
+    sync sites aggregated: ``[{"op", "where", "n"}]``, most frequent first.
+
+    Example::
+
+        >>> x = torch.arange(4.0)
+        >>> d = step_counts(lambda: x[x > 1].sum().item(), "cpu")
+        >>> d["ops"], d["syncs"], [(s["op"], s["n"]) for s in d["sync_sites"]]
+        (4, 2, [('aten.index', 1), ('aten._local_scalar_dense', 1)])
+    """
+    from twilight.diagnostics import count_ops
+
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    with count_ops(cpu_syncs=device.type != "cuda") as c:
+        fn()
+    synchronize(device)
+    d = c.as_dict()
+    sites = Counter((s.op, s.where) for s in c.sync_sites)
+    d["sync_sites"] = [{"op": op, "where": where, "n": n} for (op, where), n in sites.most_common()]
+    return d
 
 
 # ---------------------------------------------------------------------- environment

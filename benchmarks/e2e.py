@@ -9,8 +9,11 @@ tokens greedily. Variants:
 - ``hf-static``: unpatched, a preallocated ``StaticCache`` (the strongest unpatched baseline on CPU).
 - ``dense``: patched with the ``dense`` preset: our ``LayerCache`` with dense attention. The ratio to the
   unpatched runs is the gain (or loss) from cache handling alone, with no sparsity.
-- ``quest``, ``quest-twilight``, ``twilight``: patched with those presets. The ratio to ``dense`` is the
-  gain from sparsity.
+- ``quest``, ``quest-twilight``, ``twilight``: patched with those presets, as ``twilight.patch`` runs them:
+  below the dense crossover (``dense_below="auto"``: ``twilight.config.DENSE_BELOW_AUTO`` for the device) every
+  layer decodes densely. The ratio to ``dense`` is the gain from sparsity.
+- ``quest-twilight-sparse``: quest-twilight with ``dense_below=0``, sparse at every context: what the sparse step
+  costs where the crossover would not use it (the crossover is where it starts to beat ``dense``).
 
 The per-token latency is the median (and IQR) of the intervals between consecutive tokens reported by a
 streamer, excluding the first new token, pooled over ``--rounds`` runs of every variant in alternating
@@ -41,7 +44,8 @@ from twilight_bench.common import DTYPES, Timing, fmt_ms, markdown_table, size_l
 
 MODELS = ("smollm2", "llama3-8b-random")
 UNPATCHED = ("hf-dynamic", "hf-static")
-PATCHED = ("dense", "quest", "quest-twilight", "twilight")
+PATCHED = ("dense", "quest", "quest-twilight", "quest-twilight-sparse", "twilight")
+SPARSE_SUFFIX = "-sparse"  # the preset with dense_below=0: sparse from the first step, whatever the crossover
 DEFAULT_CONTEXTS = {"smollm2": "1k,4k", "llama3-8b-random": "4k,16k"}
 
 
@@ -119,8 +123,11 @@ def make_prompt(name: str, tokenizer, length: int, batch: int, vocab: int, devic
 def spec_for(variant: str, args, overrides: dict) -> dict:
     from twilight.config import TwilightConfig
 
-    cfg = TwilightConfig.load(variant).to_dict()
+    always_sparse = variant.endswith(SPARSE_SUFFIX)
+    cfg = TwilightConfig.load(variant[:-len(SPARSE_SUFFIX)] if always_sparse else variant).to_dict()
     cfg["backend"] = args.backend
+    if always_sparse:
+        cfg["dense_below"] = 0
     if cfg["selector"]["type"] == "quest":
         cfg["selector"]["token_budget"] = args.token_budget
     if cfg["pruner"]["type"] == "top_p":
@@ -324,7 +331,9 @@ def markdown_report(result: dict) -> str:
              f"{result['args']['new_tokens']} new tokens, greedy, batch {result['args']['batch']}; every variant "
              "decodes from the same prefilled prompt. ms per generated token: median ± half the IQR over the "
              "tokens after the first. *cache gain* = best unpatched / dense preset (our cache, no sparsity); "
-             "*sparsity gain* = dense preset / quest-twilight; *total* = best unpatched / quest-twilight.", ""]
+             "*sparsity gain* = dense preset / quest-twilight; *total* = best unpatched / quest-twilight. "
+             f"quest-twilight decodes densely below its crossover (dense_below=\"auto\": "
+             f"{result.get('dense_below_auto', '?')} tokens on this device); quest-twilight-sparse never does.", ""]
     head = ["model", "ctx", *variants, "cache gain", "sparsity gain", "total (QT)", "QT budget", "QT memory"]
     body = []
     for r in rows:
@@ -376,7 +385,7 @@ def plot(result: dict, path: str) -> str | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4))
     width = 0.8 / len(variants)
     colors = {"hf-dynamic": "grey", "hf-static": "black", "dense": "tab:purple", "quest": "tab:blue",
-              "quest-twilight": "tab:red", "twilight": "tab:green"}
+              "quest-twilight": "tab:red", "quest-twilight-sparse": "salmon", "twilight": "tab:green"}
     for i, v in enumerate(variants):
         xs, ys, errs = [], [], []
         for j, r in enumerate(rows):
@@ -415,7 +424,10 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for name in common.parse_list(args.models):
         rows += bench_model(name, args, dtype, device, say)
-    result = {"benchmark": "e2e", "env": env, "args": dict(vars(args), device=str(device)), "rows": rows}
+    from twilight.config import TwilightConfig
+
+    result = {"benchmark": "e2e", "env": env, "args": dict(vars(args), device=str(device)), "rows": rows,
+              "dense_below_auto": TwilightConfig.load("quest-twilight").crossover(device)}
     common.write_json(os.path.join(out, "e2e.json"), result)
     with open(os.path.join(out, "e2e.md"), "w", encoding="utf-8") as f:
         f.write(markdown_report(result))

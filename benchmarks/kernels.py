@@ -19,7 +19,10 @@ realistic attention profile (``twilight_bench.profiles``) and times, interleaved
 
 Reported per row: median and IQR of every time, speed-ups against the dense baseline and against Quest,
 attended tokens per head (mean, min, max; and exact top-p's "oracle" budget for the same queries),
-bytes each variant must move and the achieved bandwidth against the device's peak (roofline).
+bytes each variant must move and the achieved bandwidth against the device's peak (roofline), and per
+preset what one steady-state ``pipe.decode`` call asks of the device (``ops_per_step``, counted by
+``twilight.diagnostics.count_ops`` after the timed calls): aten ops, host synchronisations (with where they
+happen) and Triton kernel launches.
 
 Run ``python scripts/bench_kernels.py --help`` or ``twilight bench kernels --help``.
 """
@@ -122,8 +125,11 @@ def parse_shape(name: str) -> tuple[str, int, int, int]:
 
 
 def variant_config(name: str, args) -> TwilightConfig:
-    """A preset with no dense layers, the benchmark's backend, selector budget, page size and p."""
+    """A preset with no dense layers, the benchmark's backend, selector budget, page size and p; sparse at every
+    context (no dense crossover: the benchmark measures the sparse operator itself)."""
     cfg = TwilightConfig.load(name).replace(dense_layers=[], backend=args.backend)
+    if hasattr(cfg, "dense_below"):
+        cfg.dense_below = 0
     cfg.selector.page_size = args.page_size
     if cfg.selector.type == "quest":
         cfg.selector.token_budget = args.token_budget
@@ -296,6 +302,12 @@ def bench_config(args, shape, dtype: torch.dtype, batch: int, length: int, devic
         row["budgets"][name] = {"mean": st["mean_attended_tokens"], "min": st["min_attended_tokens"],
                                 "max": st["max_attended_tokens"], "mean_kv_tokens_read": st["mean_kv_tokens_read"],
                                 "mean_candidates": float(cand.mean())}
+
+    # What one steady-state decode step asks of the device: ops, host syncs (where), Triton launches.
+    row["ops_per_step"] = {}
+    for name, pipe in pipes.items():
+        row["ops_per_step"]["dense-preset" if name == "dense" else name] = common.step_counts(
+            lambda pipe=pipe, cache=cache: pipe.decode(0, q, cache, scale), device)
 
     # Stages, bytes and bandwidth.
     stage_fns, stage_bytes = {}, {}
@@ -494,11 +506,48 @@ def markdown_report(result: dict) -> str:
                   "kv-head.", "",
                   markdown_table(["shape", "dtype", "B", "ctx", "preset", *STAGES, "sum", "operator", "candidates",
                                   "kv read"], body), ""]
+    lines += _ops_section(rows)
     lines += ["## Goals", ""]
     for g in result["goals"]:
         mark = {True: "met", False: "**not met**", None: "not measured"}[g["met"]]
         lines.append(f"- {g['goal']}: {mark} — {g['note']}")
     return "\n".join(lines) + "\n"
+
+
+OPS_PRESETS = ("dense-preset", *SPARSE_VARIANTS)
+
+
+def _ops_cell(c: dict | None) -> str:
+    return "—" if not c else f"{c['ops']} / {c['syncs']} / {c['launches']}"
+
+
+def _ops_section(rows: list[dict]) -> list[str]:
+    """The "Ops per decode step" table and the places that synchronise (one line per preset and site)."""
+    counted = [r for r in rows if r.get("ops_per_step")]
+    if not counted:
+        return []
+    body = [[r["shape"], r["dtype"], r["batch"], size_label(r["context"]), r.get("backend", "—")]
+            + [_ops_cell(r["ops_per_step"].get(n)) for n in OPS_PRESETS] for r in counted]
+    lines = ["## Ops per decode step", "",
+             "One steady-state `pipe.decode` call of one layer, after the timed calls: aten ops that do work "
+             "(views and allocations not counted) / host synchronisations / Triton kernel launches "
+             "(`twilight.diagnostics.count_ops`). On a GPU a sync is a wait for the device (scalar reads, "
+             "data-dependent sizes, device-to-host copies); on the CPU the same count is the step's host reads "
+             "of tensor values, which the torch backend makes on purpose there.", "",
+             markdown_table(["shape", "dtype", "B", "ctx", "backend", *OPS_PRESETS], body), ""]
+    sites: dict[str, dict[tuple[str, str], int]] = {}
+    for r in counted:
+        for name in OPS_PRESETS:
+            for s in (r["ops_per_step"].get(name) or {}).get("sync_sites", []):
+                key = (s["op"], s["where"])
+                sites.setdefault(name, {})[key] = sites.setdefault(name, {}).get(key, 0) + s["n"]
+    if sites:
+        lines += ["Where the syncs happen (summed over the rows):", ""]
+        for name in OPS_PRESETS:
+            for (op, where), n in sorted(sites.get(name, {}).items(), key=lambda kv: -kv[1])[:6]:
+                lines.append(f"- {name}: `{op}` at `{where}` (x{n})")
+        lines.append("")
+    return lines
 
 
 def plot(result: dict, path: str) -> str | None:
@@ -604,6 +653,7 @@ def _row_line(r: dict) -> str:
             f"({r['speedup']['quest-twilight']['vs_dense']:.2f}x dense, "
             f"{r['speedup']['quest-twilight']['vs_quest']:.2f}x quest)  twilight {t['twilight']['median_ms']:8.3f}  "
             f"QT budget {_budget(r['budgets']['quest-twilight'])}  oracle {_budget(r['oracle_budget'])}  "
+            f"QT ops/syncs/launches {_ops_cell((r.get('ops_per_step') or {}).get('quest-twilight'))}  "
             f"[{r['wall_s']:.0f}s]")
 
 

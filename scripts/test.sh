@@ -15,4 +15,6 @@ TRITON_INTERPRET=1 python -m pytest tests -q -ra "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi  # pytest's "no tests" exit
 [ "$rc" -eq 0 ] || exit "$rc"
+echo "== scripts/gpu_check.sh --dry-run (the GPU check's commands parse, its gpu tests are collected)"
+bash scripts/gpu_check.sh --dry-run || exit 1
 bash scripts/test_transformers_range.sh "$@"

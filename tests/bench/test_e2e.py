@@ -14,7 +14,14 @@ TINY = ["--device", "cpu", "--models", "llama3-8b-random", "--contexts", "200", 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    return e2e.main(TINY + ["--out", str(out)])
+    # Sparse from the first token, as tests/conftest.py's autouse fixture makes every test (a module-scoped fixture
+    # runs before it): at 200 tokens the CPU's measured crossover would make every patched step dense.
+    import twilight.config
+
+    with pytest.MonkeyPatch.context() as mp:
+        if hasattr(twilight.config, "DENSE_BELOW_AUTO"):
+            mp.setattr(twilight.config, "DENSE_BELOW_AUTO", {"cpu": 0, "cuda": 0})
+        return e2e.main(TINY + ["--out", str(out)])
 
 
 def test_files_and_structure(result):

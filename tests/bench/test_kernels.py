@@ -1,5 +1,6 @@
 """twilight_bench.kernels at tiny sizes: output structure and invariants (never timings)."""
 import argparse
+import importlib.util
 import json
 import os
 
@@ -64,6 +65,40 @@ def test_rows_invariants(result):
             if name != "quest":
                 assert set(stages) == set(kernels.STAGES)
         assert r["cache_handling_gain"] > 0
+
+
+def test_ops_per_step_structure(result):
+    """Every row counts one decode step of each preset: ops, syncs with their sites, Triton launches."""
+    md = open(os.path.join(result["out"], "kernels.md")).read()
+    assert "## Ops per decode step" in md
+    for r in result["rows"]:
+        ops = r["ops_per_step"]
+        assert set(ops) == set(kernels.OPS_PRESETS) == {"dense-preset", *kernels.SPARSE_VARIANTS}
+        for name, c in ops.items():
+            assert isinstance(c["ops"], int) and c["ops"] > 0, name
+            assert c["ops"] == sum(c["by_op"].values())
+            assert c["syncs"] == sum(s["n"] for s in c["sync_sites"])
+            assert all(s["op"].startswith(("aten.", "Tensor.")) and s["where"] for s in c["sync_sites"])
+            assert r["backend"] == "torch" and c["launches"] == 0 and c["by_kernel"] == {}
+            assert kernels._ops_cell(c) in md
+        # the sparse pipeline runs more ops than one dense attention over the cache
+        assert ops["quest-twilight"]["ops"] > ops["dense-preset"]["ops"]
+    assert "QT ops/syncs/launches" in kernels._row_line(result["rows"][0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (the CPU interpreter)")
+def test_ops_per_step_counts_triton_launches(tmp_path):
+    res = kernels.main(["--device", "cpu", "--backend", "triton", "--contexts", "512", "--shapes", "4/2/64",
+                        "--dtypes", "fp32", "--batches", "1", "--token-budget", "128", "--repeats", "1",
+                        "--min-repeats", "1", "--warmup", "0", "--bandwidth-mib", "4", "--no-stages",
+                        "--no-dynamic-baseline", "--no-plot", "--quiet", "--out", str(tmp_path)])
+    (row,) = res["rows"]
+    assert row["backend"] == "triton"
+    for name in kernels.SPARSE_VARIANTS:
+        c = row["ops_per_step"][name]
+        assert c["launches"] >= 1 and c["launches"] == sum(c["by_kernel"].values()), (name, c)
+    assert "## Ops per decode step" in open(os.path.join(res["out"], "kernels.md")).read()
 
 
 def test_goals_not_measured_at_tiny_sizes(result):
