@@ -22,11 +22,37 @@ def test_error_type():
     assert issubclass(BackendUnavailableError, RuntimeError)
 
 
-@pytest.mark.parametrize("name", ["auto", "torch"])
-def test_cpu_resolves_to_torch(name):
-    backend = resolve_backend(name, "cpu")
+def test_cpu_resolves_to_torch_or_the_cpu_kernels():
+    backend = resolve_backend("torch", "cpu")
     assert isinstance(backend, TorchBackend) and backend.name == "torch"
-    assert isinstance(resolve_backend(name, torch.device("cpu")), TorchBackend)
+    assert isinstance(resolve_backend("torch", torch.device("cpu")), TorchBackend)
+    # auto: the fused C++ kernels where they build (a C++ compiler), the torch reference otherwise
+    auto = resolve_backend("auto", "cpu")
+    assert isinstance(auto, TorchBackend) and auto.name in ("cpu", "torch")
+
+
+def test_auto_on_cpu_falls_back_to_torch_with_a_warning(monkeypatch):
+    import warnings
+
+    from twilight import backends
+
+    def broken():
+        raise BackendUnavailableError("no C++ compiler")
+
+    registry = dict(backends._REGISTRY)
+    registry["cpu"] = (lambda device: None, broken)
+    monkeypatch.setattr(backends, "_REGISTRY", registry)
+    monkeypatch.setattr(backends, "_AUTO_SKIP_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="skips 'cpu'.*no C\\+\\+ compiler"):
+        assert resolve_backend("auto", "cpu").name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", "cpu").name == "torch"  # warned once only
+
+
+def test_cpu_backend_on_cuda_is_refused():
+    with pytest.raises(BackendUnavailableError, match="cpu backend runs on CPU tensors"):
+        resolve_backend("cpu", "cuda")
 
 
 def test_cuda_on_cpu():

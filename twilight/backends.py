@@ -22,6 +22,12 @@ from twilight.contract import Backend, BackendUnavailableError, TorchBackend
 __all__ = ["Backend", "BackendUnavailableError", "TorchBackend", "available_backends", "resolve_backend"]
 
 
+def _why_cpu_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors (got {device.type})"
+    return None
+
+
 def _why_triton_unavailable(device: torch.device) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "the 'triton' package is not installed (pip install 'twilight[gpu]')"
@@ -47,6 +53,12 @@ def _why_flashinfer_unavailable(device: torch.device) -> str | None:
 
 # Each factory imports its kernel module when the backend is built, so importing twilight imports none of
 # Triton, the CUDA extension or FlashInfer.
+def _cpu_factory():
+    from twilight.kernels.cpu import CpuBackend
+
+    return CpuBackend()
+
+
 def _triton_factory():
     from twilight.kernels.triton import TritonBackend
 
@@ -68,6 +80,7 @@ def _flashinfer_factory():
 # name -> (why-unavailable check, factory): every backend is listed here; kernel modules register nothing.
 _REGISTRY: dict[str, tuple[Callable[[torch.device], str | None], Callable[[], object]]] = {
     "torch": (lambda device: None, TorchBackend),
+    "cpu": (_why_cpu_unavailable, _cpu_factory),
     "triton": (_why_triton_unavailable, _triton_factory),
     "cuda": (_why_cuda_unavailable, _cuda_factory),
     "flashinfer": (_why_flashinfer_unavailable, _flashinfer_factory),
@@ -76,6 +89,8 @@ _REGISTRY: dict[str, tuple[Callable[[torch.device], str | None], Callable[[], ob
 # and top-p -> compacted selection and needs no host synchronisation; cuda adds two hand-written kernels (and a
 # JIT build on first use); flashinfer plans its paged decode on the host every step.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "flashinfer", "torch")
+# On the CPU: the fused C++ kernels (built just in time with the host compiler), else the torch reference.
+_AUTO_ORDER_CPU = ("cpu", "torch")
 _AUTO_SKIP_WARNED: set[str] = set()
 
 
@@ -91,9 +106,8 @@ def resolve_backend(name: str, device: torch.device | str):
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is invalid: must be one of {', '.join(BACKENDS)}")
     if name == "auto":
-        if device.type != "cuda":
-            return TorchBackend()
-        for candidate in _AUTO_ORDER_CUDA:
+        order = _AUTO_ORDER_CUDA if device.type == "cuda" else _AUTO_ORDER_CPU if device.type == "cpu" else ()
+        for candidate in order:
             check, factory = _REGISTRY[candidate]
             if check(device) is None:
                 try:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 SELECTOR_TYPES = ("full", "quest", "streaming", "double_sparse", "oracle_topk")
 ESTIMATOR_TYPES = ("exact", "int8", "int4")
 PRUNER_TYPES = ("none", "top_p", "top_k", "threshold")
-BACKENDS = ("auto", "torch", "triton", "cuda", "flashinfer")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda", "flashinfer")
 CHANNELS_KEYS = ("q", "k", "qk")  # which projection's channel list a DoubleSparse channel file is read from
 MAX_LABEL_BITS = 16
 #: ``dense_below="auto"`` by device type: the context below which a sparse decode step costs more than a dense

@@ -1,11 +1,14 @@
 """The backend contract: what every backend implements, and the per-step plan the pipeline hands it.
 
-A decode step of one layer is three calls, the same for every backend (``TwilightPipeline.decode``):
+A decode step of one layer is the same calls for every backend (``TwilightPipeline.decode``):
 
 1. ``select(q, cache, selector, plan) -> Selection``: the coarse candidates (Quest pages, a window, ...);
 2. ``prune(q, cache, sel, config, scale, plan) -> (Selection, q_counts)``: estimate the candidates' scores
    and keep, per query head, what the pruner keeps; the GQA group's union per kv-head, compacted;
 3. ``attend(q, cache, sel, scale) -> out``: decode attention over the pruned selection with the exact K/V.
+
+The pipeline calls 2 and 3 through ``prune_attend`` (by default: ``prune``, then ``attend``), which a backend
+that fuses them overrides (``cpu``). A dense step (dense layer, or below the crossover) calls ``attend`` only.
 
 Plus the primitives the three are built from, which benchmarks and tests time and check one by one:
 ``quest_page_scores``, ``estimate``, ``prune_top_p``. ``TorchBackend`` (here) is the reference and runs
@@ -97,6 +100,13 @@ class Backend(abc.ABC):
     def attend(self, q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float,
                plan: StepPlan | None = None) -> torch.Tensor:
         """Stage 4: ``[B, Hq, D]`` attention of ``q`` over ``sel`` with the exact K/V."""
+
+    def prune_attend(self, q: torch.Tensor, cache: LayerCache, sel: Selection, config, scale: float,
+                     plan: StepPlan) -> tuple[torch.Tensor, Selection, torch.Tensor]:
+        """Stages 2 to 4 in one call, as the pipeline runs them: ``(out, pruned selection, q_counts)``. A backend
+        that fuses pruning with attention overrides this; the default is ``prune`` then ``attend``."""
+        sel, q_counts = self.prune(q, cache, sel, config, scale, plan)
+        return self.attend(q, cache, sel, scale, plan), sel, q_counts
 
     # primitives ---------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -127,8 +127,8 @@ class TwilightPipeline:
         sel = self.select(layer_idx, q, cache, plan)
         if dense or self.config.pruner.type == "none":
             q_counts = None
+            out = backend.attend(q, cache, sel, scale, plan)
         else:
-            sel, q_counts = backend.prune(q, cache, sel, self.config, scale, plan)
-        out = backend.attend(q, cache, sel, scale, plan)
+            out, sel, q_counts = backend.prune_attend(q, cache, sel, self.config, scale, plan)
         self.stats.record(layer_idx, q_counts, sel.counts, (plan.length, cache.start), dense)
         return out

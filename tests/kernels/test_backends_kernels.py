@@ -80,7 +80,7 @@ def test_unavailable_backends_raise_clearly():
             backends.resolve_backend("cuda", "cpu")
     with pytest.raises(backends.BackendUnavailableError, match="flashinfer"):
         backends.resolve_backend("flashinfer", "cpu")
-    assert backends.resolve_backend("auto", "cpu").name == "torch"
+    assert backends.resolve_backend("auto", "cpu").name in ("cpu", "torch")
 
 
 def test_auto_warns_once_and_falls_through(monkeypatch):
