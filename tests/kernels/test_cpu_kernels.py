@@ -15,7 +15,6 @@ from twilight.cache import LayerCache
 from twilight.contract import BackendUnavailableError
 from twilight.pipeline import TwilightPipeline
 from twilight.quant import unpack_int4
-from twilight.selection import Selection
 
 cpu_kernels = pytest.importorskip("twilight.kernels.cpu")
 
