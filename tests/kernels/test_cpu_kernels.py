@@ -28,12 +28,9 @@ def ops():
 
 
 def _caches(block, bounds_dtype, start):
-    out = []
-    for fused in (False, True):
-        c = LayerCache(2, 3, 64, page_size=16, start=start, lazy_derived=True, int4_block=block,
-                       bounds_dtype=bounds_dtype)
-        out.append(c)
-    return out
+    """Two identical caches: one for the torch update, one for the C++ one."""
+    return [LayerCache(2, 3, 64, page_size=16, start=start, lazy_derived=True, int4_block=block,
+                       bounds_dtype=bounds_dtype) for _ in range(2)]
 
 
 @pytest.mark.parametrize("block", [32, 64])

@@ -35,8 +35,8 @@ def load(verbose: bool = False):
     from twilight.kernels.cuda import CSRC_DIR, _source_hash_flag, _sources
 
     try:
-        return load_extension(name="twilight_cpu_kernels", sources=_sources(SOURCES),
-                              extra_cflags=["-O3", "-march=native", "-fno-trapping-math", _source_hash_flag()], verbose=verbose)
+        return load_extension(name="twilight_cpu_kernels", sources=_sources(SOURCES), verbose=verbose,
+                              extra_cflags=["-O3", "-march=native", "-fno-trapping-math", _source_hash_flag()])
     except (RuntimeError, OSError, ImportError) as err:
         raise BackendUnavailableError(f"building the cpu kernels from {CSRC_DIR} failed: {err}") from err
 
