@@ -25,9 +25,10 @@ BACKENDS = ("auto", "torch", "cpu", "triton", "cuda", "flashinfer")
 CHANNELS_KEYS = ("q", "k", "qk")  # which projection's channel list a DoubleSparse channel file is read from
 MAX_LABEL_BITS = 16
 #: ``dense_below="auto"`` by device type: the context below which a sparse decode step costs more than a dense
-#: one, measured end to end by ``twilight bench e2e`` (benchmarks/README.md, "Crossover"). CUDA: not measured
-#: yet, so sparse from the first step (0) until a GPU run sets it.
-DENSE_BELOW_AUTO = {"cpu": 4096, "cuda": 0}
+#: one, measured end to end by ``twilight bench e2e`` (benchmarks/README.md, "The dense crossover"): on the CPU,
+#: SmolLM2 with the cpu backend decoded slower sparse than dense at 2k tokens and faster at 4k (2026-11-30,
+#: 1 thread). CUDA: not measured yet, so sparse from the first step (0) until a GPU run sets it.
+DENSE_BELOW_AUTO = {"cpu": 3072, "cuda": 0}
 
 
 class ConfigError(ValueError):
