@@ -79,7 +79,7 @@ def test_ops_per_step_structure(result):
             assert c["ops"] == sum(c["by_op"].values())
             assert c["syncs"] == sum(s["n"] for s in c["sync_sites"])
             assert all(s["op"].startswith(("aten.", "Tensor.")) and s["where"] for s in c["sync_sites"])
-            assert r["backend"] == "torch" and c["launches"] == 0 and c["by_kernel"] == {}
+            assert r["backend"] in ("cpu", "torch") and c["launches"] == 0 and c["by_kernel"] == {}  # auto on a CPU
             assert kernels._ops_cell(c) in md
         # the sparse pipeline runs more ops than one dense attention over the cache
         assert ops["quest-twilight"]["ops"] > ops["dense-preset"]["ops"]
