@@ -217,3 +217,20 @@ PRUNE_CASES = [
     (1, [[64, 64], [10, 2]], 0.9),
     (8, [[17, 64], [40, 63]], 0.5),
 ]
+
+
+def check_long_top_p_rows(top_p_mask, top_p_threshold, n: int, device) -> None:
+    """A top-p kernel's mask and threshold on ``long_top_p_rows(n)``, against the torch reference and the sort-based
+    oracle: -inf padding, empty and single-candidate rows, ties at the top and at the cut-off, p = 1, per-row p."""
+    from twilight.prune import top_p_mask as torch_top_p_mask
+
+    x = long_top_p_rows(n, seed=n)
+    for p in (0.5, 0.9, 1.0, torch.tensor([0.3, 0.6, 0.99, 0.05, 0.8, 1.0])):
+        mask = top_p_mask(x.to(device), p.to(device) if isinstance(p, torch.Tensor) else p)
+        assert_top_p_matches(x, p, mask, torch_top_p_mask(x, p))
+        assert_top_p_matches(x, p, mask, top_p_sort_oracle(x, p))
+        kept = mask[4, :4000].cpu()
+        assert bool(kept.all()) or not bool(kept.any()), "a tie group is kept whole or not at all"
+    thr, _, kept = top_p_threshold(x.to(device), 0.7)
+    assert torch.equal(kept.cpu(), top_p_sort_oracle(x, 0.7).sum(-1, dtype=torch.int32))
+    assert int(thr[1]) == 0 and int(kept[1]) == 0, "a row without candidates keeps nothing"

@@ -12,9 +12,9 @@ from kernel_helpers import (
     assert_close,
     assert_top_p_guarantee,
     assert_top_p_matches,
+    check_long_top_p_rows,
     gpu_param,
     int4_reference,
-    long_top_p_rows,
     make_cache,
     random_selection,
     top_p_sort_oracle,
@@ -80,17 +80,7 @@ def test_top_p_long_rows(device, n):
     """Rows at and past the shared-memory cache (8192 weights; longer rows recompute the weights in each of the
     radix search's 4 passes) and past the old 12288 limit, against the torch reference and a sort-based oracle:
     -inf padding, empty and single-candidate rows, ties at the top and at the cut-off, p = 1, per-row p."""
-    x = long_top_p_rows(n, seed=n)
-    for p in (0.5, 0.9, 1.0, torch.tensor([0.3, 0.6, 0.99, 0.05, 0.8, 1.0])):
-        mask = cuda_kernels.top_p_mask(x.to(device), p.to(device) if isinstance(p, torch.Tensor) else p)
-        assert_top_p_matches(x, p, mask, torch_top_p_mask(x, p))
-        assert_top_p_matches(x, p, mask, top_p_sort_oracle(x, p))
-        kept = mask[4, :4000].cpu()
-        assert bool(kept.all()) or not bool(kept.any()), "a tie group is kept whole or not at all"
-    thr, _, kept = cuda_kernels.top_p_threshold(x.to(device), 0.7)
-    assert torch.equal(kept.cpu(), top_p_sort_oracle(x, 0.7).sum(-1, dtype=torch.int32))
-    assert int(thr[1]) == 0 and int(kept[1]) == 0, "a row without candidates keeps nothing"
-
+    check_long_top_p_rows(cuda_kernels.top_p_mask, cuda_kernels.top_p_threshold, n, device)
 
 def test_top_p_matches_sort_oracle(device):
     """Short rows (the cached path) against the sort-based oracle, many seeds and p values."""

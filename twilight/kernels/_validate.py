@@ -35,19 +35,15 @@ def check_contiguous(**tensors: torch.Tensor) -> None:
 
 def rows_p(p, rows_shape: tuple, device: torch.device) -> torch.Tensor:
     """``p`` (a float or a tensor of shape ``rows_shape``) as a contiguous float32 tensor ``[prod(rows_shape)]``,
-    validated like ``twilight.prune.top_p_mask`` does."""
+    validated like ``twilight.prune.top_p_mask`` does (a tensor's values too: a host read)."""
     checks.check_p(p)
+    p = kernel_p(p, rows_shape, device)
+    if isinstance(p, torch.Tensor):
+        return p
     n = 1
     for s in rows_shape:
         n *= s
-    if isinstance(p, torch.Tensor):
-        p = p.to(device=device, dtype=torch.float32)
-        if p.dim() == 0:
-            return p.reshape(1).expand(n).contiguous()
-        if tuple(p.shape) != tuple(rows_shape):
-            raise ValueError(f"per-row p must have shape {tuple(rows_shape)}, got {tuple(p.shape)}")
-        return p.reshape(n).contiguous()
-    return torch.full((n,), float(p), dtype=torch.float32, device=device)
+    return torch.full((n,), p, dtype=torch.float32, device=device)
 
 
 def check_int4_cache(cache: LayerCache) -> None:
