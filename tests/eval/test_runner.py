@@ -184,3 +184,15 @@ def test_summary_markdown_and_plots(tmp_path):
         with open(paths[name], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.loads(open(paths["summary"]).read())["scores"] == summary["scores"]
+
+
+def test_configs_are_evaluated_sparse_from_the_first_step(tmp_path):
+    """An evaluation measures sparsity's effect on accuracy: a preset's dense_below="auto" (the speed crossover,
+    dense below ~3k tokens on a CPU) becomes 0; a JSON config that sets dense_below keeps it."""
+    backend = runner.TwilightBackend()
+    name, cfg = backend.load_config("quest-twilight")
+    assert name == "quest-twilight" and cfg.dense_below == 0 and cfg.selector.type == "quest"
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"selector": "full", "pruner": {"type": "top_p", "p": 0.9}, "dense_below": 2048}))
+    _, cfg = backend.load_config(str(path))
+    assert cfg.dense_below == 2048
