@@ -13,14 +13,12 @@ Every test here is marked ``gpu`` (skipped without CUDA; tests/conftest.py) and 
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 import pytest
 import torch
 
 import twilight
-from twilight.config import TwilightConfig
 from twilight.diagnostics import count_ops
 
 pytestmark = pytest.mark.gpu
@@ -36,8 +34,7 @@ def sparse_config(backend: str) -> dict:
     """quest-twilight, sparse in every layer and at every context: no dense layers, a 64-token Quest budget."""
     cfg = {**twilight.PRESETS["quest-twilight"], "backend": backend, "dense_layers": []}
     cfg["selector"] = {**cfg["selector"], "token_budget": TOKEN_BUDGET, "page_size": PAGE_SIZE}
-    if "dense_below" in {f.name for f in dataclasses.fields(TwilightConfig)}:
-        cfg["dense_below"] = 0  # no dense crossover, whatever the device's default
+    cfg["dense_below"] = 0  # no dense crossover, whatever the device's default
     return cfg
 
 

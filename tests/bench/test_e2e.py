@@ -19,8 +19,7 @@ def result(tmp_path_factory):
     import twilight.config
 
     with pytest.MonkeyPatch.context() as mp:
-        if hasattr(twilight.config, "DENSE_BELOW_AUTO"):
-            mp.setattr(twilight.config, "DENSE_BELOW_AUTO", {"cpu": 0, "cuda": 0})
+        mp.setattr(twilight.config, "DENSE_BELOW_AUTO", {"cpu": 0, "cuda": 0})
         return e2e.main(TINY + ["--out", str(out)])
 
 
