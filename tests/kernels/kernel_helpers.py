@@ -234,3 +234,28 @@ def check_long_top_p_rows(top_p_mask, top_p_threshold, n: int, device) -> None:
     thr, _, kept = top_p_threshold(x.to(device), 0.7)
     assert torch.equal(kept.cpu(), top_p_sort_oracle(x, 0.7).sum(-1, dtype=torch.int32))
     assert int(thr[1]) == 0 and int(kept[1]) == 0, "a row without candidates keeps nothing"
+
+
+def check_long_candidate_rows(prune_to_selection, device) -> None:
+    """A fused top-p -> union -> compaction kernel on candidate rows of 9,000 (past the in-register / shared-memory
+    limits) with per-head counts and garbage past them, against the torch reference and the sort-based oracle."""
+    from twilight._tensors import compact
+    from twilight.prune import top_p_mask as torch_top_p_mask
+
+    B, Hkv, G, K = 1, 2, 2, 9000
+    g = torch.Generator().manual_seed(11)
+    idx = torch.stack([torch.randperm(20000, generator=g)[:K] for _ in range(Hkv)]).view(B, Hkv, K).int()
+    sel = Selection(idx, torch.tensor([[9000, 8500]], dtype=torch.int32))
+    scores = torch.randn(B, Hkv * G, K, generator=g) * 5
+    scores = scores.masked_fill(~sel.valid().repeat_interleave(G, 1), 1e4)  # garbage past the counts: never read
+    pruned, q_counts = prune_to_selection(scores.to(device), Selection(idx.to(device), sel.counts.to(device)),
+                                          0.9, 0.5)
+    logits = (scores * 0.5).masked_fill(~sel.valid().repeat_interleave(G, 1), float("-inf"))
+    keep = torch_top_p_mask(logits, 0.9)
+    ref_idx, ref_counts = compact(sel.indices, keep.view(B, Hkv, G, K).any(2))
+    assert torch.equal(pruned.counts.cpu(), ref_counts)
+    assert torch.equal(q_counts.cpu(), keep.sum(-1, dtype=torch.int32))
+    for h in range(Hkv):
+        n = int(ref_counts[0, h])
+        assert torch.equal(pruned.indices[0, h, :n].cpu(), ref_idx[0, h, :n])
+    assert_top_p_matches(logits, 0.9, keep, top_p_sort_oracle(logits, 0.9))

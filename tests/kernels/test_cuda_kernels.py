@@ -12,6 +12,7 @@ from kernel_helpers import (
     assert_close,
     assert_top_p_guarantee,
     assert_top_p_matches,
+    check_long_candidate_rows,
     check_long_top_p_rows,
     gpu_param,
     int4_reference,
@@ -128,23 +129,7 @@ def test_prune_to_selection(device, G, counts, p):
 
 def test_prune_to_selection_long_candidate_rows(device):
     """Candidate rows past the shared-memory cache, with per-head counts (the uncached path with lengths)."""
-    B, Hkv, G, K = 1, 2, 2, 9000
-    g = torch.Generator().manual_seed(11)
-    idx = torch.stack([torch.randperm(20000, generator=g)[:K] for _ in range(Hkv)]).view(B, Hkv, K).int()
-    sel = Selection(idx, torch.tensor([[9000, 8500]], dtype=torch.int32))
-    scores = torch.randn(B, Hkv * G, K, generator=g) * 5
-    scores = scores.masked_fill(~sel.valid().repeat_interleave(G, 1), 1e4)  # garbage past the counts: never read
-    pruned, q_counts = cuda_kernels.prune_to_selection(scores.to(device),
-                                                       Selection(idx.to(device), sel.counts.to(device)), 0.9, 0.5)
-    logits = (scores * 0.5).masked_fill(~sel.valid().repeat_interleave(G, 1), float("-inf"))
-    keep = torch_top_p_mask(logits, 0.9)
-    ref_idx, ref_counts = compact(sel.indices, keep.view(B, Hkv, G, K).any(2))
-    assert torch.equal(pruned.counts.cpu(), ref_counts)
-    assert torch.equal(q_counts.cpu(), keep.sum(-1, dtype=torch.int32))
-    for h in range(Hkv):
-        n = int(ref_counts[0, h])
-        assert torch.equal(pruned.indices[0, h, :n].cpu(), ref_idx[0, h, :n])
-    assert_top_p_matches(logits, 0.9, keep, top_p_sort_oracle(logits, 0.9))
+    check_long_candidate_rows(cuda_kernels.prune_to_selection, device)
 
 
 def test_cpu_tensors_need_emulation(monkeypatch):

@@ -9,8 +9,8 @@ from kernel_helpers import (
     TRITON_DEVICES,
     assert_top_p_guarantee,
     assert_top_p_matches,
+    check_long_candidate_rows,
     check_long_top_p_rows,
-    top_p_sort_oracle,
 )
 
 from twilight._tensors import compact
@@ -124,20 +124,7 @@ def test_prune_to_selection_per_row_p(device):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_prune_to_selection_long_candidate_rows(device):
     """Candidate rows longer than the in-register limit, with per-head counts (the streamed path with lengths)."""
-    B, Hkv, G, K = 1, 2, 2, 9000
-    g = torch.Generator().manual_seed(11)
-    idx = torch.stack([torch.randperm(20000, generator=g)[:K] for _ in range(Hkv)]).view(B, Hkv, K).int()
-    sel = Selection(idx, torch.tensor([[9000, 8500]], dtype=torch.int32))
-    scores = torch.randn(B, Hkv * G, K, generator=g) * 5
-    scores = scores.masked_fill(~sel.valid().repeat_interleave(G, 1), 1e4)  # never read
-    pruned, q_counts = top_p.prune_to_selection(scores.to(device), Selection(idx.to(device), sel.counts.to(device)),
-                                                0.9, scale=0.5)
-    ref_idx, ref_counts, ref_q_counts, logits, keep = _pipeline_reference(scores, sel, 0.9, 0.5)
-    assert torch.equal(pruned.counts.cpu(), ref_counts) and torch.equal(q_counts.cpu(), ref_q_counts)
-    for h in range(Hkv):
-        n = int(ref_counts[0, h])
-        assert torch.equal(pruned.indices[0, h, :n].cpu(), ref_idx[0, h, :n])
-    assert_top_p_matches(logits, 0.9, keep, top_p_sort_oracle(logits, 0.9))
+    check_long_candidate_rows(top_p.prune_to_selection, device)
 
 
 def test_rejects_bad_inputs():
