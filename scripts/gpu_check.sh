@@ -26,7 +26,8 @@
 # Output: benchmarks/results/<gpu-name>-<date>/ (gpu name from nvidia-smi, else torch; lower case, every run of
 # other characters turned into '-', as twilight_bench.common.device_slug does): kernels.{json,md,png},
 # e2e.{json,md,png}, pytest-step.xml and pytest-gpu.xml (JUnit), logs/*.log (each step's output, the environment) and summary.md,
-# the short summary also printed at the end. With $OUT set, the whole folder is copied there as well.
+# the short summary also printed at the end. With $OUT set, the folder is also packed there as one
+# <folder>.tar.gz beside a copy of summary.md (few files: a results channel may take only a handful).
 # Commit that folder, then update benchmarks/README.md's tables.
 #
 # --dry-run: prints the plan, and checks in well under a minute on a CPU that every command would start:
@@ -36,10 +37,16 @@
 # also a pytest test, which would make the suite collect itself a second time from inside itself.
 #
 # Where twilight is not pip-installed, the packages twilight_bench (benchmarks/) and twilight_eval (eval/) are
-# made importable through symlinks in a temporary folder on PYTHONPATH: no pip, no network.
+# made importable through symlinks in a temporary folder on PYTHONPATH: no pip, no network. Where only
+# `python3` exists (no `python` on the PATH), a `python` link to it is put first on the PATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+if ! command -v python >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
+    PY_SHIM=$(mktemp -d)
+    ln -s "$(command -v python3)" "$PY_SHIM/python"
+    export PATH="$PY_SHIM:$PATH"
+fi
 
 DRY_RUN=0
 for arg in "$@"; do
@@ -58,7 +65,7 @@ T_DRY=90
 LLAMA_LAYERS=${LLAMA_LAYERS:-8}
 
 # ------------------------------------------------------------------------------------------- the commands
-PYTEST_ARGS=(-m gpu -p no:cacheprovider -q -ra)
+PYTEST_ARGS=(-m gpu -p no:cacheprovider -q -ra --continue-on-collection-errors)
 FIRST_TESTS=(tests/test_gpu_step.py tests/test_diagnostics.py)
 OTHER_TESTS=(tests --ignore=tests/test_gpu_step.py --ignore=tests/test_diagnostics.py)
 KERNEL_ARGS=(--device cuda --contexts 32k --batches 1,16,64 --dtypes fp16 --shapes llama3-8b --backend auto
@@ -305,7 +312,8 @@ else:
 EOF
 
 if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT" && cp -r "$DIR" "$OUT/" && echo "copied to $OUT/$(basename "$DIR")"
+    mkdir -p "$OUT" && tar -czf "$OUT/$(basename "$DIR").tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")" \
+        && cp "$DIR/summary.md" "$OUT/summary.md" && echo "packed into $OUT/$(basename "$DIR").tar.gz"
 fi
 echo "gpu_check.sh: done in $((SECONDS - START))s; results in $DIR"
 failed=$(printf '%s\n' "${STEP_LINES[@]}" | grep -vc ": ok," || true)
