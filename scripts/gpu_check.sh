@@ -21,7 +21,8 @@
 #                                                  every layer is the same, so the ratios are the full model's;
 #                                                  LLAMA_LAYERS=32 for all of them) at 4k and 32k            100 s
 # 450 s of limits, plus start-up and the summary: under 8 minutes. Limits can be changed with
-# GPU_CHECK_TIMEOUT_{STEP,TESTS,KERNELS,E2E} (seconds).
+# GPU_CHECK_TIMEOUT_{STEP,TESTS,KERNELS,E2E} (seconds); GPU_CHECK_STEPS=step,kernels (say) runs only those steps
+# (a rerun after a fix; the files of the steps left out are kept from an earlier run into the same folder).
 #
 # Output: benchmarks/results/<gpu-name>-<date>/ (gpu name from nvidia-smi, else torch; lower case, every run of
 # other characters turned into '-', as twilight_bench.common.device_slug does): kernels.{json,md,png},
@@ -62,6 +63,12 @@ T_TESTS=${GPU_CHECK_TIMEOUT_TESTS:-150}
 T_KERNELS=${GPU_CHECK_TIMEOUT_KERNELS:-110}
 T_E2E=${GPU_CHECK_TIMEOUT_E2E:-100}
 T_DRY=90
+STEPS_LIST=${GPU_CHECK_STEPS:-step,tests,kernels,e2e}
+STEPS_WANTED=",$STEPS_LIST,"
+for s in ${STEPS_LIST//,/ }; do
+    case "$s" in step|tests|kernels|e2e) ;; *) echo "GPU_CHECK_STEPS: unknown step $s (use step, tests, kernels, e2e)" >&2; exit 2 ;; esac
+done
+wanted() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
 LLAMA_LAYERS=${LLAMA_LAYERS:-8}
 
 # ------------------------------------------------------------------------------------------- the commands
@@ -219,13 +226,13 @@ EOF
     git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null | head -n 40
 } > "$DIR/logs/env.log" 2>&1
 
-run_step step "$T_STEP" "$DIR/logs/pytest-step.log" \
+wanted step && run_step step "$T_STEP" "$DIR/logs/pytest-step.log" \
     python -m pytest "${PYTEST_ARGS[@]}" "${FIRST_TESTS[@]}" --junitxml="$DIR/pytest-step.xml"
-run_step tests "$T_TESTS" "$DIR/logs/pytest-gpu.log" \
+wanted tests && run_step tests "$T_TESTS" "$DIR/logs/pytest-gpu.log" \
     python -m pytest "${PYTEST_ARGS[@]}" "${OTHER_TESTS[@]}" --junitxml="$DIR/pytest-gpu.xml"
-run_step kernels "$T_KERNELS" "$DIR/logs/kernels.log" \
+wanted kernels && run_step kernels "$T_KERNELS" "$DIR/logs/kernels.log" \
     python scripts/bench_kernels.py "${KERNEL_ARGS[@]}" --out "$DIR"
-run_step e2e "$T_E2E" "$DIR/logs/e2e.log" \
+wanted e2e && run_step e2e "$T_E2E" "$DIR/logs/e2e.log" \
     python scripts/bench_e2e.py "${E2E_ARGS[@]}" --out "$DIR"
 
 STEPS=$(printf '%s\n' "${STEP_LINES[@]}")

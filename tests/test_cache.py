@@ -338,3 +338,14 @@ def test_lazy_one_token_updates_match_a_fresh_computation(int4_block, dtype):
 def test_cache_rejects_unknown_int4_block():
     with pytest.raises(ValueError, match="int4_block"):
         LayerCache(1, 1, 8, int4_block=16)
+
+
+@pytest.mark.gpu
+def test_cuda_device_gets_its_index():
+    """A cache made with ``device="cuda"`` reports the device its tensors are on (``cuda:0``), so that the kernel
+    wrappers' device checks accept a query made on ``cuda:0`` (seen failing on an H200 before the cache kept
+    ``torch.device("cuda")``, which compares unequal to ``cuda:0``)."""
+    c = LayerCache(1, 2, 64, dtype=torch.float16, device="cuda")
+    c.append(torch.randn(1, 2, 5, 64, device="cuda:0", dtype=torch.float16),
+             torch.randn(1, 2, 5, 64, device="cuda:0", dtype=torch.float16))
+    assert c.device == torch.device("cuda", torch.cuda.current_device()) == c.k.device

@@ -72,6 +72,15 @@ def quantize_labels(x: torch.Tensor, bits: int | None) -> torch.Tensor:
     return (torch.round((xf - lo) / step).clamp_(0, levels) * step + lo).to(x.dtype)
 
 
+def _canonical_device(device) -> torch.device:
+    """``device`` with its index: ``"cuda"`` becomes ``cuda:<current device>``, the device tensors report, so that
+    comparing a tensor's device with the cache's is exact (``torch.device("cuda") != torch.device("cuda:0")``)."""
+    dev = torch.device(device)
+    if dev.index is None and dev.type not in ("cpu", "meta"):
+        dev = torch.empty(0, device=dev).device
+    return dev
+
+
 class LayerCache:
     """Exact and compressed keys/values of one attention layer.
 
@@ -118,7 +127,7 @@ class LayerCache:
         #: fused kernel for it sets its own (``twilight.kernels.triton.append.update_token``).
         self.token_updater = None
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, _canonical_device(device)
         self.page_size = page_size
         self.quant_bits = quant_bits
         self.keep_page_bounds = keep_page_bounds
