@@ -5,9 +5,20 @@
 //   page bounds widened outward to bf16), exactly as twilight.cache.LayerCache._update_one defines them.
 // top_p_attend: per (batch, kv-head) row, each query head's exact top-p over its kv-head's candidates (the
 //   semantics of twilight.prune.top_p_mask), their union, and decode attention over the union with the exact K/V.
+// quest_page_scores: Quest's page upper bounds, max over each kv-head's query heads (twilight.select's
+//   quest_page_scores), from float32 or bfloat16 bounds, in one pass over the bounds.
+// int4_scores: the candidates' estimated q.k from the packed int4 keys (twilight.estimate's "int4" estimator:
+//   the dequantized keys times q, in float32), eight page-aligned consecutive candidates at a time.
+//
+// The two scoring loops are written with GCC/Clang vector extensions (eight float lanes): the build's
+// -march=native lowers them to the host's vector unit (AVX2 + FMA here) without intrinsics.
 //
 // float32 caches only (the CPU's dtype); the backend sends other dtypes to the torch reference.
 #include <torch/extension.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -104,7 +115,309 @@ inline double sum_below(const float* w, int64_t n, float cut) {
   return total;
 }
 
+// Eight float lanes, and the byte and bf16 vectors that widen to them.
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef int32_t v8i32 __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Widening conversions: GCC scalarizes __builtin_convertvector from byte and 16-bit lanes, so on AVX2 these use
+// the zero-extending loads (vpmovzx) directly; elsewhere the vector-extension form.
+inline v8f load8(const uint16_t* p) {  // eight bf16 values, widened exactly
+#ifdef __AVX2__
+  const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return reinterpret_cast<v8f>(_mm256_castsi256_ps(w));
+#else
+  v8u16 h;
+  std::memcpy(&h, p, sizeof h);
+  const v8u32 w = __builtin_convertvector(h, v8u32) << 16;
+  return reinterpret_cast<const v8f&>(w);
+#endif
+}
+
+inline v8f nibbles8(const uint8_t* p, int shift) {  // eight bytes' nibbles at `shift` (0 or 4), as floats
+#ifdef __AVX2__
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i c = _mm256_and_si256(_mm256_srl_epi32(w, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(15));
+  return reinterpret_cast<v8f>(_mm256_cvtepi32_ps(c));
+#else
+  v8u8 b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector((__builtin_convertvector(b, v8i32) >> shift) & 15, v8f);
+#endif
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t h) { return bf16_to_float(h); }
+
+inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// s[g] = qq[g] . b over n elements, for NG query heads (qq rows n apart).
+template <int NG, typename T>
+inline void dot_rows(const float* qq, const T* b, int64_t n, float* s) {
+  v8f acc[NG] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f bv = load8(b + i);
+    for (int g = 0; g < NG; ++g) acc[g] += load8(qq + g * n + i) * bv;
+  }
+  for (int g = 0; g < NG; ++g) {
+    float tail = 0.0f;
+    for (int64_t j = i; j < n; ++j) tail += qq[g * n + j] * to_float(b[j]);
+    s[g] = hsum(acc[g]) + tail;
+  }
+}
+
+// The same for two pages at once (b0, b1): twice the independent multiply-add chains, each q load used twice.
+template <int NG, typename T>
+inline void dot_rows2(const float* qq, const T* b0, const T* b1, int64_t n, float* s0, float* s1) {
+  v8f a0[NG] = {}, a1[NG] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f x0 = load8(b0 + i), x1 = load8(b1 + i);
+    for (int g = 0; g < NG; ++g) {
+      const v8f qv = load8(qq + g * n + i);
+      a0[g] += qv * x0;
+      a1[g] += qv * x1;
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    float t0 = 0.0f, t1 = 0.0f;
+    for (int64_t j = i; j < n; ++j) {
+      t0 += qq[g * n + j] * to_float(b0[j]);
+      t1 += qq[g * n + j] * to_float(b1[j]);
+    }
+    s0[g] = hsum(a0[g]) + t0;
+    s1[g] = hsum(a1[g]) + t1;
+  }
+}
+
+// One (batch, kv-head) row of Quest scores: for each page, the max over the G query heads of qq[g] . bounds[page].
+template <typename T>
+void quest_row(const float* qq, int64_t G, const T* bounds, int64_t n_pages, int64_t n, float* out) {
+  int64_t p0 = 0;
+  for (; p0 + 2 <= n_pages; p0 += 2) {  // page pairs
+    const T* b0 = bounds + p0 * n;
+    float best0 = -std::numeric_limits<float>::infinity(), best1 = best0;
+    float s0[4], s1[4];
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const float* qg = qq + g0 * n;
+      const int64_t ng = std::min<int64_t>(4, G - g0);
+      switch (ng) {
+        case 4: dot_rows2<4>(qg, b0, b0 + n, n, s0, s1); break;
+        case 3: dot_rows2<3>(qg, b0, b0 + n, n, s0, s1); break;
+        case 2: dot_rows2<2>(qg, b0, b0 + n, n, s0, s1); break;
+        default: dot_rows2<1>(qg, b0, b0 + n, n, s0, s1); break;
+      }
+      for (int64_t g = 0; g < ng; ++g) {
+        best0 = std::max(best0, s0[g]);
+        best1 = std::max(best1, s1[g]);
+      }
+    }
+    out[p0] = best0;
+    out[p0 + 1] = best1;
+  }
+  for (int64_t p = p0; p < n_pages; ++p) {  // the odd page out
+    const T* b = bounds + p * n;
+    float best = -std::numeric_limits<float>::infinity();
+    float s[4];
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const float* qg = qq + g0 * n;
+      const int64_t ng = std::min<int64_t>(4, G - g0);
+      switch (ng) {
+        case 4: dot_rows<4>(qg, b, n, s); break;
+        case 3: dot_rows<3>(qg, b, n, s); break;
+        case 2: dot_rows<2>(qg, b, n, s); break;
+        default: dot_rows<1>(qg, b, n, s); break;
+      }
+      for (int64_t g = 0; g < ng; ++g) best = std::max(best, s[g]);
+    }
+    out[p] = best;
+  }
+}
+
+// acc[g][j] += q[g] . codes of eight consecutive tokens (bytes `half` apart per channel, nibble at `shift`).
+template <int NG>
+inline void int4_chunk(const float* q, int64_t D, const uint8_t* base, int64_t half, int shift, v8f* out) {
+  v8f acc[NG] = {};  // local, so that the accumulators stay in registers
+  for (int64_t d = 0; d < D; ++d) {
+    const v8f code = nibbles8(base + d * half, shift);
+    for (int g = 0; g < NG; ++g) acc[g] += q[g * D + d] * code;
+  }
+  for (int g = 0; g < NG; ++g) out[g] = acc[g];
+}
+
+// The same for sixteen consecutive tokens (a whole 16-token page): one 16-byte load per channel, and each
+// query value broadcast once for both halves.
+template <int NG>
+inline void int4_chunk16(const float* q, int64_t D, const uint8_t* base, int64_t half, int shift, v8f* lo_out,
+                         v8f* hi_out) {
+  v8f lo[NG] = {}, hi[NG] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const v8f c0 = nibbles8(base + d * half, shift);
+    const v8f c1 = nibbles8(base + d * half + 8, shift);
+    for (int g = 0; g < NG; ++g) {
+      const float x = q[g * D + d];
+      lo[g] += x * c0;
+      hi[g] += x * c1;
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    lo_out[g] = lo[g];
+    hi_out[g] = hi[g];
+  }
+}
+
 }  // namespace
+
+// q: [B, Hq, D] f32; bounds: [B, H, cap/page, 2, D] f32 or bf16 ([max | min] per page); start: [B] i32.
+// Returns [B, H, n_pages] f32: per page, max over the kv-head's query heads of sum_d max(q_d max_d, q_d min_d);
+// -inf for pages holding no valid position (page * page_size + page_size <= start).
+at::Tensor quest_page_scores(const at::Tensor& q, const at::Tensor& bounds, const at::Tensor& start,
+                             int64_t n_pages, int64_t page_size) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "quest_page_scores: q must be contiguous float32");
+  TORCH_CHECK(bounds.is_contiguous() && bounds.dim() == 5, "quest_page_scores: bounds must be contiguous [B, H, P, 2, D]");
+  TORCH_CHECK(start.scalar_type() == at::kInt, "quest_page_scores: start must be int32");
+  const int64_t B = bounds.size(0), H = bounds.size(1), cap_pages = bounds.size(2), D = bounds.size(4);
+  const int64_t G = q.size(1) / H, n = 2 * D;
+  TORCH_CHECK(n_pages <= cap_pages && q.size(2) == D, "quest_page_scores: shapes do not match");
+  auto out = at::empty({B, H, n_pages}, q.options());
+  std::vector<float> qq(G * n);
+  const float* qp = q.data_ptr<float>();
+  const int32_t* st = start.data_ptr<int32_t>();
+  const bool bf16 = bounds.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || bounds.scalar_type() == at::kFloat, "quest_page_scores: bounds must be float32 or bfloat16");
+  for (int64_t r = 0; r < B * H; ++r) {
+    const float* qr = qp + r * G * D;  // query heads h * G .. h * G + G - 1 of batch b
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = qr[g * D + d];
+        qq[g * n + d] = std::max(x, 0.0f);
+        qq[g * n + D + d] = std::min(x, 0.0f);
+      }
+    }
+    float* o = out.data_ptr<float>() + r * n_pages;
+    if (bf16) {
+      const uint16_t* b = reinterpret_cast<const uint16_t*>(bounds.data_ptr<at::BFloat16>()) + r * cap_pages * n;
+      quest_row(qq.data(), G, b, n_pages, n, o);
+    } else {
+      quest_row(qq.data(), G, bounds.data_ptr<float>() + r * cap_pages * n, n_pages, n, o);
+    }
+    const int64_t s0 = st[r / H];
+    for (int64_t p = 0; p < n_pages && p * page_size + page_size <= s0; ++p) {
+      o[p] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return out;
+}
+
+// q: [B, Hq, D] f32; packed: [B, H, cap, D/2] u8 in the tiled layout of `block` tokens (twilight.quant);
+// qparams: [B, H, cap, 2] f32 (scale, mid); cand: [B, H, K] i32 positions; counts: [B, H] i32.
+// Returns [B, Hq, K] f32: sum_d q_d ((code - 8) scale + mid) per candidate, -inf at slots >= counts.
+at::Tensor int4_scores(const at::Tensor& q, const at::Tensor& packed, const at::Tensor& qparams,
+                       const at::Tensor& cand, const at::Tensor& counts, int64_t block) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "int4_scores: q must be contiguous float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_scores: packed must be uint8");
+  TORCH_CHECK(qparams.scalar_type() == at::kFloat && qparams.is_contiguous(), "int4_scores: qparams must be float32");
+  TORCH_CHECK(cand.scalar_type() == at::kInt && cand.is_contiguous() && counts.scalar_type() == at::kInt,
+              "int4_scores: cand and counts must be int32");
+  TORCH_CHECK(block == 32 || block == 64, "int4_scores: block must be 32 or 64");
+  const int64_t B = packed.size(0), H = packed.size(1), cap = packed.size(2), D = 2 * packed.size(3);
+  const int64_t G = q.size(1) / H, K = cand.size(2), half = block / 2;
+  TORCH_CHECK(G <= 64, "int4_scores: at most 64 query heads per kv-head");
+  auto out = at::empty({B, H * G, K}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const int32_t* cp = cand.data_ptr<int32_t>();
+  const int32_t* cnt = counts.data_ptr<int32_t>();
+  const float* par = qparams.data_ptr<float>();
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  std::vector<double> qsum(G);
+  for (int64_t r = 0; r < B * H; ++r) {
+    const float* qr = qp + r * G * D;
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      for (int64_t d = 0; d < D; ++d) s += qr[g * D + d];
+      qsum[g] = s;
+    }
+    const int32_t* idx = cp + r * K;
+    const int64_t count = std::min<int64_t>(cnt[r], K);
+    const uint8_t* rowp = pk + r * cap * (D / 2);
+    const float* rpar = par + r * cap * 2;
+    float* o = out.data_ptr<float>() + r * G * K;
+    auto consecutive = [idx](int64_t s, int64_t n) {  // slots s .. s+n-1 hold t, t+1, ..., t aligned to n
+      return idx[s] % n == 0 && idx[s + n - 1] == idx[s] + n - 1 &&
+             std::equal(idx + s + 1, idx + s + n, idx + s, [](int32_t a, int32_t b) { return a == b + 1; });
+    };
+    for (int64_t s0 = 0; s0 < count;) {
+      const int64_t t0 = idx[s0];
+      const int64_t c = t0 % block;
+      const uint8_t* base = rowp + (t0 - c) * (D / 2) + (c % half);
+      const int shift = c < half ? 0 : 4;
+      float dots[16 * 64];  // [g][j]: q[g] . codes (as 0..15) of slot s0 + j
+      int64_t nj;
+      if (s0 + 16 <= count && consecutive(s0, 16)) {  // a whole page
+        nj = 16;
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+          v8f lo[4] = {}, hi[4] = {};
+          const int64_t ng = std::min<int64_t>(4, G - g0);
+          const float* qg = qr + g0 * D;
+          switch (ng) {
+            case 4: int4_chunk16<4>(qg, D, base, half, shift, lo, hi); break;
+            case 3: int4_chunk16<3>(qg, D, base, half, shift, lo, hi); break;
+            case 2: int4_chunk16<2>(qg, D, base, half, shift, lo, hi); break;
+            default: int4_chunk16<1>(qg, D, base, half, shift, lo, hi); break;
+          }
+          for (int64_t g = 0; g < ng; ++g)
+            for (int j = 0; j < 8; ++j) {
+              dots[(g0 + g) * 16 + j] = lo[g][j];
+              dots[(g0 + g) * 16 + 8 + j] = hi[g][j];
+            }
+        }
+      } else if (s0 + 8 <= count && consecutive(s0, 8)) {  // eight aligned tokens
+        nj = 8;
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+          v8f acc[4] = {};
+          const int64_t ng = std::min<int64_t>(4, G - g0);
+          const float* qg = qr + g0 * D;
+          switch (ng) {
+            case 4: int4_chunk<4>(qg, D, base, half, shift, acc); break;
+            case 3: int4_chunk<3>(qg, D, base, half, shift, acc); break;
+            case 2: int4_chunk<2>(qg, D, base, half, shift, acc); break;
+            default: int4_chunk<1>(qg, D, base, half, shift, acc); break;
+          }
+          for (int64_t g = 0; g < ng; ++g)
+            for (int j = 0; j < 8; ++j) dots[(g0 + g) * 16 + j] = acc[g][j];
+        }
+      } else {  // one token
+        nj = 1;
+        for (int64_t g = 0; g < G; ++g) {
+          float acc = 0.0f;
+          for (int64_t d = 0; d < D; ++d) acc += qr[g * D + d] * static_cast<float>((base[d * half] >> shift) & 15);
+          dots[g * 16] = acc;
+        }
+      }
+      for (int64_t j = 0; j < nj; ++j) {
+        const int64_t t = idx[s0 + j];
+        const float scale = rpar[t * 2], mid = rpar[t * 2 + 1];
+        for (int64_t g = 0; g < G; ++g) {
+          // sum_d q_d (code_d - 8) scale + mid sum_d q_d
+          o[g * K + s0 + j] = static_cast<float>((dots[g * 16 + j] - 8.0 * qsum[g]) * scale + mid * qsum[g]);
+        }
+      }
+      s0 += nj;
+    }
+    for (int64_t g = 0; g < G; ++g) std::fill(o + g * K + count, o + (g + 1) * K, kNegInf);
+  }
+  return out;
+}
 
 // k: [B, H, cap, D] f32; k_int4: [B, H, cap, D/2] u8 (or empty); k_qparams: [B, H, cap, 2] f32 (or empty);
 // page_bounds: [B, H, cap/page, 2, D] f32 or bf16 (or empty).
@@ -319,4 +632,6 @@ std::vector<at::Tensor> top_p_attend(const at::Tensor& scores, const at::Tensor&
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_token", &update_token, "a decode token's int4 codes, scale/mid and page bounds");
   m.def("top_p_attend", &top_p_attend, "per-head top-p, GQA union and decode attention over the union");
+  m.def("quest_page_scores", &quest_page_scores, "Quest's page upper bounds, max over each kv-head's query heads");
+  m.def("int4_scores", &int4_scores, "the candidates' estimated q.k from the packed int4 keys");
 }

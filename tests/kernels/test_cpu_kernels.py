@@ -4,7 +4,14 @@
   bound the keys (float32 bounds: exactly the extremes; bf16: the tightest bf16 values on either side).
 - ``top_p_attend``: each query head's kept count and each kv-head's union equal the sort-based top-p oracle's
   (where ``p`` is not on a float boundary), and the output is exact attention over the returned union.
-- Through the pipeline: the cpu and torch backends attend the same tokens and give the same outputs.
+- ``quest_page_scores``: Quest's page bounds' scores against a float64 evaluation of the same bounds, from
+  float32 and bf16 bounds, with left padding (pages with no valid token: ``-inf``), any group size and head dim.
+- ``int4_scores``: the candidates' ``q·k`` against the float64 product of ``q`` with the dequantized keys, for
+  page runs (the vector path) and scattered candidates (the scalar path), both int4 layouts, padding slots ``-inf``.
+- Through the pipeline: with every candidate and the same estimates (the exact estimator), the cpu and torch
+  backends attend the same tokens and give the same outputs; the cpu backend's Quest pages are the top pages of
+  the float64 scores (up to rounding); with the int4 estimator its budgets are those of the float32 int4
+  estimate (the torch backend rounds ``q`` and the scales to bf16 in PyTorch's GEMV: its budgets differ slightly).
 """
 from __future__ import annotations
 
@@ -105,12 +112,77 @@ def test_top_p_attend_matches_the_oracle(ops, top_p_oracle, top_p_margin, masked
     assert torch.allclose(out.double(), masked_attention_ref(q, k, v, mask, scale), atol=1e-5)
 
 
+def _quest_ref(q, cache):
+    """float64 Quest page scores of ``cache``'s own page bounds: ``[B, Hkv, P]``, -inf for all-padding pages."""
+    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+    P = cache.num_pages
+    bounds = cache.page_bounds[:, :, :P].double()  # [B, H, P, 2, D]
+    qg = q.view(B, H, -1, D).double()
+    s = (torch.einsum("bhgd,bhpd->bhgp", qg.clamp_min(0), bounds[:, :, :, 0])
+         + torch.einsum("bhgd,bhpd->bhgp", qg.clamp_max(0), bounds[:, :, :, 1])).amax(2)
+    empty = (torch.arange(P) * cache.page_size + cache.page_size).view(1, -1) <= cache.start.view(-1, 1)
+    return s.masked_fill(empty.unsqueeze(1), float("-inf"))
+
+
+@pytest.mark.parametrize("bounds_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,D,start", [(3, 64, [0, 37]), (4, 128, [0, 0]), (1, 16, [5, 0]), (5, 8, [0, 70]),
+                                       (9, 24, [16, 3])])
+def test_quest_page_scores_match_float64(ops, bounds_dtype, G, D, start):
+    torch.manual_seed(G * D)
+    B, H, L = 2, 2, 333
+    cache = LayerCache(B, H, D, page_size=16, start=torch.tensor(start), bounds_dtype=bounds_dtype)
+    cache.append(torch.randn(B, H, L, D) * 3, torch.randn(B, H, L, D))
+    q = torch.randn(B, H * G, D)
+    out = ops.quest_page_scores(q, cache.page_bounds, cache.start, cache.num_pages, cache.page_size)
+    ref = _quest_ref(q, cache)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and not torch.isnan(out).any()
+    fin = torch.isfinite(ref)
+    assert fin.any()
+    scale = float(ref[fin].abs().max())
+    assert float((out.double()[fin] - ref[fin]).abs().max()) <= 1e-5 * scale
+
+
+def _int4_ref(q, cache, cand):
+    """float64 ``q · dequantized keys`` of the candidates ``cand [B, H, K]``: ``[B, Hq, K]``."""
+    from twilight.quant import dequantize_int4
+
+    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+    deq = dequantize_int4(cache.k_int4, cache.k_qparams, cache.int4_block).double()  # [B, H, cap, D]
+    keys = deq.gather(2, cand.long().unsqueeze(-1).expand(-1, -1, -1, D))  # [B, H, K, D]
+    return torch.einsum("bhgd,bhkd->bhgk", q.view(B, H, -1, D).double(), keys).reshape(B, -1, cand.shape[-1])
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("G,D", [(3, 64), (4, 128), (1, 16), (6, 10)])
+def test_int4_scores_match_float64(ops, block, G, D):
+    torch.manual_seed(block + G * D)
+    B, H, L, K = 2, 3, 500, 150
+    cache = LayerCache(B, H, D, page_size=16, int4_block=block)
+    cache.append(torch.randn(B, H, L, D), torch.randn(B, H, L, D))
+    q = torch.randn(B, H * G, D)
+    # slots 0..47: three whole pages in order (the vector path: eight aligned consecutive tokens at a time), one of
+    # them in a high nibble; then a run that starts unaligned, then scattered tokens (the scalar path)
+    runs = torch.cat([torch.arange(0, 16), torch.arange(48, 64), torch.arange(block // 2, block // 2 + 16),
+                      torch.arange(101, 117)])
+    rest = torch.tensor([t for t in torch.randperm(L).tolist() if t not in set(runs.tolist())][:K - runs.numel()])
+    cand = torch.cat([runs, rest]).int().expand(B, H, K).contiguous()
+    counts = torch.tensor([[K, 131, 8], [9, 64, 0]], dtype=torch.int32)
+    out = ops.int4_scores(q, cache.k_int4, cache.k_qparams, cand, counts, block)
+    ref = _int4_ref(q, cache, cand)
+    valid = (torch.arange(K).view(1, 1, K) < counts.unsqueeze(-1)).repeat_interleave(G, 1)  # [B, Hq, K]
+    assert (out[~valid] == float("-inf")).all()
+    scale = float(ref.abs().max())
+    assert float((out.double()[valid] - ref[valid]).abs().max()) <= 2e-6 * scale * D ** 0.5
+
+
 @pytest.mark.parametrize("start", [None, [0, 45]])
 def test_cpu_and_torch_backends_agree_through_the_pipeline(ops, start):
+    """Every candidate (the full selector) and the same estimates (the exact estimator): the token updates, top-p,
+    union and attention of the two backends give the same kept counts and outputs."""
     torch.manual_seed(4)
     B, Hq, Hkv, D, L = 2, 8, 2, 64, 1200
-    cfg = {"selector": {"type": "quest", "token_budget": 512, "page_size": 16}, "estimator": "int4",
-           "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [], "dense_below": 0}
+    cfg = {"selector": {"type": "full"}, "estimator": "exact", "pruner": {"type": "top_p", "p": 0.85},
+           "dense_layers": [], "dense_below": 0}
     k, v = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
     k[:, :, ::97] *= 4  # a few keys the queries will like
     q = torch.randn(B, Hq, D) * 2
@@ -126,4 +198,65 @@ def test_cpu_and_torch_backends_agree_through_the_pipeline(ops, start):
     (out_t, st_t), (out_c, st_c) = results["torch"], results["cpu"]
     assert st_c["per_head"] == st_t["per_head"]  # the same kept counts per query head
     assert torch.allclose(out_c, out_t, atol=1e-4), float((out_c - out_t).abs().max())
-    assert st_c["mean_attended_tokens"] < 0.5 * 512  # sparse
+    assert st_c["mean_attended_tokens"] < 0.5 * L  # sparse
+
+
+@pytest.mark.parametrize("start", [None, [0, 45]])
+def test_cpu_quest_picks_the_top_pages_of_the_float64_scores(ops, start):
+    """The cpu backend's Quest selection through the pipeline: the always-kept last page plus the pages with the
+    highest float64 scores of the cache's bounds, up to the C++ scores' rounding (ties within it may go either
+    way), and with left padding only valid positions."""
+    torch.manual_seed(6)
+    B, Hq, Hkv, D, L, budget, ps = 2, 8, 2, 64, 1203, 256, 16
+    cfg = {"selector": {"type": "quest", "token_budget": budget, "page_size": ps}, "estimator": "int4",
+           "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [], "dense_below": 0, "backend": "cpu"}
+    pipe = TwilightPipeline(cfg, num_layers=1, num_q_heads=Hq, num_kv_heads=Hkv)
+    cache = pipe.new_cache(0, B, Hkv, D, start=None if start is None else torch.tensor(start))
+    assert cache.bounds_dtype == torch.bfloat16
+    cache.append(torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D))
+    q = torch.randn(B, Hq, D)
+    sel = pipe.select(0, q, cache, pipe.plan(cache))
+    ref = _quest_ref(q, cache)  # [B, H, P]
+    last, n = cache.num_pages - 1, budget // ps - 1
+    tol = 1e-5 * float(ref[torch.isfinite(ref)].abs().max())
+    for b in range(B):
+        for h in range(Hkv):
+            toks = sel.indices[b, h, :int(sel.counts[b, h])].long()
+            s0 = 0 if start is None else start[b]
+            assert bool((toks >= s0).all()) and len(set(toks.tolist())) == toks.numel()
+            pages = set((toks // ps).tolist())
+            assert last in pages
+            chosen = sorted(pages - {last})
+            others = sorted(set(range(last)) - set(chosen))
+            cut = ref[b, h, :last].sort(descending=True).values[n - 1]  # the n-th best score
+            assert float(ref[b, h, chosen].min()) >= float(cut) - tol
+            assert float(ref[b, h, others].max()) <= float(cut) + tol
+            # whole pages: every valid position of a chosen page
+            want = [t for p_ in pages for t in range(p_ * ps, min((p_ + 1) * ps, L)) if t >= s0]
+            assert sorted(toks.tolist()) == sorted(want)
+
+
+def test_cpu_backend_int4_budgets_follow_the_float32_estimate(ops, top_p_oracle, top_p_margin):
+    """With the int4 estimator, the cpu backend keeps exactly the top-p set of the float32 int4 estimate."""
+    from twilight.kernels.cpu import CpuBackend
+
+    torch.manual_seed(11)
+    B, Hq, Hkv, D, L, p = 1, 8, 2, 64, 900, 0.85
+    cfg = {"selector": {"type": "quest", "token_budget": 256, "page_size": 16}, "estimator": "int4",
+           "pruner": {"type": "top_p", "p": p}, "dense_layers": [], "dense_below": 0, "backend": "cpu"}
+    pipe = TwilightPipeline(cfg, num_layers=1, num_q_heads=Hq, num_kv_heads=Hkv)
+    cache = pipe.new_cache(0, B, Hkv, D)
+    k = torch.randn(B, Hkv, L, D)
+    k[:, :, ::53] *= 4
+    cache.append(k, torch.randn(B, Hkv, L, D))
+    q = torch.randn(B, Hq, D) * 2
+    backend = CpuBackend()
+    plan = pipe.plan(cache)
+    sel = pipe.select(0, q, cache, plan)
+    _, _, q_counts = backend.prune_attend(q, cache, sel, pipe.config, D ** -0.5, plan)
+    logits = _int4_ref(q, cache, sel.indices) * D ** -0.5
+    logits = logits.masked_fill(torch.arange(sel.k_max) >= sel.counts.repeat_interleave(Hq // Hkv, 1)[..., None],
+                                float("-inf"))
+    sure = top_p_margin(logits, p) > 1e-5  # p not on a float boundary of the float64 estimate
+    assert sure.float().mean() > 0.5
+    assert torch.equal(q_counts[sure], top_p_oracle(logits, p).sum(-1, dtype=torch.int32)[sure])

@@ -74,7 +74,9 @@ class _Quest:
     def __init__(self, cfg: SelectorConfig):
         self.budget, self.page_size = cfg.token_budget, cfg.page_size
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None, page_scores=quest_page_scores) -> Selection:
+        """``page_scores(q, cache) -> [B, Hkv, pages]``: the page bounds' scores (a backend passes its own kernel
+        for ``quest_page_scores``; the rest of the selection is the same for every backend that uses this)."""
         if cache.page_size != self.page_size:
             raise ValueError(f"selector.page_size={self.page_size} differs from the cache's "
                              f"page_size={cache.page_size}")
@@ -83,7 +85,7 @@ class _Quest:
         ps = self.page_size
         last = cache.num_pages - 1  # the most recent page: always kept, and last
         n_pages = min(-(-self.budget // ps), last + 1)
-        scores = quest_page_scores(q, cache)[..., :last]  # [B, Hkv, P - 1]
+        scores = page_scores(q, cache)[..., :last]  # [B, Hkv, P - 1]
         pages = torch.topk(scores, n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
         pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)  # [B, Hkv, n_pages]
         tokens = (pages.unsqueeze(-1) * ps + torch.arange(ps, device=q.device, dtype=torch.int32)).flatten(-2)

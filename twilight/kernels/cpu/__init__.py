@@ -1,17 +1,23 @@
-"""The ``cpu`` backend: the decode step's small-op stages fused in C++ (``csrc/cpu_decode.cpp``).
+"""The ``cpu`` backend: the decode step's stages fused in C++ (``csrc/cpu_decode.cpp``).
 
 On a CPU, the torch reference spends most of a sparse layer's time issuing ~150 small tensor ops (each costs
-tens of microseconds of dispatch, whatever its size). This backend keeps the torch reference's selection and
-int4 estimate (PyTorch's own GEMV and matmuls) and replaces the rest with two compiled calls:
+tens of microseconds of dispatch, whatever its size), and its int4 GEMV and Quest matmul read more bytes than
+the step needs. This backend keeps the torch reference's control flow (the Quest selector's page choice, the
+contract's stages) and runs the heavy parts as compiled calls:
 
 - ``update_token``: a decode token's int4 codes, scale and mid, and Quest page bounds, in place;
+- ``quest_page_scores``: Quest's page upper bounds in one pass over the bounds, kept in bf16 (half the bytes
+  of the float32 bounds the torch backend keeps on CPUs without AVX-512, where its bf16 matmul is slow);
+- ``int4_scores``: the candidates' estimated ``q·k`` from the packed int4 keys, reading only the candidates'
+  bytes (eight page-aligned tokens at a time), in float32 (no bf16 rounding of ``q`` or the scales, unlike
+  PyTorch's int4 GEMV);
 - ``top_p_attend``: each query head's exact top-p over its kv-head's candidates, the group's union, and the
   attention over the union, per (batch, kv-head) row.
 
-Float32 caches only (the CPU's dtype); other dtypes and pruners run the torch reference's code, as the contract
-allows. Built just in time with the host's C++ compiler on first use (``load()``, cached by torch); a machine
-that cannot build it raises ``BackendUnavailableError`` saying why (``backend="auto"`` then warns once and uses
-``torch``).
+Float32 caches and queries only (the CPU's dtype); other dtypes and pruners run the torch reference's code, as
+the contract allows. Built just in time with the host's C++ compiler on first use (``load()``, cached by
+torch); a machine that cannot build it raises ``BackendUnavailableError`` saying why (``backend="auto"`` then
+warns once and uses ``torch``).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import functools
 
 import torch
 
+from twilight import _tensors as checks
 from twilight.contract import BackendUnavailableError, TorchBackend
 from twilight.selection import Selection
 
@@ -50,13 +57,43 @@ def _empty(device) -> torch.Tensor:
     return _EMPTY[device]
 
 
+def _fp32_cpu(q: torch.Tensor, cache) -> bool:
+    return q.dtype == torch.float32 and cache.dtype == torch.float32 and q.device.type == "cpu"
+
+
 class CpuBackend(TorchBackend):
-    """Torch's selection and int4 estimate; the token update and top-p + union + attention in C++."""
+    """Torch's control flow; Quest's page scores, the int4 estimate, the token update and top-p + union +
+    attention in C++."""
 
     name = "cpu"
 
     def __init__(self) -> None:
         self._ops = load()  # build now, so that a missing compiler shows up when the backend is chosen
+
+    def bounds_dtype(self, device, dtype):
+        return None  # the cache's default (bf16 for float32 caches): the C++ scores read it at full speed
+
+    def select(self, q, cache, selector, plan):
+        if getattr(selector, "kind", None) == "quest" and _fp32_cpu(q, cache):
+            return selector(q, cache, plan, page_scores=self.quest_page_scores)
+        return selector(q, cache, plan)
+
+    def quest_page_scores(self, q, cache):
+        if not _fp32_cpu(q, cache) or cache.bounds_dtype not in (torch.float32, torch.bfloat16):
+            return super().quest_page_scores(q, cache)
+        checks.check_q(q, cache)
+        cache.update_derived()
+        return self._ops.quest_page_scores(q.contiguous(), cache.page_bounds, cache.start, cache.num_pages,
+                                           cache.page_size)
+
+    def estimate(self, q, cache, sel, kind, plan=None):
+        if (kind != "int4" or cache.quant_bits != 4 or not _fp32_cpu(q, cache) or q.shape[1] > 64 * cache.num_kv_heads):
+            return super().estimate(q, cache, sel, kind, plan)
+        checks.check_q(q, cache)
+        checks.check_selection(sel, cache)
+        cache.update_derived()
+        return self._ops.int4_scores(q.contiguous(), cache.k_int4, cache.k_qparams, sel.indices.contiguous(),
+                                     sel.counts.contiguous(), cache.int4_block)
 
     def token_updater(self, cache):
         if (cache.dtype != torch.float32 or cache.quant_bits not in (None, 4) or cache.label_channels is not None
