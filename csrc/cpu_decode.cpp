@@ -159,87 +159,66 @@ inline float to_float(uint16_t h) { return bf16_to_float(h); }
 
 inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-// s[g] = qq[g] . b over n elements, for NG query heads (qq rows n apart).
-template <int NG, typename T>
-inline void dot_rows(const float* qq, const T* b, int64_t n, float* s) {
-  v8f acc[NG] = {};
+// Quest's bound for NG query heads and NP pages at once: s[p][g] = sum_d q[g][d] * (q[g][d] > 0 ? max_d : min_d)
+// (= sum_d max(q_d max_d, q_d min_d), one multiply-add per channel instead of two), with each page's bounds
+// [max (D) | min (D)]. Several pages share each q load and give the multiply-adds independent chains.
+template <int NG, int NP, typename T>
+inline void quest_dots(const float* q, const T* const* b, int64_t D, float (*s)[4]) {
+  v8f acc[NP][NG] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const v8f bv = load8(b + i);
-    for (int g = 0; g < NG; ++g) acc[g] += load8(qq + g * n + i) * bv;
-  }
-  for (int g = 0; g < NG; ++g) {
-    float tail = 0.0f;
-    for (int64_t j = i; j < n; ++j) tail += qq[g * n + j] * to_float(b[j]);
-    s[g] = hsum(acc[g]) + tail;
-  }
-}
-
-// The same for two pages at once (b0, b1): twice the independent multiply-add chains, each q load used twice.
-template <int NG, typename T>
-inline void dot_rows2(const float* qq, const T* b0, const T* b1, int64_t n, float* s0, float* s1) {
-  v8f a0[NG] = {}, a1[NG] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const v8f x0 = load8(b0 + i), x1 = load8(b1 + i);
+  for (; i + 8 <= D; i += 8) {
+    v8f hi[NP], lo[NP];
+    for (int p = 0; p < NP; ++p) {
+      hi[p] = load8(b[p] + i);
+      lo[p] = load8(b[p] + D + i);
+    }
     for (int g = 0; g < NG; ++g) {
-      const v8f qv = load8(qq + g * n + i);
-      a0[g] += qv * x0;
-      a1[g] += qv * x1;
+      const v8f qv = load8(q + g * D + i);
+      const auto pos = qv > 0.0f;  // all-ones lanes where q > 0
+      for (int p = 0; p < NP; ++p) acc[p][g] += qv * (pos ? hi[p] : lo[p]);
     }
   }
-  for (int g = 0; g < NG; ++g) {
-    float t0 = 0.0f, t1 = 0.0f;
-    for (int64_t j = i; j < n; ++j) {
-      t0 += qq[g * n + j] * to_float(b0[j]);
-      t1 += qq[g * n + j] * to_float(b1[j]);
+  for (int p = 0; p < NP; ++p) {
+    for (int g = 0; g < NG; ++g) {
+      float tail = 0.0f;
+      for (int64_t j = i; j < D; ++j) {
+        const float x = q[g * D + j];
+        tail += x * to_float(x > 0.0f ? b[p][j] : b[p][D + j]);
+      }
+      s[p][g] = hsum(acc[p][g]) + tail;
     }
-    s0[g] = hsum(a0[g]) + t0;
-    s1[g] = hsum(a1[g]) + t1;
   }
 }
 
-// One (batch, kv-head) row of Quest scores: for each page, the max over the G query heads of qq[g] . bounds[page].
-template <typename T>
-void quest_row(const float* qq, int64_t G, const T* bounds, int64_t n_pages, int64_t n, float* out) {
-  int64_t p0 = 0;
-  for (; p0 + 2 <= n_pages; p0 += 2) {  // page pairs
-    const T* b0 = bounds + p0 * n;
-    float best0 = -std::numeric_limits<float>::infinity(), best1 = best0;
-    float s0[4], s1[4];
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const float* qg = qq + g0 * n;
-      const int64_t ng = std::min<int64_t>(4, G - g0);
-      switch (ng) {
-        case 4: dot_rows2<4>(qg, b0, b0 + n, n, s0, s1); break;
-        case 3: dot_rows2<3>(qg, b0, b0 + n, n, s0, s1); break;
-        case 2: dot_rows2<2>(qg, b0, b0 + n, n, s0, s1); break;
-        default: dot_rows2<1>(qg, b0, b0 + n, n, s0, s1); break;
-      }
-      for (int64_t g = 0; g < ng; ++g) {
-        best0 = std::max(best0, s0[g]);
-        best1 = std::max(best1, s1[g]);
-      }
+template <int NP, typename T>
+inline void quest_pages(const float* q, int64_t G, const T* const* b, int64_t D, float* best) {
+  float s[NP][4];
+  for (int p = 0; p < NP; ++p) best[p] = -std::numeric_limits<float>::infinity();
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* qg = q + g0 * D;
+    const int64_t ng = std::min<int64_t>(4, G - g0);
+    switch (ng) {
+      case 4: quest_dots<4, NP>(qg, b, D, s); break;
+      case 3: quest_dots<3, NP>(qg, b, D, s); break;
+      case 2: quest_dots<2, NP>(qg, b, D, s); break;
+      default: quest_dots<1, NP>(qg, b, D, s); break;
     }
-    out[p0] = best0;
-    out[p0 + 1] = best1;
+    for (int p = 0; p < NP; ++p)
+      for (int64_t g = 0; g < ng; ++g) best[p] = std::max(best[p], s[p][g]);
   }
-  for (int64_t p = p0; p < n_pages; ++p) {  // the odd page out
-    const T* b = bounds + p * n;
-    float best = -std::numeric_limits<float>::infinity();
-    float s[4];
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const float* qg = qq + g0 * n;
-      const int64_t ng = std::min<int64_t>(4, G - g0);
-      switch (ng) {
-        case 4: dot_rows<4>(qg, b, n, s); break;
-        case 3: dot_rows<3>(qg, b, n, s); break;
-        case 2: dot_rows<2>(qg, b, n, s); break;
-        default: dot_rows<1>(qg, b, n, s); break;
-      }
-      for (int64_t g = 0; g < ng; ++g) best = std::max(best, s[g]);
-    }
-    out[p] = best;
+}
+
+// One (batch, kv-head) row of Quest scores: for each page, the max over the G query heads of its bound.
+template <typename T>
+void quest_row(const float* q, int64_t G, const T* bounds, int64_t n_pages, int64_t D, float* out) {
+  int64_t p0 = 0;
+  for (; p0 + 2 <= n_pages; p0 += 2) {
+    const T* b[2] = {bounds + p0 * 2 * D, bounds + (p0 + 1) * 2 * D};
+    quest_pages<2>(q, G, b, D, out + p0);
+  }
+  if (p0 < n_pages) {
+    const T* b[1] = {bounds + p0 * 2 * D};
+    quest_pages<1>(q, G, b, D, out + p0);
   }
 }
 
@@ -275,6 +254,62 @@ inline void int4_chunk16(const float* q, int64_t D, const uint8_t* base, int64_t
   }
 }
 
+// logits[g][t] = q[g] . k[rows[t]] * scale for NG query heads and NT keys at once (NG * NT independent chains,
+// each key row loaded once for the group).
+template <int NG, int NT>
+inline void key_dots(const float* q, const float* const* k, int64_t D, float (*out)[2]) {
+  v8f acc[NT][NG] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f kv[NT];
+    for (int t = 0; t < NT; ++t) kv[t] = load8(k[t] + d);
+    for (int g = 0; g < NG; ++g) {
+      const v8f qv = load8(q + g * D + d);
+      for (int t = 0; t < NT; ++t) acc[t][g] += qv * kv[t];
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    for (int t = 0; t < NT; ++t) {
+      float tail = 0.0f;
+      for (int64_t j = d; j < D; ++j) tail += q[g * D + j] * k[t][j];
+      out[g][t] = hsum(acc[t][g]) + tail;
+    }
+  }
+}
+
+template <int NT>
+inline void group_dots(const float* q, int64_t G, const float* const* k, int64_t D, float (*out)[2]) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: key_dots<4, NT>(q + g0 * D, k, D, out + g0); break;
+      case 3: key_dots<3, NT>(q + g0 * D, k, D, out + g0); break;
+      case 2: key_dots<2, NT>(q + g0 * D, k, D, out + g0); break;
+      default: key_dots<1, NT>(q + g0 * D, k, D, out + g0); break;
+    }
+  }
+}
+
+// logits [G, nt]: the group's scaled q.k over the key rows kr[rows[t]], two keys at a time.
+void group_key_dots(const float* q, int64_t G, const float* kr, const int32_t* rows, int64_t nt, int64_t D,
+                    float scale, float* logits) {
+  std::vector<float> buf(2 * G);
+  float (*out)[2] = reinterpret_cast<float (*)[2]>(buf.data());
+  int64_t t = 0;
+  for (; t + 2 <= nt; t += 2) {
+    const float* k[2] = {kr + static_cast<int64_t>(rows[t]) * D, kr + static_cast<int64_t>(rows[t + 1]) * D};
+    group_dots<2>(q, G, k, D, out);
+    for (int64_t g = 0; g < G; ++g) {
+      logits[g * nt + t] = out[g][0] * scale;
+      logits[g * nt + t + 1] = out[g][1] * scale;
+    }
+  }
+  if (t < nt) {
+    const float* k[1] = {kr + static_cast<int64_t>(rows[t]) * D};
+    group_dots<1>(q, G, k, D, out);
+    for (int64_t g = 0; g < G; ++g) logits[g * nt + t] = out[g][0] * scale;
+  }
+}
+
 }  // namespace
 
 // q: [B, Hq, D] f32; bounds: [B, H, cap/page, 2, D] f32 or bf16 ([max | min] per page); start: [B] i32.
@@ -289,26 +324,18 @@ at::Tensor quest_page_scores(const at::Tensor& q, const at::Tensor& bounds, cons
   const int64_t G = q.size(1) / H, n = 2 * D;
   TORCH_CHECK(n_pages <= cap_pages && q.size(2) == D, "quest_page_scores: shapes do not match");
   auto out = at::empty({B, H, n_pages}, q.options());
-  std::vector<float> qq(G * n);
   const float* qp = q.data_ptr<float>();
   const int32_t* st = start.data_ptr<int32_t>();
   const bool bf16 = bounds.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || bounds.scalar_type() == at::kFloat, "quest_page_scores: bounds must be float32 or bfloat16");
   for (int64_t r = 0; r < B * H; ++r) {
     const float* qr = qp + r * G * D;  // query heads h * G .. h * G + G - 1 of batch b
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t d = 0; d < D; ++d) {
-        const float x = qr[g * D + d];
-        qq[g * n + d] = std::max(x, 0.0f);
-        qq[g * n + D + d] = std::min(x, 0.0f);
-      }
-    }
     float* o = out.data_ptr<float>() + r * n_pages;
     if (bf16) {
       const uint16_t* b = reinterpret_cast<const uint16_t*>(bounds.data_ptr<at::BFloat16>()) + r * cap_pages * n;
-      quest_row(qq.data(), G, b, n_pages, n, o);
+      quest_row(qr, G, b, n_pages, D, o);
     } else {
-      quest_row(qq.data(), G, bounds.data_ptr<float>() + r * cap_pages * n, n_pages, n, o);
+      quest_row(qr, G, bounds.data_ptr<float>() + r * cap_pages * n, n_pages, D, o);
     }
     const int64_t s0 = st[r / H];
     for (int64_t p = 0; p < n_pages && p * page_size + page_size <= s0; ++p) {
@@ -586,15 +613,7 @@ std::vector<at::Tensor> top_p_attend(const at::Tensor& scores, const at::Tensor&
     if (nt == 0) continue;
     logits.resize(static_cast<size_t>(G * nt));
     const float* qg = qp + r * G * D;  // the group's queries, [G, D]
-    for (int64_t t = 0; t < nt; ++t) {
-      const float* kt = kr + static_cast<int64_t>(row[t]) * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qv = qg + g * D;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += qv[d] * kt[d];
-        logits[g * nt + t] = dot * static_cast<float>(scale);
-      }
-    }
+    group_key_dots(qg, G, kr, row.data(), nt, D, static_cast<float>(scale), logits.data());
     std::vector<double> totals(G, 0.0);
     for (int64_t g = 0; g < G; ++g) {
       float* lg = logits.data() + g * nt;
