@@ -26,9 +26,12 @@ CHANNELS_KEYS = ("q", "k", "qk")  # which projection's channel list a DoubleSpar
 MAX_LABEL_BITS = 16
 #: ``dense_below="auto"`` by device type: the context below which a sparse decode step costs more than a dense
 #: one, measured end to end by ``twilight bench e2e`` (benchmarks/README.md, "The dense crossover"): on the CPU,
-#: SmolLM2 with the cpu backend decoded slower sparse than dense at 2k tokens and faster at 4k (2026-11-30,
-#: 1 thread). CUDA: not measured yet, so sparse from the first step (0) until a GPU run sets it.
-DENSE_BELOW_AUTO = {"cpu": 3072, "cuda": 0}
+#: SmolLM2 with the cpu backend (Quest and the int4 estimate in C++) decoded sparse as fast as dense at 1k
+#: tokens (within noise) and faster at 2k (2026-11-30, 1 thread): 1,536. CUDA: 0 (sparse from the first step);
+#: on an H200 the eager patched model at batch 1 was slower sparse than dense at 4k and 32k, the operator at
+#: batch 16 and 64 faster: a context threshold cannot follow a batch-dependent crossover, so it stays 0 until the
+#: step runs under a CUDA graph and is measured again.
+DENSE_BELOW_AUTO = {"cpu": 1536, "cuda": 0}
 
 
 class ConfigError(ValueError):
