@@ -1,4 +1,5 @@
-"""The runnable examples in the core's docstrings (so that ``pytest tests`` checks them)."""
+"""The runnable examples in the docstrings of the library and the benchmark harness (so that ``pytest tests``
+checks them)."""
 import doctest
 import importlib
 
@@ -18,6 +19,9 @@ MODULES = {
     "twilight.select.double_sparse": True,
     "twilight.stats": False,
     "twilight.backends": False,
+    "twilight.diagnostics": True,
+    "twilight_bench.common": True,
+    "twilight_bench.profiles": True,
 }
 
 

@@ -1,24 +1,10 @@
 """twilight_bench.common: parsing, timing summaries, interleaved measurement, output helpers."""
-import doctest
-import importlib
 import json
 
 import pytest
 import torch
 
 from twilight_bench import common
-
-
-@pytest.mark.parametrize("name", ["twilight_bench.common", "twilight_bench.profiles"])
-def test_docstring_examples(name):
-    module = importlib.import_module(name)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    report = []
-    for test in doctest.DocTestFinder().find(module):
-        runner.run(test, out=report.append)
-    results = runner.summarize(verbose=False)
-    assert results.failed == 0, "".join(report)
-    assert results.attempted > 0
 
 
 def test_parse_sizes_and_labels():
