@@ -68,7 +68,7 @@ def random_selection(cache: LayerCache, counts, width=None, seed=0, sort=False) 
 # ---------------------------------------------------------------------------------------------- references
 def int4_reference(q: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.Tensor:
     """float64 ``q·k`` against the dequantized int4 keys at the selected positions, ``-inf`` at padding."""
-    keys = dequantize_int4(cache.k_int4.cpu(), cache.k_qparams.cpu())  # whole capacity: whole tiles
+    keys = dequantize_int4(cache.k_int4.cpu(), cache.k_qparams.cpu(), cache.int4_block)  # whole tiles
     B, H, K = sel.indices.shape
     G = q.shape[1] // H
     idx = sel.indices.cpu().long()
@@ -77,6 +77,22 @@ def int4_reference(q: torch.Tensor, cache: LayerCache, sel: Selection) -> torch.
     scores = torch.einsum("bhgd,bhkd->bhgk", qg, gathered)
     scores = scores.masked_fill(~sel.valid().cpu().unsqueeze(2), float("-inf"))
     return scores.reshape(B, H * G, K)
+
+
+def quest_bound_reference(q: torch.Tensor, cache: LayerCache, q_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """float64 Quest page bounds ``[B, Hkv, P]`` from the cache's own page bounds (max over each kv-head's query
+    heads of ``sum_d max(q_d max_d, q_d min_d)``), with ``q`` first rounded to ``q_dtype`` where a kernel does so;
+    ``-inf`` for pages holding no valid token."""
+    B, Hq, D = q.shape
+    H, P = cache.num_kv_heads, cache.num_pages
+    bounds = cache.page_bounds[:, :, :P].cpu().double()  # [B, H, P, 2, D]
+    qg = (q.cpu() if q_dtype is None else q.cpu().to(q_dtype)).double().view(B, H, Hq // H, D)
+    s = torch.einsum("bhgd,bhpd->bhpg", qg.clamp_min(0), bounds[:, :, :, 0]) + \
+        torch.einsum("bhgd,bhpd->bhpg", qg.clamp_max(0), bounds[:, :, :, 1])
+    s = s.amax(-1)
+    page_start = torch.arange(P) * cache.page_size
+    valid = (page_start.view(1, -1) + cache.page_size > cache.start.cpu().view(-1, 1))
+    return s.masked_fill(~valid.unsqueeze(1), float("-inf"))
 
 
 def attention_reference(q: torch.Tensor, cache: LayerCache, mask: torch.Tensor, scale: float) -> torch.Tensor:

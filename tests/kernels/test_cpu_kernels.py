@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import int4_reference, quest_bound_reference
 
 from twilight.cache import LayerCache
 from twilight.contract import BackendUnavailableError
 from twilight.pipeline import TwilightPipeline
 from twilight.quant import unpack_int4
+from twilight.selection import Selection
 
 cpu_kernels = pytest.importorskip("twilight.kernels.cpu")
 
@@ -112,18 +114,6 @@ def test_top_p_attend_matches_the_oracle(ops, top_p_oracle, top_p_margin, masked
     assert torch.allclose(out.double(), masked_attention_ref(q, k, v, mask, scale), atol=1e-5)
 
 
-def _quest_ref(q, cache):
-    """float64 Quest page scores of ``cache``'s own page bounds: ``[B, Hkv, P]``, -inf for all-padding pages."""
-    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
-    P = cache.num_pages
-    bounds = cache.page_bounds[:, :, :P].double()  # [B, H, P, 2, D]
-    qg = q.view(B, H, -1, D).double()
-    s = (torch.einsum("bhgd,bhpd->bhgp", qg.clamp_min(0), bounds[:, :, :, 0])
-         + torch.einsum("bhgd,bhpd->bhgp", qg.clamp_max(0), bounds[:, :, :, 1])).amax(2)
-    empty = (torch.arange(P) * cache.page_size + cache.page_size).view(1, -1) <= cache.start.view(-1, 1)
-    return s.masked_fill(empty.unsqueeze(1), float("-inf"))
-
-
 @pytest.mark.parametrize("bounds_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G,D,start", [(3, 64, [0, 37]), (4, 128, [0, 0]), (1, 16, [5, 0]), (5, 8, [0, 70]),
                                        (9, 24, [16, 3])])
@@ -134,22 +124,12 @@ def test_quest_page_scores_match_float64(ops, bounds_dtype, G, D, start):
     cache.append(torch.randn(B, H, L, D) * 3, torch.randn(B, H, L, D))
     q = torch.randn(B, H * G, D)
     out = ops.quest_page_scores(q, cache.page_bounds, cache.start, cache.num_pages, cache.page_size)
-    ref = _quest_ref(q, cache)
+    ref = quest_bound_reference(q, cache)
     assert torch.equal(torch.isinf(out), torch.isinf(ref)) and not torch.isnan(out).any()
     fin = torch.isfinite(ref)
     assert fin.any()
     scale = float(ref[fin].abs().max())
     assert float((out.double()[fin] - ref[fin]).abs().max()) <= 1e-5 * scale
-
-
-def _int4_ref(q, cache, cand):
-    """float64 ``q · dequantized keys`` of the candidates ``cand [B, H, K]``: ``[B, Hq, K]``."""
-    from twilight.quant import dequantize_int4
-
-    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
-    deq = dequantize_int4(cache.k_int4, cache.k_qparams, cache.int4_block).double()  # [B, H, cap, D]
-    keys = deq.gather(2, cand.long().unsqueeze(-1).expand(-1, -1, -1, D))  # [B, H, K, D]
-    return torch.einsum("bhgd,bhkd->bhgk", q.view(B, H, -1, D).double(), keys).reshape(B, -1, cand.shape[-1])
 
 
 @pytest.mark.parametrize("block", [32, 64])
@@ -168,10 +148,10 @@ def test_int4_scores_match_float64(ops, block, G, D):
     cand = torch.cat([runs, rest]).int().expand(B, H, K).contiguous()
     counts = torch.tensor([[K, 131, 8], [9, 64, 0]], dtype=torch.int32)
     out = ops.int4_scores(q, cache.k_int4, cache.k_qparams, cand, counts, block)
-    ref = _int4_ref(q, cache, cand)
+    ref = int4_reference(q, cache, Selection(cand, counts))  # -inf at padding slots
     valid = (torch.arange(K).view(1, 1, K) < counts.unsqueeze(-1)).repeat_interleave(G, 1)  # [B, Hq, K]
     assert (out[~valid] == float("-inf")).all()
-    scale = float(ref.abs().max())
+    scale = float(ref[valid].abs().max())
     assert float((out.double()[valid] - ref[valid]).abs().max()) <= 2e-6 * scale * D ** 0.5
 
 
@@ -216,7 +196,7 @@ def test_cpu_quest_picks_the_top_pages_of_the_float64_scores(ops, start):
     cache.append(torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D))
     q = torch.randn(B, Hq, D)
     sel = pipe.select(0, q, cache, pipe.plan(cache))
-    ref = _quest_ref(q, cache)  # [B, H, P]
+    ref = quest_bound_reference(q, cache)  # [B, H, P]
     last, n = cache.num_pages - 1, budget // ps - 1
     tol = 1e-5 * float(ref[torch.isfinite(ref)].abs().max())
     for b in range(B):
@@ -254,9 +234,7 @@ def test_cpu_backend_int4_budgets_follow_the_float32_estimate(ops, top_p_oracle,
     plan = pipe.plan(cache)
     sel = pipe.select(0, q, cache, plan)
     _, _, q_counts = backend.prune_attend(q, cache, sel, pipe.config, D ** -0.5, plan)
-    logits = _int4_ref(q, cache, sel.indices) * D ** -0.5
-    logits = logits.masked_fill(torch.arange(sel.k_max) >= sel.counts.repeat_interleave(Hq // Hkv, 1)[..., None],
-                                float("-inf"))
+    logits = int4_reference(q, cache, sel) * D ** -0.5  # -inf at padding slots
     sure = top_p_margin(logits, p) > 1e-5  # p not on a float boundary of the float64 estimate
     assert sure.float().mean() > 0.5
     assert torch.equal(q_counts[sure], top_p_oracle(logits, p).sum(-1, dtype=torch.int32)[sure])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import TRITON_DEVICES, assert_close, make_cache
+from kernel_helpers import TRITON_DEVICES, assert_close, make_cache, quest_bound_reference
 
 from twilight.config import SelectorConfig
 from twilight.select import make_selector
@@ -15,17 +15,8 @@ quest = pytest.importorskip("twilight.kernels.triton.quest", reason="needs trito
 
 
 def _bound_reference(q, cache):
-    """float64 page bounds from the cache's (bf16/fp16) bounds and q rounded to their dtype."""
-    B, Hq, D = q.shape
-    H, P = cache.num_kv_heads, cache.num_pages
-    bounds = cache.page_bounds[:, :, :P].cpu().double()  # [B, H, P, 2, D]
-    qg = q.cpu().to(cache.bounds_dtype).double().view(B, H, Hq // H, D)
-    s = torch.einsum("bhgd,bhpd->bhpg", qg.clamp_min(0), bounds[:, :, :, 0]) + \
-        torch.einsum("bhgd,bhpd->bhpg", qg.clamp_max(0), bounds[:, :, :, 1])
-    s = s.amax(-1)
-    page_start = torch.arange(P) * cache.page_size
-    valid = (page_start.view(1, -1) + cache.page_size > cache.start.cpu().view(-1, 1))
-    return s.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    """float64 page bounds from the cache's (bf16/fp16) bounds and q rounded to their dtype (as the kernel's dot)."""
+    return quest_bound_reference(q, cache, cache.bounds_dtype)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
