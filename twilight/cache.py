@@ -153,6 +153,11 @@ class LayerCache:
                              f"[{int(self.label_channels.min())}, {int(self.label_channels.max())}]")
         _check_label_bits(label_bits)
         self.label_bits = label_bits if self.label_channels is not None else None
+        #: What a selector observed in multi-token (prefill) forwards, by name: snapkv's last queries, h2o's
+        #: accumulated attention. Tensors are ``[B, ...]``; ``fork`` copies them into another config's cache.
+        self.observations: dict[str, object] = {}
+        #: A selector's own running state (h2o's scores, snapkv's kept tokens), by name; cleared by new observations.
+        self.selector_state: dict[object, object] = {}
         self.length = 0
         self.start = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.min_start = self.max_start = 0  # host copies of start's extremes (no device sync in decode steps)
@@ -220,6 +225,10 @@ class LayerCache:
         for name in ("k", "v", "k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).index_select(0, index))
+        for state in (self.observations, self.selector_state):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.batch:
+                    state[key] = value.index_select(0, index.to(value.device))
         self.start = self.start.index_select(0, index)
         self.min_start, self.max_start = int(self.start.min()), int(self.start.max())
         self.batch = index.numel()

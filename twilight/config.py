@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-SELECTOR_TYPES = ("full", "quest", "streaming", "double_sparse", "oracle_topk")
+SELECTOR_TYPES = ("full", "quest", "streaming", "double_sparse", "oracle_topk", "sparq", "tidal", "snapkv", "h2o")
+POOLINGS = ("avgpool", "maxpool")  # how snapkv smooths its prompt votes
 ESTIMATOR_TYPES = ("exact", "int8", "int4")
 PRUNER_TYPES = ("none", "top_p", "top_k", "threshold")
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda", "flashinfer")
@@ -60,18 +61,30 @@ def _check_unit_interval(name: str, value: Any) -> float:
 class SelectorConfig:
     """Coarse candidate selection.
 
-    type: one of ``full | quest | streaming | double_sparse | oracle_topk``.
-    token_budget: candidates kept per kv-head (quest, double_sparse, oracle_topk).
+    type: one of ``full | quest | streaming | double_sparse | oracle_topk | sparq | tidal | snapkv | h2o``.
+    token_budget: candidates kept per kv-head (quest, double_sparse, oracle_topk, sparq, tidal; snapkv: prompt
+        tokens kept, observation window included; h2o: heavy hitters plus recent tokens).
     page_size: tokens per Quest page.
     sink_tokens / window: streaming's always-kept first tokens and recent window.
     channels_path: double_sparse's label-channel JSON: one written by
         ``twilight.select.double_sparse.calibrate`` (or ``twilight.integrations.capture.calibrate_double_sparse``),
         or a DoubleSparse channel file (``{"model.layers.<i>.self_attn.<q|k|qk>_proj": [[...], ...]}``).
-    num_channels: label channels per head used by double_sparse (the most important ones of the file).
+    num_channels: label channels per head used by double_sparse (the most important ones of the file); for
+        sparq, ``r``: the channels of largest ``|q|`` each query head scores with (at most head_dim).
     label_bits: bit width of a per-token min-max quantization of the key label vectors that
         double_sparse scores against (1..16), or ``None`` (default) for no quantization.
     channels_key: which projection's channel lists to read from a DoubleSparse channel file:
         ``"k"`` (default), ``"q"`` or ``"qk"``; ignored for our own calibrate files.
+    reselection_layers: tidal's token re-selection layers, which attend to every token and pick the top
+        ``token_budget`` tokens that the following layers reuse; ``None`` (default): layer 2 and layer
+        ``round(13 / 32 * num_layers)``, as TidalDecode runs Llama-3-8B (layers 2 and 13 of 32). Layers before the
+        first re-selection layer attend to every token.
+    observation_window: snapkv's window of last prompt tokens whose queries vote for the prompt tokens to keep
+        (they are kept too).
+    kernel_size: snapkv's pooling width over the votes (odd).
+    pooling: ``avgpool`` (default) or ``maxpool``.
+    recent_tokens: h2o's recent window, part of ``token_budget``; ``None`` (default): half the budget, as H2O
+        splits it between heavy hitters and recent tokens.
     """
 
     type: str = "full"
@@ -83,6 +96,11 @@ class SelectorConfig:
     num_channels: int = 16
     label_bits: int | None = None
     channels_key: str = "k"
+    reselection_layers: list[int] | None = None
+    observation_window: int = 32
+    kernel_size: int = 7
+    pooling: str = "avgpool"
+    recent_tokens: int | None = None
 
     def validate(self) -> None:
         if self.type not in SELECTOR_TYPES:
@@ -107,6 +125,37 @@ class SelectorConfig:
                 _fail("selector.label_bits", self.label_bits, allowed)
         if self.channels_key not in CHANNELS_KEYS:
             _fail("selector.channels_key", self.channels_key, f"must be one of {', '.join(CHANNELS_KEYS)}")
+        if self.reselection_layers is not None:
+            layers = self.reselection_layers
+            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
+                _fail("selector.reselection_layers", layers, "must be null (the default layers) or a non-empty "
+                      "list of layer indices >= 0")
+            self.reselection_layers = sorted({_check_int("selector.reselection_layers[]", i, 0) for i in layers})
+        _check_int("selector.observation_window", self.observation_window, 1)
+        _check_int("selector.kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 == 0:
+            _fail("selector.kernel_size", self.kernel_size, "must be odd (the pooled votes keep the prompt's length)")
+        if self.pooling not in POOLINGS:
+            _fail("selector.pooling", self.pooling, f"must be one of {', '.join(POOLINGS)}")
+        if self.type == "snapkv" and self.token_budget < self.observation_window:
+            _fail("selector.token_budget", self.token_budget, f"snapkv keeps the observation window, so the budget "
+                  f"must be >= selector.observation_window={self.observation_window}")
+        if self.recent_tokens is not None:
+            _check_int("selector.recent_tokens", self.recent_tokens, 0)
+            if self.recent_tokens > self.token_budget:
+                _fail("selector.recent_tokens", self.recent_tokens,
+                      f"must be <= selector.token_budget={self.token_budget} (h2o's recent window is part of it)")
+
+    def default_reselection_layers(self, num_layers: int) -> list[int]:
+        """tidal's re-selection layers for a model of ``num_layers`` (``reselection_layers`` when given)."""
+        if self.reselection_layers is not None:
+            return list(self.reselection_layers)
+        return sorted({min(2, num_layers - 1), min(round(13 / 32 * num_layers), num_layers - 1)})
+
+    @property
+    def h2o_recent(self) -> int:
+        """h2o's recent window: ``recent_tokens``, or half of ``token_budget``."""
+        return self.token_budget // 2 if self.recent_tokens is None else self.recent_tokens
 
 
 @dataclass
@@ -314,10 +363,14 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
          "weight_pruner": {"type": "top_p", "threshold": 0.85},
          "skip_first_two_layers": true, "use_estimated_weights_in_attn": false}
 
-    - ``compressor``: only ``none`` (``snap_kv`` prefill compression is not supported).
+    - ``compressor``: ``none``, or ``snap_kv`` with selector ``none``: the ``snapkv`` selector (SnapKV's choice of
+      prompt tokens as a selection over the whole cache, not an eviction); ``window_size`` ->
+      ``observation_window``, ``max_capacity_prompt`` -> ``token_budget``, ``kernel_size``, ``pooling`` (left out:
+      the original code's defaults, 64, 320, 5 and avgpool).
     - ``use_estimated_weights_in_attn``: only ``false``; we always attend with exact weights.
-    - ``selector``: types ``quest | none (full) | streaming | ds (double_sparse) | oracle_topk``;
-      ``chunk_size`` is Quest's ``page_size``, ``budget`` is ``token_budget``. For ``ds``:
+    - ``selector``: types ``quest | none (full) | streaming | ds (double_sparse) | oracle_topk | sparq |
+      tidal_decode (tidal)``; ``chunk_size`` is Quest's ``page_size``, ``budget`` is ``token_budget``; SparQ's
+      ``r`` is ``num_channels``, TidalDecode's ``reselection_layers`` keeps its name. For ``ds``:
       ``config_path`` -> ``channels_path``, ``r`` -> ``num_channels``, ``quant_bit`` -> ``label_bits``
       (32 means no quantization), ``selected_channel`` -> ``channels_key``.
     - ``weight_estimator``: ``min_max_quant`` with ``quant_bit`` 4 or 8 -> ``int4``/``int8``;
@@ -336,13 +389,23 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     comp = _legacy_section(data, "compressor")
+    snap: dict[str, Any] | None = None
     if comp is not None:
         kind = comp.pop("type", "none")
-        if kind == "snap_kv":
-            _fail("compressor.type", kind, "SnapKV prefill compression is not supported; use none")
-        if kind != "none":
-            _fail("compressor.type", kind, "must be none (prefill KV compression is not supported)")
-        _no_more_keys(comp, "compressor", kind, ())
+        if kind == "snap_kv":  # prefill compression becomes the snapkv selector (selection over the whole cache)
+            # the original code's defaults where its config leaves a setting out
+            snap = {"type": "snapkv", "observation_window": 64, "token_budget": 256 + 64, "kernel_size": 5}
+            for legacy_name, ours, check in (("window_size", "observation_window", 1),
+                                             ("max_capacity_prompt", "token_budget", 1), ("kernel_size", None, 1)):
+                if legacy_name in comp:
+                    snap[ours or legacy_name] = _check_int(f"compressor.{legacy_name}", comp.pop(legacy_name), check)
+            if "pooling" in comp:
+                snap["pooling"] = comp.pop("pooling")
+            _no_more_keys(comp, "compressor", kind, ("window_size", "max_capacity_prompt", "kernel_size", "pooling"))
+        elif kind != "none":
+            _fail("compressor.type", kind, "must be none or snap_kv")
+        else:
+            _no_more_keys(comp, "compressor", kind, ())
     est_in_attn = data.get("use_estimated_weights_in_attn", False)
     if not isinstance(est_in_attn, bool):
         _fail("use_estimated_weights_in_attn", est_in_attn, "must be false")
@@ -353,9 +416,23 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
 
     sel = _legacy_section(data, "selector") or {"type": "full"}
     aliases = {"ds": "double_sparse", "double_sparsity": "double_sparse", "dense": "full", "none": "full",
-               "oracle": "oracle_topk", "streamingllm": "streaming"}
+               "oracle": "oracle_topk", "streamingllm": "streaming", "tidal_decode": "tidal", "snap_kv": "snapkv"}
     if "type" in sel:
         sel["type"] = aliases.get(sel["type"], sel["type"])
+    if snap is not None:
+        if sel.get("type", "full") != "full":
+            _fail("compressor.type", "snap_kv", f"SnapKV runs here as the snapkv selector, which cannot be combined "
+                  f"with selector.type={sel['type']!r}; use selector none with compressor snap_kv")
+        sel.pop("type", None)
+        clash = sorted(set(sel) & set(snap))
+        if clash:
+            raise ConfigError(f"selector key(s) {clash} and compressor snap_kv's settings name the same settings; "
+                              "give them once")
+        sel.update(snap)
+    if sel.get("type") == "sparq":  # SparQ's r: the query channels it scores with
+        name, r = _take(sel, "selector", "num_channels", "r")
+        if r is not _MISSING:
+            sel["num_channels"] = _check_int(f"selector.{name}", r, 1)
     name, budget = _take(sel, "selector", "token_budget", "budget")
     if budget is not _MISSING:
         sel["token_budget"] = _check_int(f"selector.{name}", budget, 1)

@@ -27,7 +27,7 @@ CPU tensors; otherwise every shape comes from host-known sizes and a step makes 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,9 @@ class StepPlan:
     min_start, max_start: extremes of the sequences' first valid positions (left padding).
     dense: the step is below the config's crossover (``dense_below``): every layer attends densely.
     host_reads: backends may read counts from tensors to size their work (CPU tensors only).
+    scale: the attention's softmax scale (selectors that weigh tokens by attention read it; ``None``: 1/sqrt(D)).
+    shared: what one layer's selector hands to later layers of the same step (tidal's re-selected tokens); the
+        one mutable part of the plan, which is why every layer of a step must get the same plan.
     """
 
     length: int
@@ -62,6 +65,8 @@ class StepPlan:
     max_start: int = 0
     dense: bool = False
     host_reads: bool = False
+    scale: float | None = None
+    shared: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def longest(self) -> int:

@@ -18,11 +18,13 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from twilight.backends import resolve_backend
 from twilight.cache import LayerCache
-from twilight.config import TwilightConfig
+from twilight.config import ConfigError, TwilightConfig
 from twilight.contract import StepPlan
 from twilight.select import make_selector, selector_channels
 from twilight.selection import Selection
@@ -39,6 +41,14 @@ class TwilightPipeline:
             raise ValueError(f"dense_layers {bad} out of range: the model has {num_layers} layers "
                              f"(0..{num_layers - 1})")
         self.num_layers, self.num_q_heads, self.num_kv_heads = num_layers, num_q_heads, num_kv_heads
+        sel = self.config.selector
+        if sel.type == "tidal" and not self.config.is_dense:
+            layers = sel.default_reselection_layers(num_layers)
+            bad = [i for i in layers if i >= num_layers or i in self.config.dense_layers]
+            if bad:
+                raise ConfigError(f"selector.reselection_layers={layers} is invalid for this model: layer(s) {bad} "
+                                  f"are beyond its {num_layers} layers or in dense_layers={self.config.dense_layers} "
+                                  "(a re-selection layer must run the tidal selector)")
         self.stats = BudgetStats(num_layers, num_q_heads, num_kv_heads)
         self._selectors: dict[int, object] = {}
         self._backends: dict[torch.device, object] = {}
@@ -46,6 +56,10 @@ class TwilightPipeline:
         #: May backends read counts back to size their work? ``None``: where the cache lives on the CPU. ``False``
         #: runs the fixed-shape path a GPU runs (tests count its synchronisations on the CPU).
         self.host_reads: bool | None = None
+        #: Pipelines of other configs that watch this one's prefills too (``observe``), so that a cache prefilled
+        #: here can be forked into their configs (``twilight.integrations.hf.fork_cache``): one prefill, many
+        #: configs, whatever their selectors observe.
+        self.co_observers: list[TwilightPipeline] = []
 
     # ------------------------------------------------------------------ setup
     def is_dense(self, layer_idx: int) -> bool:
@@ -79,21 +93,34 @@ class TwilightPipeline:
 
     def _selector(self, layer_idx: int):
         if layer_idx not in self._selectors:
-            self._selectors[layer_idx] = make_selector(self.config.selector, layer_idx)
+            self._selectors[layer_idx] = make_selector(self.config.selector, layer_idx, self.num_layers)
         return self._selectors[layer_idx]
 
     # ------------------------------------------------------------------ one step
-    def plan(self, cache: LayerCache, host_reads: bool | None = None) -> StepPlan:
+    def plan(self, cache: LayerCache, host_reads: bool | None = None, scale: float | None = None) -> StepPlan:
         """The step plan shared by every layer of one decode step (all layers hold the same positions).
 
         ``host_reads`` (default: the cache is on the CPU) lets backends size their work from tensor counts;
-        ``False`` keeps every shape host-known, as on a GPU (no synchronisation).
+        ``False`` keeps every shape host-known, as on a GPU (no synchronisation). ``scale``: the attention's
+        softmax scale (``decode`` fills it in when omitted).
         """
         if host_reads is None:
             host_reads = self.host_reads if self.host_reads is not None else cache.device.type == "cpu"
         longest = cache.length - cache.min_start
         return StepPlan(cache.length, cache.min_start, cache.max_start,
-                        dense=longest < self.config.crossover(cache.device), host_reads=host_reads)
+                        dense=longest < self.config.crossover(cache.device), host_reads=host_reads, scale=scale)
+
+    def observe(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float) -> None:
+        """Show the selector of ``layer_idx`` the queries ``q [B, Hq, T, D]`` of a multi-token forward (prefill or a
+        chunk of it) whose K/V ``cache`` already holds as its last ``T`` tokens. Selectors that choose tokens
+        from the prompt's attention (``snapkv``, ``h2o``) record what they need; the others ignore it."""
+        for other in self.co_observers:
+            other.observe(layer_idx, q, cache, scale)
+        if self.is_dense(layer_idx):
+            return
+        observe = getattr(self._selector(layer_idx), "observe", None)
+        if observe is not None:
+            observe(q, cache, scale)
 
     def select(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, plan: StepPlan | None = None) -> Selection:
         """Stage 1: the candidate ``Selection``."""
@@ -117,11 +144,13 @@ class TwilightPipeline:
         """One decode step of one layer: ``q [B, Hq, D]`` -> attention output ``[B, Hq, D]``.
 
         ``plan``: this step's ``StepPlan`` (``self.plan(cache)``), computed once and passed to every layer;
-        built here when omitted.
+        built here when omitted (a ``tidal`` selector needs the same plan in every layer of a step).
         """
         if q.dim() != 3 or q.shape[1] != self.num_q_heads:
             raise ValueError(f"q must be [B, Hq={self.num_q_heads}, D], got {tuple(q.shape)}")
-        plan = plan or self.plan(cache)
+        plan = plan or self.plan(cache, scale=scale)
+        if plan.scale is None:
+            plan = dataclasses.replace(plan, scale=scale)  # the same `shared` dict: layers still hand over
         backend = self.backend(q.device)
         dense = self.is_dense(layer_idx) or plan.dense
         sel = self.select(layer_idx, q, cache, plan)

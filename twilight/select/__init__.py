@@ -15,6 +15,16 @@ under GQA a token is a candidate for the whole group.
   (Double Sparsity), read from ``channels_path`` (see ``twilight.select.double_sparse``); with
   ``label_bits`` the key labels are min-max quantized per token first, as the original code does.
 - ``oracle_topk``: top tokens by exact ``q·k`` (research baseline; reads all of K).
+- ``sparq``: top tokens by SparQ's approximate ``q·k``: each query head scores with its ``num_channels`` (``r``)
+  channels of largest ``|q|``, scaled by ``1/sqrt(head_dim)`` (not ``1/sqrt(r)``), as SparQ does.
+- ``tidal``: TidalDecode. The ``reselection_layers`` attend to every token and pick the top ``token_budget``
+  tokens by exact ``q·k``; every later layer of the same step reuses that selection (handed over in the step's
+  ``StepPlan.shared``); layers before the first re-selection layer attend to every token.
+- ``snapkv``, ``h2o``: selectors that watch the prefill (``twilight.select.prefill``): SnapKV's prompt tokens
+  voted by an observation window, H2O's heavy hitters by accumulated attention plus a recent window.
+
+Under GQA a token-level selector scores a token for a kv-head by the largest score any of its query heads
+gives it (``sparq``, ``tidal``, ``oracle_topk``, ``double_sparse``): each query head's channels are its own.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from twilight.cache import LayerCache, quantize_labels
 from twilight.config import SELECTOR_TYPES, SelectorConfig
 from twilight.selection import Selection
 
-__all__ = ["make_selector", "quest_page_scores", "SELECTOR_TYPES"]
+__all__ = ["make_selector", "quest_page_scores", "exact_group_scores", "observation_key", "SELECTOR_TYPES"]
 
 
 def _width(plan, n: int) -> int | None:
@@ -114,16 +124,78 @@ class _Streaming:
         return Selection(out.expand(B, H, -1).contiguous(), counts.expand(B, H).contiguous())
 
 
+def _masked(scores: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """Token scores ``[B, Hkv, L]`` with positions outside each sequence's valid range at ``-inf``."""
+    pos = torch.arange(cache.length, device=scores.device).view(1, 1, -1)
+    return scores.masked_fill(~valid_positions(cache, pos), float("-inf"))
+
+
+def exact_group_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """max over each kv-head's query heads of the exact ``q·k``: ``[B, Hkv, L]`` float32, ``-inf`` off range."""
+    qg = group_queries(q, cache).float()
+    return _masked(torch.einsum("bhgd,bhld->bhgl", qg, cache.keys().float()).amax(2), cache)
+
+
 class _OracleTopK:
     def __init__(self, cfg: SelectorConfig):
         self.budget = cfg.token_budget
 
     def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
-        qg = group_queries(q, cache).float()
-        scores = torch.einsum("bhgd,bhld->bhgl", qg, cache.keys().float()).amax(2)  # [B, Hkv, L]
-        pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
-        scores = scores.masked_fill(~valid_positions(cache, pos), float("-inf"))
-        return _topk_tokens(scores, cache, self.budget, plan)
+        return _topk_tokens(exact_group_scores(q, cache), cache, self.budget, plan)
+
+
+class _SparQ:
+    def __init__(self, cfg: SelectorConfig):
+        self.budget, self.r = cfg.token_budget, cfg.num_channels
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+        qg = group_queries(q, cache).float()  # [B, Hkv, G, D]
+        B, H, G, D = qg.shape
+        if self.r > D:
+            raise ValueError(f"selector.num_channels={self.r} is invalid for sparq: must be <= head_dim={D}")
+        if cache.length - cache.min_start <= self.budget:
+            return _full(q, cache)
+        channels = qg.abs().topk(self.r, dim=-1).indices  # [B, Hkv, G, r]: each query head's own channels
+        q_r = qg.gather(-1, channels)
+        L = cache.length
+        k_r = cache.keys().float().unsqueeze(2).expand(B, H, G, L, D).gather(
+            -1, channels.unsqueeze(3).expand(B, H, G, L, self.r))  # [B, Hkv, G, L, r]
+        scores = torch.einsum("bhgr,bhglr->bhgl", q_r, k_r).amax(2) * D ** -0.5
+        return _topk_tokens(_masked(scores, cache), cache, self.budget, plan)
+
+
+class _Tidal:
+    """TidalDecode's position-persistent selection: one per ``layer_idx`` (see the module docstring)."""
+
+    SHARED_KEY = "tidal"
+
+    def __init__(self, cfg: SelectorConfig, layer_idx: int, reselection_layers: list[int]):
+        self.budget, self.layer_idx = cfg.token_budget, layer_idx
+        self.reselects = layer_idx in reselection_layers
+        self.before_first = layer_idx < min(reselection_layers)
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+        if self.reselects:
+            if plan is None:
+                raise ValueError("tidal needs the step's plan (TwilightPipeline.plan) to hand its selection to "
+                                 "the following layers")
+            sel = _topk_tokens(exact_group_scores(q, cache), cache, self.budget, plan)
+            plan.shared[self.SHARED_KEY] = (sel, cache.min_start, cache.max_start)
+            return _full(q, cache)
+        if self.before_first:
+            return _full(q, cache)
+        shared = None if plan is None else plan.shared.get(self.SHARED_KEY)
+        if shared is None:
+            raise ValueError(f"tidal: layer {self.layer_idx} reuses the tokens of the last re-selection layer, which "
+                             "did not run with this step's plan: pass the same plan (TwilightPipeline.plan(cache)) to "
+                             "every layer of a decode step, in layer order")
+        sel, min_start, max_start = shared
+        if sel.indices.device != q.device:
+            sel = Selection(sel.indices.to(q.device), sel.counts.to(q.device))
+        if (min_start, max_start) != (cache.min_start, cache.max_start):  # a sliding-window layer: stay inside it
+            keep = sel.valid() & valid_positions(cache, sel.indices)
+            sel = Selection(*compact(sel.indices, keep, width=_width(plan, sel.k_max)))
+        return sel
 
 
 class _DoubleSparse:
@@ -151,8 +223,9 @@ class _DoubleSparse:
         return _topk_tokens(scores, cache, self.budget, plan)
 
 
-def make_selector(cfg: SelectorConfig, layer_idx: int = 0):
-    """The selector callable for ``cfg`` (``layer_idx`` picks double_sparse's calibrated channels)."""
+def make_selector(cfg: SelectorConfig, layer_idx: int = 0, num_layers: int | None = None):
+    """The selector callable for ``cfg`` (``layer_idx`` picks double_sparse's calibrated channels and tidal's role;
+    tidal's default re-selection layers depend on ``num_layers``)."""
     if cfg.type == "full":
         return _full
     if cfg.type == "quest":
@@ -163,7 +236,28 @@ def make_selector(cfg: SelectorConfig, layer_idx: int = 0):
         return _OracleTopK(cfg)
     if cfg.type == "double_sparse":
         return _DoubleSparse(cfg, layer_idx)
+    if cfg.type == "sparq":
+        return _SparQ(cfg)
+    if cfg.type == "tidal":
+        if cfg.reselection_layers is None and num_layers is None:
+            raise ValueError("tidal's default re-selection layers depend on the model's depth: pass num_layers or "
+                             "set selector.reselection_layers")
+        return _Tidal(cfg, layer_idx, cfg.default_reselection_layers(num_layers or 0))
+    if cfg.type in ("snapkv", "h2o"):
+        from twilight.select.prefill import H2O, SnapKV
+
+        return SnapKV(cfg) if cfg.type == "snapkv" else H2O(cfg)
     raise ValueError(f"selector.type={cfg.type!r} is invalid: must be one of {', '.join(SELECTOR_TYPES)}")
+
+
+def observation_key(config) -> tuple | None:
+    """What a ``TwilightConfig``'s selector records while watching a prompt (``None``: nothing). Configs with equal
+    keys can decode from one prefilled cache (``twilight.integrations.hf.fork_cache``); budgets may differ."""
+    sel = config.selector
+    if config.is_dense or sel.type not in ("snapkv", "h2o"):
+        return None
+    window = sel.observation_window if sel.type == "snapkv" else None
+    return sel.type, window, tuple(sorted(config.dense_layers))
 
 
 def selector_channels(cfg: SelectorConfig, layer_idx: int, num_kv_heads: int | None = None) -> torch.Tensor | None:

@@ -7,7 +7,8 @@ reads it:
 
 - a single-token query whose K/V are the views a ``TwilightCache`` returned runs ``TwilightPipeline.decode``;
 - prefill and multi-token chunks go to ``<impl>`` with the K/V the cache returned, so prefill is exactly the
-  model's own attention;
+  model's own attention; their queries are shown to ``TwilightPipeline.observe`` first (``snapkv`` and ``h2o``
+  choose tokens from the prompt's attention);
 - a decode step under a foreign cache (the forward wrapper has warned) goes to ``<impl>`` as well;
 - a decode step that reaches the function outside a patched forward, or whose K/V are not the cache's own,
   raises ``TwilightNotEngagedError``: it would otherwise run dense in silence.
@@ -15,6 +16,7 @@ reads it:
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,13 @@ def _make_attention_function(delegate: str):
                               kwargs.get("sliding_window"))
                 forward.served += 1
                 return out.unsqueeze(1), None  # [B, 1, Hq, D], as attention functions return
+        elif query.shape[2] > 1:  # prefill, or a chunk of it: selectors that watch the prompt see its queries
+            forward = ACTIVE_FORWARD.get()
+            if forward is not None and forward.cache is not None:
+                layer_cache = forward.cache.layer_cache(module.layer_idx)
+                if layer_cache is not None and key.data_ptr() == layer_cache.k.data_ptr():
+                    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+                    forward.cache.pipeline.observe(module.layer_idx, query, layer_cache, scale)
         return attention_function(delegate, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                     dropout=dropout, **kwargs)
 
@@ -83,10 +92,10 @@ def _decode(forward: DecoderForward, layer_idx: int, q: torch.Tensor, cache: Lay
     Every layer of a step holds the same positions, so the step's plan is made once, by the first layer that
     decodes, and reused by the others."""
     pipeline: TwilightPipeline = forward.cache.pipeline
+    plan = forward.plan
+    if plan is None or plan.length != cache.length:
+        plan = forward.plan = pipeline.plan(cache, scale=scale)
     if sliding_window is None or cache.length <= sliding_window:
-        plan = forward.plan
-        if plan is None or plan.length != cache.length:
-            plan = forward.plan = pipeline.plan(cache)
         return pipeline.decode(layer_idx, q, cache, scale, plan)
     # The model attends only to the last `sliding_window` positions: [length - window, length). Moving `start`
     # (and its host copies) for this call keeps the selectors, attention and stats inside the window; Quest's page
@@ -96,7 +105,9 @@ def _decode(forward: DecoderForward, layer_idx: int, q: torch.Tensor, cache: Lay
     cache.start = saved[0].clamp_min(first)
     cache.min_start, cache.max_start = max(saved[1], first), max(saved[2], first)
     try:
-        return pipeline.decode(layer_idx, q, cache, scale, pipeline.plan(cache))
+        # the step's `shared` dict: tidal hands its selection over across windowed and full layers alike
+        windowed = dataclasses.replace(pipeline.plan(cache, scale=scale), shared=plan.shared)
+        return pipeline.decode(layer_idx, q, cache, scale, windowed)
     finally:
         cache.start, cache.min_start, cache.max_start = saved
 
