@@ -687,3 +687,31 @@ def test_h2o_second_turn_keeps_the_decode_steps_scores():
     sel.observe(torch.randn(1, 2, 5, 16, generator=g), cache, 0.25)
     totals = cache.observations["h2o_scores"].sum(-1).double()
     assert torch.allclose(totals, torch.full_like(totals, 64 + 3 + 5), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selector", ["sparq", "tidal", "snapkv", "h2o"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_new_selectors_on_the_gpu_match_the_cpu(selector, backend):
+    """The torch selectors on a CUDA device (fixed shapes, no host reads), followed by the backend's attention,
+    give the CPU reference's output (float32, no pruner: the selection alone decides the output)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    sel = {"type": selector, "token_budget": 64}
+    if selector == "tidal":
+        sel["reselection_layers"] = [1]
+    cfg = {"selector": sel, "estimator": {"type": "exact"}, "pruner": {"type": "none"}, "dense_layers": [],
+           "dense_below": 0}
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(2, 2, 700, 64, generator=g), torch.randn(2, 2, 700, 64, generator=g)
+    q_prompt, q = torch.randn(2, 6, 700, 64, generator=g), torch.randn(3, 2, 6, 64, generator=g)
+    outs = {}
+    for device, name in (("cpu", "torch"), ("cuda", backend)):
+        pipe = TwilightPipeline({**cfg, "backend": name}, num_layers=3, num_q_heads=6, num_kv_heads=2)
+        caches = [pipe.new_cache(i, 2, 2, 64, device=device, start=torch.tensor([0, 40])) for i in range(3)]
+        for i, cache in enumerate(caches):
+            cache.append(k.to(device), v.to(device))
+            pipe.observe(i, q_prompt.to(device), cache, 0.125)
+        plan = pipe.plan(caches[0], scale=0.125)
+        outs[device] = torch.stack([pipe.decode(i, q[i].to(device), c, 0.125, plan) for i, c in enumerate(caches)])
+    assert torch.allclose(outs["cuda"].cpu(), outs["cpu"], atol=1e-3, rtol=1e-3)

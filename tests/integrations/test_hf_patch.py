@@ -40,6 +40,11 @@ QUEST_TOP_P = {"selector": {"type": "quest", "token_budget": 32, "page_size": 16
                "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [0]}
 STREAMING = {"selector": {"type": "streaming", "sink_tokens": 4, "window": 16}, "estimator": {"type": "exact"},
              "pruner": {"type": "none"}, "dense_layers": [0]}
+# The selectors that build on the step plan and the prefill (budgets small enough to select on ~100 tokens).
+NEW_SELECTORS = {"sparq": {"type": "sparq", "token_budget": 24, "num_channels": 4},
+                 "tidal": {"type": "tidal", "token_budget": 24, "reselection_layers": [2]},
+                 "snapkv": {"type": "snapkv", "token_budget": 24, "observation_window": 8},
+                 "h2o": {"type": "h2o", "token_budget": 24, "recent_tokens": 8}}
 PAD = 0
 # The cache keywords this transformers release accepts: `past_key_values` up to 5.23; from 5.24 `cache`, with
 # `past_key_values` still accepted (deprecated).
@@ -118,6 +123,34 @@ def test_left_padded_batch_matches_per_sample_runs(family, preset):
     batch = greedy(model, ids, mask)[:, ids.shape[1]:]
     for b in range(len(seqs)):
         assert torch.equal(batch[b], single[b]), f"sequence {b} differs in the batch"
+
+
+@pytest.mark.parametrize("selector", NEW_SELECTORS)
+@pytest.mark.parametrize("top_p", [None, 0.85])
+def test_new_selectors_patch_alone_and_with_top_p(selector, top_p):
+    """sparq, tidal, snapkv and h2o through ``twilight.patch``, alone and pruned by top-p: every decode step goes
+    through Twilight within the selector's budget, and a left-padded batch decodes as each sequence alone (padding
+    is never selected, voted for or accumulated)."""
+    pruner = {"type": "top_p", "p": top_p} if top_p else {"type": "none"}
+    spec = {"selector": NEW_SELECTORS[selector], "estimator": {"type": "int4" if top_p else "exact"},
+            "pruner": pruner, "dense_layers": [0], "dense_below": 0}
+    model = tiny_model()
+    seqs = prompts([100, 70, 45])
+    ids, mask = left_pad(seqs)
+    twilight.patch(model, spec)
+    single = [greedy(model, s)[0, s.shape[1]:] for s in seqs]
+    stats = twilight.budget_stats(model)
+    stats.reset()
+    batch = greedy(model, ids, mask)[:, ids.shape[1]:]
+    for b in range(len(seqs)):
+        assert torch.equal(batch[b], single[b]), f"sequence {b} differs in the batch"
+    d = stats.as_dict()
+    assert d["decode_steps"] == 7 * len(seqs) and d["attended_fraction"] < 1.0  # (step, sequence) pairs
+    budget = 24 + (8 if selector == "snapkv" else 0)  # snapkv also attends every generated token
+    sparse_layers = [3] if selector == "tidal" else [1, 2, 3]  # tidal's layer 1 precedes, 2 re-selects: full
+    assert all(max(d["per_head"][i]) <= budget for i in sparse_layers)
+    if top_p:  # the pruner keeps fewer than the selector's candidates
+        assert sum(sum(d["per_head"][i]) / len(d["per_head"][i]) for i in sparse_layers) / len(sparse_layers) < 24
 
 
 def test_quest_never_selects_padding():
