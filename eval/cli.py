@@ -43,6 +43,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> N
         parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                             help="cap on generated tokens per sample (default: the benchmark's own budget, "
                                  "e.g. 128 for RULER's NIAH); shorter is much faster on a CPU")
+        parser.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
+                            help="run every prompt once per config (default: once per sample, then each config "
+                                 "decodes from a copy of its cache: the same tokens, much faster)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sample generation (default: 0)")
     parser.add_argument("--out", metavar="DIR",
                         help=f"results directory; rerunning with the same one resumes (default: results/{task.name})")
@@ -164,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     dist.barrier()
 
     runner.evaluate(task, model, tokenizer, samples, configs, out_dir, backend=backend, dist=dist,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, share_prefill=getattr(args, "share_prefill", False))
     dist.barrier()
     if not dist.is_main:
         return 0

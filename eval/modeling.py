@@ -81,6 +81,20 @@ class Generation:
         return len(self.token_ids)
 
 
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos: list[int] = []
+    for cand in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for t in cand if isinstance(cand, (list, tuple)) else [cand]:
+            if isinstance(t, int) and t not in eos:
+                eos.append(t)
+    return eos
+
+
+def _greedy_kwargs(tokenizer) -> dict:
+    return dict(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                pad_token_id=tokenizer.pad_token_id)
+
+
 def generate_greedy(model, tokenizer, input_ids: list[int], max_new_tokens: int,
                     extra_eos_ids: list[int] | None = None) -> Generation:
     """Greedy decoding of one prompt; stops at the end-of-turn token or ``extra_eos_ids``.
@@ -96,13 +110,8 @@ def generate_greedy(model, tokenizer, input_ids: list[int], max_new_tokens: int,
 
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # [1, T]
-    eos: list[int] = []
-    for cand in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        for t in cand if isinstance(cand, (list, tuple)) else [cand]:
-            if isinstance(t, int) and t not in eos:
-                eos.append(t)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                  temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    eos = _eos_ids(model, tokenizer)
+    kwargs = dict(max_new_tokens=max_new_tokens, **_greedy_kwargs(tokenizer))
     if extra_eos_ids:
         eos += [t for t in extra_eos_ids if t not in eos]
         kwargs["min_new_tokens"] = 1
@@ -110,4 +119,74 @@ def generate_greedy(model, tokenizer, input_ids: list[int], max_new_tokens: int,
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     new = out[0, ids.shape[1]:].tolist()
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), new)
+
+
+@dataclass
+class Prefill:
+    """A prompt run once through a patched model: its ``TwilightCache`` and the logits of its last token."""
+    input_ids: list[int]
+    cache: object
+    last_logits: object  # [vocab] float
+    seconds: float = 0.0  # how long the prefill took
+
+
+def prefill(model, input_ids: list[int], configs=()) -> Prefill:
+    """Run ``input_ids`` through the patched ``model`` into a fresh ``TwilightCache`` (dense, as generate's
+    prefill). Selectors that watch the prompt record what they need: the patched config's, and those of
+    ``configs`` (``TwilightConfig``s that will decode from a fork of this cache; one observer per distinct
+    ``twilight.select.observation_key``)."""
+    import torch
+
+    from twilight import TwilightPipeline
+    from twilight.integrations.hf import compat, make_cache
+    from twilight.select import observation_key
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
+    cache = make_cache(model)
+    pipe = cache.pipeline
+    seen = {observation_key(pipe.config), None}
+    for cfg in configs:
+        key = observation_key(cfg)
+        if key not in seen:
+            seen.add(key)
+            pipe.co_observers.append(TwilightPipeline(cfg, len(cache.layers), pipe.num_q_heads, pipe.num_kv_heads))
+    name = compat.cache_parameter(type(model).forward, type(model).__name__)
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                        **{name: cache})
+    finally:
+        pipe.co_observers = []
+    return Prefill(list(input_ids), cache, out.logits[0, -1].float())
+
+
+def continue_greedy(model, tokenizer, pre: Prefill, max_new_tokens: int,
+                    extra_eos_ids: list[int] | None = None) -> Generation:
+    """``generate_greedy`` from a prefilled prompt: the same tokens, without running the prompt again.
+
+    ``pre.cache`` must be a cache for the config ``model`` is patched with now (``fork_cache``); it is consumed.
+    The first token is the argmax of the prefill's logits (end-of-turn tokens excluded when ``extra_eos_ids`` are
+    given, as ``min_new_tokens=1`` does); ``generate()`` continues from there.
+    """
+    import torch
+
+    from twilight.integrations.hf import compat
+
+    eos = _eos_ids(model, tokenizer)
+    stops = eos + [t for t in extra_eos_ids or [] if t not in eos]
+    logits = pre.last_logits.clone()
+    if extra_eos_ids and eos:
+        logits[eos] = float("-inf")
+    first = int(logits.argmax())
+    if first in stops or max_new_tokens <= 1:
+        return Generation(tokenizer.decode([first], skip_special_tokens=True), [first])
+    device = next(model.parameters()).device
+    ids = torch.tensor([pre.input_ids + [first]], dtype=torch.long, device=device)
+    name = compat.cache_parameter(type(model).forward, type(model).__name__)
+    kwargs = dict(max_new_tokens=max_new_tokens - 1, eos_token_id=stops or None, **_greedy_kwargs(tokenizer))
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{name: pre.cache}, **kwargs)
+    new = out[0, len(pre.input_ids):].tolist()
     return Generation(tokenizer.decode(new, skip_special_tokens=True), new)

@@ -75,6 +75,24 @@ class TwilightBackend:
         import twilight
         return jsonable(twilight.budget_stats(model).as_dict())
 
+    def observation_key(self, cfg):
+        """Configs with equal keys can decode from one prefilled cache (``twilight.select.observation_key``)."""
+        from twilight.select import observation_key
+        return observation_key(cfg)
+
+    def prefill(self, model, input_ids, configs=()):
+        """``modeling.Prefill`` of ``input_ids`` under the config ``model`` is patched with, observed for every
+        config of ``configs`` too (``modeling.prefill``)."""
+        from .modeling import prefill
+        return prefill(model, input_ids, configs)
+
+    def fork(self, model, pre):
+        """``pre`` with a copy of its cache for the config ``model`` is patched with now."""
+        from twilight.integrations.hf import fork_cache
+
+        from .modeling import Prefill
+        return Prefill(pre.input_ids, fork_cache(model, pre.cache), pre.last_logits)
+
     def engagement(self, model) -> dict:
         """``twilight.integrations.hf.engagement``: decode forwards run, and those Twilight served."""
         from twilight.integrations.hf import engagement
@@ -209,12 +227,15 @@ def merge_shards(out_dir: str) -> list[dict]:
 
 def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: Sequence[tuple[str, Any]],
              out_dir: str, backend: TwilightBackend | None = None, dist: Dist | None = None,
-             progress: bool = True) -> int:
+             progress: bool = True, share_prefill: bool = False) -> int:
     """Run every (config, sample) pair of this process's shard that is not on disk yet.
 
     Args:
         configs: ``(name, config)`` pairs, e.g. from :meth:`TwilightBackend.load_config`.
         out_dir: results directory; records are appended to this process's JSONL shard.
+        share_prefill: run each sample's prompt once (observed for every config whose selector watches the
+            prompt) and decode it under every config from a copy of that cache: the same tokens as running each
+            config from scratch, and for many configs several times faster (``generates`` tasks).
     Returns:
         the number of pairs evaluated in this call.
     """
@@ -233,29 +254,56 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
                desc=f"{task.name}" + (f" [rank {dist.rank}]" if dist.world > 1 else ""),
                unit="sample", dynamic_ncols=True, file=sys.stderr)
     evaluated, patched = 0, False
+
+    def run_one(name: str, sample: Sample, pre=None) -> None:
+        nonlocal evaluated
+        bar.set_postfix_str(f"{name} {sample.id}", refresh=True)
+        backend.reset_stats(model)
+        before = backend.engagement(model)
+        start = time.perf_counter()
+        if pre is None:
+            result = task.evaluate(model, tokenizer, sample)
+        else:
+            result = task.evaluate_prefilled(model, tokenizer, sample, backend.fork(model, pre))
+        seconds = time.perf_counter() - start
+        check_engaged(name, sample.id, before, backend.engagement(model))
+        record = {
+            "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
+            "task": sample.task, "group": sample.group, "length": sample.length,
+            "input_tokens": sample.input_tokens, "max_new_tokens": sample.max_new_tokens,
+            "metric": sample.metric, "answers": sample.answers, **result,
+            "budget": backend.read_stats(model), "seconds": round(seconds, 3), "process": dist.rank,
+            "meta": jsonable(sample.meta)}
+        if pre is not None:
+            record["prefill_seconds"] = round(pre.seconds, 3)  # shared by the configs decoded from it
+        append_record(path, record)
+        evaluated += 1
+        bar.update(1)
+
     try:
-        for name, cfg, pending in todo:
-            if not pending:
-                continue
-            backend.patch(model, cfg)
-            patched = True
-            for sample in pending:
-                bar.set_postfix_str(f"{name} {sample.id}", refresh=True)
-                backend.reset_stats(model)
-                before = backend.engagement(model)
+        if share_prefill and task.generates:
+            for sample in mine:
+                pending = [(name, cfg) for name, cfg, todo_samples in todo if sample in todo_samples]
+                if not pending:
+                    continue
+                backend.patch(model, pending[0][1])
+                patched = True
+                bar.set_postfix_str(f"prefill {sample.id}", refresh=True)
                 start = time.perf_counter()
-                result = task.evaluate(model, tokenizer, sample)
-                seconds = time.perf_counter() - start
-                check_engaged(name, sample.id, before, backend.engagement(model))
-                append_record(path, {
-                    "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
-                    "task": sample.task, "group": sample.group, "length": sample.length,
-                    "input_tokens": sample.input_tokens, "max_new_tokens": sample.max_new_tokens,
-                    "metric": sample.metric, "answers": sample.answers, **result,
-                    "budget": backend.read_stats(model), "seconds": round(seconds, 3), "process": dist.rank,
-                    "meta": jsonable(sample.meta)})
-                evaluated += 1
-                bar.update(1)
+                pre = backend.prefill(model, sample.input_ids, [cfg for _, cfg in pending])
+                pre.seconds = time.perf_counter() - start
+                for i, (name, cfg) in enumerate(pending):
+                    if i:
+                        backend.patch(model, cfg)
+                    run_one(name, sample, pre)
+        else:
+            for name, cfg, pending in todo:
+                if not pending:
+                    continue
+                backend.patch(model, cfg)
+                patched = True
+                for sample in pending:
+                    run_one(name, sample)
     finally:
         bar.close()
         if patched:

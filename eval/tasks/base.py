@@ -58,6 +58,18 @@ class Task:
 
         out = generate_greedy(model, tokenizer, sample.input_ids, sample.max_new_tokens,
                               extra_eos_ids=self.extra_eos_ids(sample, tokenizer))
+        return self.score_generation(sample, out)
+
+    def evaluate_prefilled(self, model, tokenizer, sample: Sample, pre) -> dict:
+        """``evaluate`` from ``pre`` (``modeling.Prefill`` of ``sample``'s prompt, its cache forked for the config
+        ``model`` is patched with): the same result without running the prompt again (``generates`` tasks)."""
+        from ..modeling import continue_greedy
+
+        out = continue_greedy(model, tokenizer, pre, sample.max_new_tokens,
+                              extra_eos_ids=self.extra_eos_ids(sample, tokenizer))
+        return self.score_generation(sample, out)
+
+    def score_generation(self, sample: Sample, out) -> dict:
         prediction = self.postprocess(sample, out.text)
         value = metrics.score(sample.metric, prediction, sample.answers, **sample.meta)
         return {"prediction": prediction, "score": value, "generated_tokens": out.num_tokens}

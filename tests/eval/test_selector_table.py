@@ -1,0 +1,95 @@
+"""Shared prefill (one prompt run, many configs) and the selector table built on it, on the tiny model."""
+import json
+
+import pytest
+
+from twilight_eval import selector_table
+from twilight_eval.cli import main as eval_main
+
+SPARSE = {"dense_layers": [0, 1], "dense_below": 0}
+
+
+def _write(tmp_path, name, selector, pruner):
+    est = "int4" if pruner["type"] == "top_p" else "exact"
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"selector": selector, "estimator": {"type": est}, "pruner": pruner, **SPARSE}))
+    return str(path)
+
+
+def _records(path):
+    return {(r["id"], r["config"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_shared_prefill_decodes_the_same_tokens(twilight_lib, tiny_model_dir, tmp_path):
+    """Every config decoded from one shared prefill gives what running it from scratch gives: the same tokens,
+    the same budgets (snapkv and h2o observe the shared prefill for their own config)."""
+    top_p = {"type": "top_p", "p": 0.85}
+    configs = [_write(tmp_path, "sparq", {"type": "sparq", "token_budget": 48, "num_channels": 4}, top_p),
+               _write(tmp_path, "tidal", {"type": "tidal", "token_budget": 48, "reselection_layers": [2]},
+                      {"type": "none"}),
+               _write(tmp_path, "snapkv", {"type": "snapkv", "token_budget": 48, "observation_window": 16}, top_p),
+               _write(tmp_path, "snapkv-w8", {"type": "snapkv", "token_budget": 48, "observation_window": 8},
+                      {"type": "none"}),
+               _write(tmp_path, "h2o", {"type": "h2o", "token_budget": 48}, {"type": "none"}),
+               _write(tmp_path, "quest", {"type": "quest", "token_budget": 48}, top_p)]
+    base = ["passkey", "--model", str(tiny_model_dir), "--configs", *configs, "--lengths", "256", "512",
+            "--depths", "50", "--samples", "1", "--max-new-tokens", "6", "--no-progress", "--no-plots"]
+    assert eval_main(base + ["--out", str(tmp_path / "shared")]) == 0
+    assert eval_main(base + ["--out", str(tmp_path / "own"), "--no-share-prefill"]) == 0
+    shared, own = _records(tmp_path / "shared" / "samples.jsonl"), _records(tmp_path / "own" / "samples.jsonl")
+    assert shared.keys() == own.keys() and len(shared) == 2 * 7
+    for key, r in shared.items():
+        o = own[key]
+        assert (r["prediction"], r["generated_tokens"]) == (o["prediction"], o["generated_tokens"]), key
+        assert r["budget"]["per_head"] == o["budget"]["per_head"], key
+        assert "prefill_seconds" in r and "prefill_seconds" not in o
+        if r["config"] != "dense":
+            assert r["budget"]["mean_attended_tokens"] < r["budget"]["mean_context_tokens"], key
+
+
+def test_selector_configs_and_names():
+    for selector in selector_table.SELECTORS:
+        for p in (None, 0.85):
+            cfg = selector_table.selector_config(selector, 256, p, channels_path="ch.json")
+            assert selector_table.parse_name(cfg["name"]) == (selector, 256, p)
+            assert cfg["pruner"]["type"] == ("top_p" if p else "none")
+    streaming = selector_table.selector_config("streaming", 64, None)["selector"]
+    assert streaming["sink_tokens"] + streaming["window"] == 64
+    assert selector_table.parse_name("dense") is None
+    with pytest.raises(ValueError, match="channels_path"):
+        selector_table.selector_config("double_sparse", 64, None)
+
+
+def test_collect_means_per_config_and_length():
+    def rec(i, config, length, score, attended):
+        return {"id": f"s{i}/L{length}", "config": config, "length": length, "score": score,
+                "budget": {"mean_attended_tokens": attended, "mean_context_tokens": 1000.0}}
+    records = [rec(0, "quest-64", 2048, 1.0, 64), rec(1, "quest-64", 2048, 0.0, 32), rec(2, "quest-64", 4096, 1.0, 10),
+               rec(0, "quest-64", 2048, 0.0, 60)]  # a rerun of s0: the latest record counts
+    data = selector_table.collect(records)
+    row = data["configs"]["quest-64"]
+    assert data["lengths"] == [2048, 4096]
+    assert row["score"]["2048"] == 0.0 and row["attended"]["2048"] == 46.0 and row["samples"]["2048"] == 2
+    assert row["score"]["all"] == pytest.approx(100 / 3) and row["attended"]["all"] == pytest.approx(34.0)
+
+
+def test_selector_table_end_to_end(twilight_lib, tiny_model_dir, tmp_path):
+    out = tmp_path / "table"
+    args = ["--model", str(tiny_model_dir), "--out", str(out), "--lengths", "512", "--tasks", "niah_single_1",
+            "--depths", "50", "--budgets", "32", "--selectors", "quest", "double_sparse", "h2o", "snapkv",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert selector_table.main(args) == 0
+    data = json.loads((out / "selectors.json").read_text())
+    names = {"dense"} | {f"{s}-32{t}" for s in ("quest", "double_sparse", "h2o", "snapkv") for t in ("", "-p85")}
+    assert set(data["configs"]) == names
+    records = [json.loads(line) for run in ("ruler", "passkey") for line in (out / run / "samples.jsonl").open()]
+    for name in names:  # the table's numbers are the records' means
+        rs = [r for r in records if r["config"] == name]
+        assert len(rs) == 2
+        assert data["configs"][name]["score"]["all"] == pytest.approx(100 * sum(r["score"] for r in rs) / 2)
+    table = (out / "selectors.md").read_text()
+    assert "| **dense** |" in table and "| h2o | 32 |" in table and "| double_sparse | 32 |" in table
+    assert (out / "selectors.png").stat().st_size > 0
+    assert selector_table.main(args) == 0  # resumes: nothing is evaluated again
+    assert [json.loads(line) for run in ("ruler", "passkey")
+            for line in (out / run / "samples.jsonl").open()] == records
