@@ -359,7 +359,7 @@ def test_original_ds_variants():
 
 
 @pytest.mark.parametrize("changes,needles", [
-    ({"compressor": {"type": "snap_kv", "window_size": 32}}, ["compressor.type", "snap_kv", "not supported"]),
+    ({"compressor": {"type": "snap_kv", "window_size": 32}}, ["compressor.type", "snap_kv", "cannot be combined"]),
     ({"compressor": {"type": "h2o"}}, ["compressor.type", "h2o", "none"]),
     ({"compressor": {"type": "none", "ratio": 2}}, ["compressor", "ratio"]),
     ({"compressor": 3}, ["compressor"]),

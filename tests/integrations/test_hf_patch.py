@@ -153,6 +153,39 @@ def test_new_selectors_patch_alone_and_with_top_p(selector, top_p):
         assert sum(sum(d["per_head"][i]) / len(d["per_head"][i]) for i in sparse_layers) / len(sparse_layers) < 24
 
 
+def test_fork_cache_copies_tokens_padding_and_observations():
+    """A fork holds the same tokens, padding and prompt observations in its own storage, for the config the
+    model is patched with now; decoding from it equals generating from scratch."""
+    model = tiny_model()
+    seqs = prompts([60, 41])
+    ids, mask = left_pad(seqs)
+    twilight.patch(model, {"selector": NEW_SELECTORS["h2o"], "estimator": {"type": "exact"},
+                           "pruner": {"type": "none"}, "dense_layers": [0], "dense_below": 0})
+    cache = hf.make_cache(model)
+    name = hf.compat.cache_parameter(type(model).forward, "LlamaForCausalLM")
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True,
+              **{name: cache})  # the positions generate() gives a left-padded batch
+    fork = hf.fork_cache(model, cache)
+    assert fork is not cache and fork.pipeline is hf.make_cache(model).pipeline
+    assert torch.equal(fork.start, cache.start)
+    for i in range(4):
+        a, b = cache.layer_cache(i), fork.layer_cache(i)
+        assert torch.equal(a.keys(), b.keys()) and a.keys().data_ptr() != b.keys().data_ptr()
+        assert torch.equal(a.start, b.start)
+        assert a.observations.keys() == b.observations.keys() == ({"h2o_scores", "h2o_length", "scale"} if i else set())
+        if i:
+            assert torch.equal(a.observations["h2o_scores"], b.observations["h2o_scores"])
+            assert a.observations["h2o_scores"].data_ptr() != b.observations["h2o_scores"].data_ptr()
+    ref = greedy(model, ids, mask)
+    T = ids.shape[1]  # the fork holds the prompt: generate() runs only the tokens after it, as decode steps
+    ids1, mask1 = ref[:, :T + 1], torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    with_fork = greedy(model, ids1, mask1, n=7, **{name: hf.fork_cache(model, cache)})
+    assert torch.equal(with_fork, ref)
+    with pytest.raises(TypeError, match="TwilightCache"):
+        hf.fork_cache(model, DynamicCache())
+
+
 def test_quest_never_selects_padding():
     """Quest on a left-padded batch: decode-step selections stay inside each sequence's tokens."""
     model = tiny_model("llama")
