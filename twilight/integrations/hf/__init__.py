@@ -31,13 +31,15 @@ from twilight.integrations.hf.patching import (
     bypassed_steps,
     check_supported,
     engagement,
+    fork_cache,
     is_patched,
     make_cache,
     patch,
     unpatch,
 )
 
-__all__ = ["patch", "unpatch", "budget_stats", "is_patched", "make_cache", "check_supported", "engagement",
+__all__ = ["patch", "unpatch", "budget_stats", "is_patched", "make_cache", "fork_cache", "check_supported",
+           "engagement",
            "bypassed_steps", "output_cache", "gather_budget_stats", "TwilightCache", "TwilightLayer",
            "TwilightNotEngagedError", "UnsupportedTransformersError", "SUPPORTED_MODEL_TYPES", "SUPPORTED_TRANSFORMERS",
            "check_transformers_version"]

@@ -31,6 +31,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from twilight.config import TwilightConfig
 from twilight.integrations.hf import compat
 from twilight.integrations.hf.attention import ACTIVE_FORWARD, DecoderForward, register
@@ -38,7 +40,7 @@ from twilight.integrations.hf.cache import TwilightCache
 from twilight.pipeline import TwilightPipeline
 from twilight.stats import BudgetStats
 
-__all__ = ["patch", "unpatch", "budget_stats", "engagement", "bypassed_steps", "is_patched", "make_cache",
+__all__ = ["patch", "unpatch", "budget_stats", "engagement", "bypassed_steps", "is_patched", "make_cache", "fork_cache",
            "check_supported", "SUPPORTED_MODEL_TYPES"]
 
 #: ``config.model_type`` of the model families the integration is tested on.
@@ -336,6 +338,38 @@ def _state(model) -> _PatchState:
 def make_cache(model) -> TwilightCache:
     """A fresh, empty ``TwilightCache`` for a patched ``model`` (to pass as ``cache=`` / ``past_key_values=``)."""
     return _state(model).new_cache()
+
+
+def fork_cache(model, cache: TwilightCache) -> TwilightCache:
+    """A new ``TwilightCache`` for the config ``model`` is patched with now, holding a copy of ``cache``'s tokens.
+
+    The K/V, the left padding and what the selectors observed in the prompt (``LayerCache.observations``) are
+    copied; everything a config derives from them (int4 keys, page bounds, selector state) is rebuilt by the new
+    config when it first decodes. Prefill a prompt once, then decode it under several configs::
+
+        twilight.patch(model, "dense")
+        cache = twilight.integrations.hf.make_cache(model)
+        model(input_ids=ids, cache=cache)                # cache=: past_key_values= before transformers 5.24
+        twilight.patch(model, "quest-twilight")
+        model.generate(..., cache=twilight.integrations.hf.fork_cache(model, cache))
+
+    ``snapkv`` and ``h2o`` read observations made by the same selector type, window and dense layers
+    (``twilight.select.observation_key``): fork such a cache only between configs with equal keys.
+    """
+    if not isinstance(cache, TwilightCache):
+        raise TypeError(f"cache must be a TwilightCache, got {type(cache).__name__}")
+    new = make_cache(model)
+    if len(new.layers) != len(cache.layers):
+        raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(new.layers)}")
+    new.start, new._start_list, new.padding_error = cache.start, cache._start_list, cache.padding_error
+    for src, dst in zip(cache.layers, new.layers, strict=True):
+        dst.start = src.start
+        if src.cache is None:
+            continue
+        dst.update(src.cache.keys(), src.cache.values())  # copied into the new cache's own storage
+        dst.cache.observations = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                  for k, v in src.cache.observations.items()}
+    return new
 
 
 def engagement(model) -> dict:
