@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from twilight.config import PRESETS
 
+from . import metrics
 from .common import EvalError, PromptEncoder, positive_int
 from .tasks import TASKS, Task
 
@@ -133,6 +134,11 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalError(f"--configs: several configurations are named {', '.join(duplicated)}; "
                         f"rename the JSON files")
 
+    missing = metrics.missing_dependencies(task.metric_names())
+    if missing:  # before the model loads, not after the first sample was generated
+        raise EvalError(f"{task.name}'s metrics need {', '.join(missing)}: pip install {' '.join(missing)} "
+                        "(or pip install 'twilight[eval]')")
+
     dist = runner.current_dist()
     device = dist.device if dist.world > 1 and args.device == "auto" else resolve_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype, device)
@@ -173,6 +179,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     records = runner.merge_shards(out_dir) if dist.world > 1 else runner.read_records(out_dir)
+    errors = runner.failed_records(records, samples, names)
+    if errors:
+        task.notes.append(f"{len(errors)} sample(s) failed and are left out of the tables (their 'error' is in "
+                          f"{runner.RESULTS_FILE}; rerun the command to retry them), e.g. {errors[0]['config']} "
+                          f"{errors[0]['id']}: {errors[0]['error']}")
+        _log(task.notes[-1])
     records = runner.select_records(records, samples, names)
     info = {"model": args.model, "seed": args.seed, "samples_per_cell": args.samples or task.default_samples
             or "all", "device": str(device), "dtype": args.dtype, "chat_template": encoder.chat,

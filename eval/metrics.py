@@ -199,6 +199,19 @@ METRICS: dict[str, Callable[..., float]] = {
 }
 
 
+#: The modules a metric imports when it first scores (``pip install`` names in ``missing_dependencies``).
+METRIC_MODULES = {"rouge_l": ("rouge_score",), "rouge_l_zh": ("rouge_score",), "code_sim": ("rapidfuzz",)}
+_PIP_NAMES = {"rouge_score": "rouge-score", "rapidfuzz": "rapidfuzz"}
+
+
+def missing_dependencies(metric_names: Sequence[str]) -> list[str]:
+    """``pip install`` names of what the metrics ``metric_names`` need and this environment lacks."""
+    import importlib.util
+
+    modules = {m for name in metric_names for m in METRIC_MODULES.get(name, ())}
+    return sorted(_PIP_NAMES.get(m, m) for m in modules if importlib.util.find_spec(m) is None)
+
+
 def score(metric: str, prediction: str, answers: Sequence[str], **meta) -> float:
     """Score ``prediction`` with the metric called ``metric``."""
     try:

@@ -174,21 +174,27 @@ def shard_path(out_dir: str, dist: Dist) -> str:
 
 
 def read_records(out_dir: str) -> list[dict]:
-    """Every complete record in ``samples.jsonl`` and the per-rank shards (a torn last line is skipped)."""
+    """Every complete record in ``samples.jsonl`` and the per-rank shards.
+
+    Files are read as bytes and each line decoded on its own: a line torn by an interruption (anywhere, even
+    inside a multi-byte character) is skipped and its sample redone, and never stops the others from loading.
+    """
     paths = [os.path.join(out_dir, RESULTS_FILE)] + sorted(glob.glob(os.path.join(out_dir, "samples.rank*.jsonl")))
     records = []
     for path in paths:
         if not os.path.exists(path):
             continue
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for line in f:
                 line = line.strip()
                 if not line:
                     continue
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
+                    record = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
                     continue   # a line cut short by an interruption: that sample is redone
+                if isinstance(record, dict):
+                    records.append(record)
     return records
 
 
@@ -196,14 +202,20 @@ def record_key(record: dict) -> tuple[str, str, str]:
     return record["id"], record["config"], record["fingerprint"]
 
 
+def failed(record: dict) -> bool:
+    """A record of a sample whose evaluation raised: kept for the log, redone on resume, left out of reports."""
+    return record.get("error") is not None
+
+
 def append_record(path: str, record: dict) -> None:
-    """Append one JSON line, first ending a line torn by an earlier interruption."""
-    with open(path, "a+", encoding="utf-8") as f:
+    """Append one JSON line, first ending a line torn by an earlier interruption (bytes: a torn multi-byte
+    character is no obstacle)."""
+    with open(path, "ab+") as f:
         if f.tell() > 0:
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         f.flush()
 
 
@@ -245,7 +257,7 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
     dist = dist or Dist()
     os.makedirs(out_dir, exist_ok=True)
     path = shard_path(out_dir, dist)
-    done = {record_key(r) for r in read_records(out_dir)}
+    done = {record_key(r) for r in read_records(out_dir) if not failed(r)}
     mine = shard(samples, dist)
     todo = [(name, cfg, [s for s in mine if (s.id, name, s.fingerprint) not in done]) for name, cfg in configs]
     total = len(mine) * len(configs)
@@ -261,12 +273,20 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
         backend.reset_stats(model)
         before = backend.engagement(model)
         start = time.perf_counter()
-        if pre is None:
-            result = task.evaluate(model, tokenizer, sample)
-        else:
-            result = task.evaluate_prefilled(model, tokenizer, sample, backend.fork(model, pre))
+        try:
+            if pre is None:
+                result = task.evaluate(model, tokenizer, sample)
+            else:
+                result = task.evaluate_prefilled(model, tokenizer, sample, backend.fork(model, pre))
+        except (EvalError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 -- one failing sample must not end a long run
+            result = {"prediction": None, "score": None, "error": f"{type(err).__name__}: {err}"}
+            tqdm.write(f"{task.name}: {name} {sample.id} failed ({result['error']}); recorded, the run goes on "
+                       "(it is redone on resume)", file=sys.stderr)
         seconds = time.perf_counter() - start
-        check_engaged(name, sample.id, before, backend.engagement(model))
+        if "error" not in result:
+            check_engaged(name, sample.id, before, backend.engagement(model))
         record = {
             "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
             "task": sample.task, "group": sample.group, "length": sample.length,
@@ -311,10 +331,21 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
     return evaluated
 
 
+def failed_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
+    """This run's (sample, config) pairs whose latest record is a failure."""
+    wanted = {(s.id, name, s.fingerprint) for name in config_names for s in samples}
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        if record_key(record) in wanted and not (failed(record) and record_key(record) in latest):
+            latest[record_key(record)] = record
+    return [r for r in latest.values() if failed(r)]
+
+
 def select_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
     """The records of exactly this run's samples and configs (older runs in the same --out are ignored)."""
     wanted = [(s.id, name, s.fingerprint) for name in config_names for s in samples]
     latest: dict[tuple, dict] = {}
-    for record in records:
-        latest[record_key(record)] = record
-    return [latest[key] for key in wanted if key in latest]   # in config, then sample order
+    for record in records:  # a success is never replaced by a later failure of the same key
+        if not (failed(record) and record_key(record) in latest):
+            latest[record_key(record)] = record
+    return [latest[key] for key in wanted if key in latest and not failed(latest[key])]  # config, sample order

@@ -104,7 +104,8 @@ def collect(records: Iterable[dict]) -> dict:
     """
     latest: dict[tuple[str, str], dict] = {}
     for r in records:
-        latest[(r["id"], r["config"])] = r
+        if r.get("error") is None:  # failed samples are redone on resume, never scored
+            latest[(r["id"], r["config"])] = r
     acc: dict = defaultdict(lambda: defaultdict(list))
     lengths = set()
     for r in latest.values():

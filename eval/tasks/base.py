@@ -38,6 +38,10 @@ class Task:
     def check_arguments(self) -> None:
         """Validate the task's own flags before any model is loaded; raise ``EvalError``."""
 
+    def metric_names(self) -> list[str]:
+        """The metrics this run will score with (their dependencies are checked before the model loads)."""
+        return []
+
     def build_samples(self, tokenizer, encoder: PromptEncoder, lengths: Sequence[int],
                       num_samples: int | None, seed: int) -> list[Sample]:
         raise NotImplementedError

@@ -140,6 +140,9 @@ class LongBenchTask(Task):
         if self.args.data_dir and not os.path.isdir(self.args.data_dir):
             raise EvalError(f"--data-dir: {self.args.data_dir} is not a directory")
 
+    def metric_names(self) -> list[str]:
+        return sorted({METRIC[d] for d in self.datasets()})
+
     def build_samples(self, tokenizer, encoder: PromptEncoder, lengths: Sequence[int],
                       num_samples: int | None, seed: int) -> list[Sample]:
         samples: list[Sample] = []

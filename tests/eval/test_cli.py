@@ -75,6 +75,16 @@ def test_lengths_beyond_the_models_context(capsys, twilight_lib, tiny_model_dir,
                               f"{tiny_model_dir} (1024 tokens, max_position_embeddings)")
 
 
+def test_missing_metric_dependency_fails_before_the_model_loads(capsys, twilight_lib, tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    status, _, err = run_cli(["eval", "longbench", "--model", tmp_path / "no-such-model", "--datasets", "gov_report",
+                              "--data-dir", LONGBENCH_DATA], capsys)
+    assert status == 2
+    assert "rouge-score" in last_line(err) and "pip install" in last_line(err)  # not the model's load error
+
+
 def test_unloadable_model(capsys, twilight_lib, tmp_path):
     status, _, err = run_cli(["eval", "passkey", "--model", tmp_path / "nowhere"], capsys)
     assert status == 2 and "error: --model: cannot load" in last_line(err)

@@ -135,6 +135,69 @@ def test_a_torn_last_line_is_redone_and_does_not_corrupt_the_file(tmp_path):
         json.loads(line)
 
 
+class MultiByteTask(CountingTask):
+    """Predictions in Chinese: every record holds multi-byte UTF-8 characters."""
+
+    def evaluate(self, model, tokenizer, sample):
+        return {**super().evaluate(model, tokenizer, sample), "prediction": "答案是四十二" * 20}
+
+
+@pytest.mark.parametrize("where", ["inside a character", "after the first record"])
+def test_a_torn_line_anywhere_in_bytes_is_redone(tmp_path, where):
+    """Killed mid-write, cutting a multi-byte character in two (or leaving a torn line in the middle of the file,
+    as a merge of shards can): the rerun reads every complete record and redoes only the torn one."""
+    samples = make_samples(3)
+    runner.evaluate(MultiByteTask(), FakeModel(), None, samples, CONFIGS[:1], str(tmp_path), FakeBackend(),
+                    progress=False)
+    path = tmp_path / runner.RESULTS_FILE
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    cut = lines[1].index("答".encode()) + 1  # one byte into a three-byte character
+    assert lines[1][:cut].decode("utf-8", errors="replace").endswith("\ufffd")
+    if where == "inside a character":
+        path.write_bytes(lines[0] + b"\n" + lines[2] + b"\n" + lines[1][:cut])
+    else:
+        path.write_bytes(lines[0] + b"\n" + lines[1][:cut] + b"\n" + lines[2] + b"\n")
+    assert [r["id"] for r in runner.read_records(str(tmp_path))] == ["t/L128/s0", "t/L128/s2"]
+    task = MultiByteTask()
+    runner.evaluate(task, FakeModel(), None, samples, CONFIGS[:1], str(tmp_path), FakeBackend(), progress=False)
+    assert task.calls == [("dense", "t/L128/s1")]
+    assert sorted(r["id"] for r in runner.read_records(str(tmp_path))) == [s.id for s in samples]
+
+
+class FailingTask(CountingTask):
+    """Raises on one sample, once (``fail_ids``)."""
+
+    def __init__(self, fail_ids=()):
+        super().__init__()
+        self.fail_ids = set(fail_ids)
+
+    def evaluate(self, model, tokenizer, sample):
+        if sample.id in self.fail_ids:
+            raise RuntimeError(f"boom on {sample.id}")
+        return super().evaluate(model, tokenizer, sample)
+
+
+def test_a_failing_sample_is_recorded_and_the_run_goes_on(tmp_path):
+    samples = make_samples(3)
+    task = FailingTask({"t/L128/s1"})
+    assert runner.evaluate(task, FakeModel(), None, samples, CONFIGS, str(tmp_path), FakeBackend(),
+                           progress=False) == 6
+    assert len(task.calls) == 4  # every other pair ran
+    records = runner.read_records(str(tmp_path))
+    errors = runner.failed_records(records, samples, [n for n, _ in CONFIGS])
+    assert sorted(r["config"] for r in errors) == ["dense", "quest-twilight"]
+    assert all(r["error"] == "RuntimeError: boom on t/L128/s1" and r["score"] is None for r in errors)
+    kept = runner.select_records(records, samples, [n for n, _ in CONFIGS])
+    assert len(kept) == 4 and all(r["score"] is not None for r in kept)
+    retry = FailingTask()  # the rerun redoes exactly the failed pairs, which now succeed
+    runner.evaluate(retry, FakeModel(), None, samples, CONFIGS, str(tmp_path), FakeBackend(), progress=False)
+    assert sorted(retry.calls) == [("dense", "t/L128/s1"), ("quest-twilight", "t/L128/s1")]
+    records = runner.read_records(str(tmp_path))
+    assert runner.failed_records(records, samples, [n for n, _ in CONFIGS]) == []
+    assert len(runner.select_records(records, samples, [n for n, _ in CONFIGS])) == 6
+
+
 def test_changed_samples_are_evaluated_again_and_old_records_are_ignored(tmp_path):
     runner.evaluate(CountingTask(), FakeModel(), None, make_samples(2, tag="old"), CONFIGS[:1], str(tmp_path),
                     FakeBackend(), progress=False)
