@@ -14,16 +14,20 @@ LongBench (Bai et al., 2023):
 
 - ``qa_f1``: token-level F1 after SQuAD-style normalisation (lower case, no punctuation,
   no articles ``a/an/the``, single spaces).
-- ``rouge_l``: ROUGE-L F-measure (``rouge_score`` package, no stemming).
+- ``rouge_l``: the ``rouge`` package's ROUGE-L F (``Rouge().get_scores``: summary-level union LCS over
+  sentences, divided by the numbers of *distinct* words), 0 when it raises (an empty side), as LongBench.
 - ``classification``: the classes named in the prediction, ignoring classes that are a
   proper substring of the reference; 1/len(matches) when the reference is among them.
 - ``retrieval``: the paragraph number of the reference ("Paragraph 7") against every number
   in the prediction; the fraction of those numbers that are right.
 - ``count``: the same for a count ("3"): the fraction of numbers in the prediction that equal it.
-- ``code_sim``: ``rapidfuzz.fuzz.ratio`` / 100 between the reference and the first line of
-  the prediction that is not blank and not a comment or code fence.
-- ``*_zh`` variants for Chinese: as LongBench, but tokenised per character rather than
-  with jieba, which is not a dependency here.
+- ``code_sim``: ``fuzzywuzzy.fuzz.ratio`` / 100 (an integer percentage, as LongBench: difflib's
+  ratio rounded; with ``python-Levenshtein`` installed fuzzywuzzy uses that library's ratio, which LongBench's
+  requirements do not install) between the reference and the first line of the prediction that is not blank
+  and not a comment or code fence.
+- ``*_zh`` variants for Chinese, as LongBench: ``qa_f1_zh`` is the F1 of ``jieba`` words (each word lower-cased
+  and stripped of punctuation and spaces, empty words dropped); ``rouge_l_zh`` is ``rouge_l`` over the
+  ``jieba`` words joined by spaces.
 """
 from __future__ import annotations
 
@@ -76,9 +80,16 @@ def token_f1(prediction_tokens: Sequence[str], reference_tokens: Sequence[str]) 
     return 2 * precision * recall / (precision + recall)
 
 
-def _zh_tokens(text: str) -> list[str]:
-    """Per-character tokens of Chinese text without punctuation or whitespace."""
-    return [ch for ch in text.lower() if ch not in _ZH_PUNCTUATION and not ch.isspace()]
+def jieba_words(text: str) -> list[str]:
+    """``jieba``'s words of Chinese text (accurate mode), as LongBench cuts them."""
+    import jieba
+    jieba.setLogLevel(60)  # no "Building prefix dict" chatter on stderr
+    return list(jieba.cut(text, cut_all=False))
+
+
+def normalize_zh_word(word: str) -> str:
+    """LongBench's Chinese normalisation of one word: lower case, no punctuation (Chinese or ASCII), no spaces."""
+    return "".join(ch for ch in word.lower() if ch not in _ZH_PUNCTUATION and not ch.isspace())
 
 
 def qa_f1_one(prediction: str, reference: str) -> float:
@@ -86,36 +97,24 @@ def qa_f1_one(prediction: str, reference: str) -> float:
 
 
 def qa_f1_zh_one(prediction: str, reference: str) -> float:
-    return token_f1(_zh_tokens(prediction), _zh_tokens(reference))
+    def words(text: str) -> list[str]:
+        return [w for w in map(normalize_zh_word, jieba_words(text)) if w]
+    return token_f1(words(prediction), words(reference))
 
 
 # --------------------------------------------------------------------------- LongBench: ROUGE-L
 
-class _CharTokenizer:
-    """Tokenizer for ``rouge_score`` that keeps every non-space, non-punctuation character."""
-
-    def tokenize(self, text: str) -> list[str]:
-        return _zh_tokens(text)
-
-
-_SCORERS: dict[str, object] = {}
-
-
-def _rouge_scorer(kind: str):
-    if kind not in _SCORERS:
-        from rouge_score import rouge_scorer
-        tokenizer = _CharTokenizer() if kind == "zh" else None
-        _SCORERS[kind] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=tokenizer)
-    return _SCORERS[kind]
-
-
 def rouge_l_one(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure; 0 when either side has no tokens."""
-    return float(_rouge_scorer("en").score(reference, prediction)["rougeL"].fmeasure)
+    """The ``rouge`` package's ROUGE-L F; 0 when it cannot score the pair (an empty side), as LongBench."""
+    from rouge import Rouge
+    try:
+        return float(Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"])
+    except (ValueError, RecursionError, ZeroDivisionError):
+        return 0.0
 
 
 def rouge_l_zh_one(prediction: str, reference: str) -> float:
-    return float(_rouge_scorer("zh").score(reference, prediction)["rougeL"].fmeasure)
+    return rouge_l_one(" ".join(jieba_words(prediction)), " ".join(jieba_words(reference)))
 
 
 # --------------------------------------------------------------------------- LongBench: others
@@ -156,7 +155,10 @@ def first_code_line(prediction: str) -> str:
 
 
 def code_sim_one(prediction: str, reference: str) -> float:
-    from rapidfuzz import fuzz
+    import warnings
+    with warnings.catch_warnings():  # "using slow pure-python SequenceMatcher": the ratio LongBench computed
+        warnings.simplefilter("ignore")
+        from fuzzywuzzy import fuzz
     return fuzz.ratio(first_code_line(prediction), reference) / 100.0
 
 
@@ -200,8 +202,9 @@ METRICS: dict[str, Callable[..., float]] = {
 
 
 #: The modules a metric imports when it first scores (``pip install`` names in ``missing_dependencies``).
-METRIC_MODULES = {"rouge_l": ("rouge_score",), "rouge_l_zh": ("rouge_score",), "code_sim": ("rapidfuzz",)}
-_PIP_NAMES = {"rouge_score": "rouge-score", "rapidfuzz": "rapidfuzz"}
+METRIC_MODULES = {"rouge_l": ("rouge",), "rouge_l_zh": ("rouge", "jieba"), "qa_f1_zh": ("jieba",),
+                  "code_sim": ("fuzzywuzzy",)}
+_PIP_NAMES: dict[str, str] = {}  # module -> pip name where they differ
 
 
 def missing_dependencies(metric_names: Sequence[str]) -> list[str]:

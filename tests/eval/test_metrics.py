@@ -33,23 +33,32 @@ def test_qa_f1_by_hand():
     assert metrics.qa_f1("London", ["Paris"]) == 0.0
 
 
-def test_qa_f1_zh_by_characters():
-    # 北京市 vs 北京: overlap 2, precision 2/3, recall 1, F1 = 2 * (2/3) / (5/3) = 0.8.
-    assert metrics.qa_f1_zh("北京市。", ["北京"]) == pytest.approx(0.8)
+def test_qa_f1_zh_by_jieba_words():
+    """LongBench's definition: F1 over jieba's words, each stripped of punctuation, empty ones dropped."""
+    assert metrics.jieba_words("北京大学的学生") == ["北京大学", "的", "学生"]
+    # one word in common: precision 1/3, recall 1, F1 = 2 * (1/3) / (4/3) = 0.5
+    assert metrics.qa_f1_zh("北京大学的学生", ["北京大学"]) == pytest.approx(0.5)
+    # 北京市 is one word, not 北京 + 市: no word in common (per character it would be 0.8)
+    assert metrics.jieba_words("北京市。") == ["北京市", "。"]
+    assert metrics.qa_f1_zh("北京市。", ["北京"]) == 0.0
+    assert metrics.qa_f1_zh("北京市", ["北京市！"]) == 1.0  # punctuation is no word
 
 
-def test_rouge_l_by_hand():
-    # LCS of "the cat lay on the mat" / "the cat sat on the mat" is "the cat on the mat" (5 of 6 each):
-    # precision = recall = 5/6, F = 5/6.
-    assert metrics.rouge_l("the cat lay on the mat", ["the cat sat on the mat"]) == pytest.approx(5 / 6)
-    # "cat the" vs "the cat": LCS 1, precision = recall = 1/2.
+def test_rouge_l_as_the_rouge_package_defines_it():
+    """Summary-level union LCS over sentences, divided by the numbers of *distinct* words on each side."""
+    # distinct words 5 and 5 ("the" twice counts once); LCS words {the, cat, on, mat}: P = R = F = 4/5
+    assert metrics.rouge_l("the cat lay on the mat", ["the cat sat on the mat"]) == pytest.approx(0.8)
+    # "cat the" vs "the cat": LCS 1 of 2 distinct words each
     assert metrics.rouge_l("cat the", ["the cat"]) == pytest.approx(0.5)
-    assert metrics.rouge_l("", ["the cat"]) == 0.0
+    # summary level: sentences ('.') in another order still match word for word
+    assert metrics.rouge_l("the cat sat. the dog ran", ["the dog ran. the cat sat"]) == pytest.approx(1.0)
+    assert metrics.rouge_l("", ["the cat"]) == 0.0  # the package raises on an empty side: 0, as LongBench
 
 
-def test_rouge_l_zh_by_characters():
-    # 今天天气好 (5) vs 今天天气很好 (6): LCS 5, precision 1, recall 5/6, F = (10/6) / (11/6) = 10/11.
-    assert metrics.rouge_l_zh("今天天气好", ["今天天气很好"]) == pytest.approx(10 / 11)
+def test_rouge_l_zh_by_jieba_words():
+    # 今天天气 好 (2 words) vs 今天天气 很 好 (3): LCS 2, precision 1, recall 2/3, F = (4/3) / (5/3) = 0.8
+    assert metrics.jieba_words("今天天气很好") == ["今天天气", "很", "好"]
+    assert metrics.rouge_l_zh("今天天气好", ["今天天气很好"]) == pytest.approx(0.8)
 
 
 def test_classification_by_hand():
@@ -83,9 +92,13 @@ def test_count_by_hand():
 def test_code_sim_takes_the_first_code_line():
     assert metrics.first_code_line("```python\n\n# comment\nreturn x + 1\nfoo()") == "return x + 1"
     assert metrics.code_sim("```python\n# comment\nreturn x + 1\n", ["return x + 1"]) == 1.0
-    # "return x+1" is "return x + 1" less two spaces: Indel distance 2 over 10 + 12 characters,
-    # similarity 1 - 2/22 = 10/11.
-    assert metrics.code_sim("return x+1", ["return x + 1"]) == pytest.approx(10 / 11)
+    # "return x+1" is "return x + 1" less two spaces: 10 matching characters of 10 + 12, ratio 20/22 = 0.909,
+    # which fuzzywuzzy rounds to the integer percentage 91 (LongBench divides by 100)
+    assert metrics.code_sim("return x+1", ["return x + 1"]) == 0.91
+    # "abcdef" vs "abcxyz": 3 matching characters of 6 + 6, 6/12 = 0.5 exactly
+    assert metrics.code_sim("abcdef", ["abcxyz"]) == 0.5
+    # "abcdefg" vs "abcd": 8/11 = 0.727 -> 73
+    assert metrics.code_sim("abcdefg", ["abcd"]) == 0.73
 
 
 def test_score_dispatches_by_name_and_rejects_unknown_metrics():
