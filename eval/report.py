@@ -49,6 +49,52 @@ def budget_summary(records: Sequence[dict]) -> dict:
     return out
 
 
+BASELINE = "dense"
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def paired_bootstrap(deltas: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = 0.95,
+                     seed: int = 0) -> dict:
+    """Mean of paired per-sample differences with a percentile bootstrap confidence interval.
+
+    Resamples the samples (pairs) with replacement ``resamples`` times; the interval holds the middle
+    ``confidence`` of the resampled means. Deterministic in ``seed``.
+
+    Example::
+
+        >>> paired_bootstrap([0.0, 0.0, 0.0])
+        {'delta': 0.0, 'low': 0.0, 'high': 0.0, 'samples': 3}
+    """
+    import random
+
+    n = len(deltas)
+    if not n:
+        return {"delta": None, "low": None, "high": None, "samples": 0}
+    rng = random.Random(seed)
+    means = sorted(sum(deltas[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    lo, hi = means[int(tail * resamples)], means[min(resamples - 1, int((1 - tail) * resamples))]
+    return {"delta": _round(sum(deltas) / n, 4), "low": _round(lo, 4), "high": _round(hi, 4), "samples": n}
+
+
+def paired_differences(records: Sequence[dict], config_names: Sequence[str], lengths: Sequence[int],
+                       baseline: str = BASELINE) -> dict:
+    """Per config: its score minus the baseline's on the same samples (percentage points), per length and over
+    all, with a 95% paired bootstrap interval (``paired_bootstrap``)."""
+    base = {(r["id"], r["fingerprint"]): r["score"] for r in records if r["config"] == baseline}
+    out: dict[str, dict] = {}
+    for name in config_names:
+        if name == baseline:
+            continue
+        pairs = [(r["length"], 100.0 * (r["score"] - base[(r["id"], r["fingerprint"])])) for r in records
+                 if r["config"] == name and (r["id"], r["fingerprint"]) in base]
+        if pairs:
+            out[name] = {str(L): paired_bootstrap([d for length, d in pairs if length == L]) for L in lengths
+                         if any(length == L for length, _ in pairs)}
+            out[name]["all"] = paired_bootstrap([d for _, d in pairs])
+    return out
+
+
 def summarize(task: Task, records: Sequence[dict], config_names: Sequence[str], lengths: Sequence[int],
               info: dict) -> dict:
     """The summary dictionary written as ``summary.json``."""
@@ -88,6 +134,9 @@ def summarize(task: Task, records: Sequence[dict], config_names: Sequence[str], 
                "notes": list(task.notes)}
     if buckets:
         summary["length_buckets"] = buckets
+    if task.higher_is_better and BASELINE in config_names:  # per-sample scores: paired with the baseline
+        summary["vs_baseline"] = {"baseline": BASELINE, "confidence": 0.95, "resamples": BOOTSTRAP_RESAMPLES,
+                                  "configs": paired_differences(records, config_names, lengths)}
     return summary
 
 
@@ -121,6 +170,16 @@ def markdown(summary: dict) -> str:
         for c in configs:
             lines.append(f"| {c} | " + " | ".join(_fmt(summary["length_buckets"].get(c, {}).get(b), digits)
                                                   for b in names) + " |")
+    diffs = (summary.get("vs_baseline") or {}).get("configs") or {}
+    if diffs:
+        cols = [*map(str, summary["lengths"]), "all"]
+        lines += ["", f"Difference from {summary['vs_baseline']['baseline']} on the same samples (percentage "
+                  "points; mean of paired differences [95% paired bootstrap interval]):", "",
+                  "| config | " + " | ".join(cols) + " |", "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+        for c, cells in diffs.items():
+            lines.append(f"| {c} | " + " | ".join(
+                f"{cells[L]['delta']:+.1f} [{cells[L]['low']:+.1f}, {cells[L]['high']:+.1f}]" if L in cells else "–"
+                for L in cols) + " |")
     lines += ["", "Decode-step attention budget (mean per sample):", "",
               "| config | attended tokens | context tokens | attended fraction |", "| --- | ---: | ---: | ---: |"]
     for c in configs:

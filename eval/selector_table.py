@@ -115,7 +115,7 @@ def collect(records: Iterable[dict]) -> dict:
             acc[r["config"]][("attended", key)].append(budget.get("mean_attended_tokens", math.nan))
             acc[r["config"]][("context", key)].append(budget.get("mean_context_tokens", math.nan))
         lengths.add(r["length"])
-    out: dict = {"lengths": sorted(lengths), "configs": {}}
+    out: dict = {"lengths": sorted(lengths), "configs": {}, "gain": top_p_gain(latest.values())}
     for name, cells in acc.items():
         row: dict = {"score": {}, "attended": {}, "context": {}, "samples": {}}
         for (what, key), values in cells.items():
@@ -123,6 +123,27 @@ def collect(records: Iterable[dict]) -> dict:
             row["samples"][str(key)] = len(values)
         out["configs"][name] = row
     return out
+
+
+def top_p_gain(records: Iterable[dict]) -> dict:
+    """Per selector and budget: the score with top-p minus the score alone on the same samples (percentage
+    points), with a 95% paired bootstrap interval (``report.paired_bootstrap``)."""
+    from .report import paired_bootstrap
+
+    scores: dict = defaultdict(dict)  # (selector, budget) -> {top_p or None: {sample id: score}}
+    for r in records:
+        parsed = parse_name(r["config"])
+        if parsed:
+            scores[parsed[:2]].setdefault(parsed[2], {})[r["id"]] = r["score"]
+    gain = {}
+    for (selector, budget), by_p in scores.items():
+        alone = by_p.get(None, {})
+        for p, pruned in by_p.items():
+            common = sorted(set(alone) & set(pruned)) if p else []
+            if common:
+                gain[config_name(selector, budget, None)] = paired_bootstrap(
+                    [100.0 * (pruned[i] - alone[i]) for i in common])
+    return gain
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
@@ -134,7 +155,7 @@ def render_markdown(data: dict, dense: str = "dense") -> str:
     lengths = [str(L) for L in data["lengths"]]
     cfgs = data["configs"]
     head = ["selector", "budget"] + [f"alone {int(L) // 1024}k" for L in lengths] + ["alone", "attended"] + \
-        [f"top-p {int(L) // 1024}k" for L in lengths] + ["top-p", "attended", "Δ score"]
+        [f"top-p {int(L) // 1024}k" for L in lengths] + ["top-p", "attended", "Δ score [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * 2 + [" ---: "] * (len(head) - 2)) + "|"]
     if dense in cfgs:
         d = cfgs[dense]
@@ -149,8 +170,8 @@ def render_markdown(data: dict, dense: str = "dense") -> str:
         for row in (alone, tp):
             cells += [_fmt(row["score"].get(L)) if row else "–" for L in lengths]
             cells += [_fmt(row["score"]["all"]) if row else "–", _fmt(row["attended"]["all"]) if row else "–"]
-        delta = tp["score"]["all"] - alone["score"]["all"] if alone and tp else None
-        cells.append(("+" if delta and delta > 0 else "") + _fmt(delta))
+        g = data.get("gain", {}).get(config_name(selector, budget, None))
+        cells.append(f"{g['delta']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}]" if g and g["samples"] else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,7 @@ MODULES = {
     "twilight.diagnostics": True,
     "twilight_bench.common": True,
     "twilight_bench.profiles": True,
+    "twilight_eval.report": True,
 }
 
 

@@ -242,6 +242,10 @@ def test_summary_markdown_and_plots(tmp_path):
     assert "| group | length | dense | quest-twilight |" in table
     assert "| t | 128 | 50.0 | 50.0 |" in table
     assert "| quest-twilight | 10.0 | 100.0 | 0.100 |" in table
+    # the same scores on the same samples: a zero difference with a zero-width interval
+    assert summary["vs_baseline"]["configs"]["quest-twilight"]["all"]["delta"] == 0.0
+    assert "Difference from dense on the same samples" in table
+    assert "| quest-twilight | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in table
     paths = report.write_reports(summary, str(tmp_path))
     for name in ("accuracy_vs_length", "budget", "budget_per_layer"):
         with open(paths[name], "rb") as f:
@@ -259,3 +263,21 @@ def test_configs_are_evaluated_sparse_from_the_first_step(tmp_path):
     path.write_text(json.dumps({"selector": "full", "pruner": {"type": "top_p", "p": 0.9}, "dense_below": 2048}))
     _, cfg = backend.load_config(str(path))
     assert cfg.dense_below == 2048
+
+
+def test_paired_differences_from_the_baseline_with_bootstrap_intervals():
+    """Each config minus dense on the same samples (matched by id and fingerprint), in percentage points."""
+    def rec(i, config, length, score):
+        return {"id": f"s{i}", "fingerprint": f"f{i}", "config": config, "length": length, "score": score}
+    dense = [rec(i, "dense", 128 if i < 6 else 256, 1.0) for i in range(10)]
+    same = [rec(i, "same", r["length"], 1.0) for i, r in enumerate(dense)]
+    worse = [rec(i, "worse", r["length"], 0.0 if i in (0, 7, 8) else 1.0) for i, r in enumerate(dense)]
+    stranger = [rec(99, "worse", 128, 0.0)]  # no dense record for this sample: not paired
+    diffs = report.paired_differences(dense + same + worse + stranger, ["dense", "same", "worse"], [128, 256])
+    assert set(diffs) == {"same", "worse"}
+    assert diffs["same"]["all"] == {"delta": 0.0, "low": 0.0, "high": 0.0, "samples": 10}
+    w = diffs["worse"]
+    assert w["all"]["samples"] == 10 and w["all"]["delta"] == pytest.approx(-30.0)
+    assert w["128"]["delta"] == pytest.approx(-100 / 6, abs=1e-3) and w["256"]["delta"] == pytest.approx(-50.0)
+    assert w["all"]["low"] < -30.0 < w["all"]["high"] <= 0.0  # the interval holds the mean, never above 0 here
+    assert report.paired_bootstrap([1.0, 2.0], seed=3) == report.paired_bootstrap([1.0, 2.0], seed=3)

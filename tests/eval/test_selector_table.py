@@ -73,6 +73,18 @@ def test_collect_means_per_config_and_length():
     assert row["score"]["all"] == pytest.approx(100 / 3) and row["attended"]["all"] == pytest.approx(34.0)
 
 
+def test_top_p_gain_pairs_each_sample_with_the_selector_alone():
+    def rec(i, config, score):
+        return {"id": f"s{i}", "config": config, "length": 2048, "score": score, "budget": {}}
+    records = [rec(i, "sparq-64", float(i % 2)) for i in range(4)] + [rec(i, "sparq-64-p85", 1.0) for i in range(4)]
+    records += [rec(9, "sparq-64-p85", 0.0), rec(0, "dense", 1.0)]  # s9 has no pair: left out
+    gain = selector_table.top_p_gain(records)
+    assert set(gain) == {"sparq-64"}
+    assert gain["sparq-64"]["delta"] == 50.0 and gain["sparq-64"]["samples"] == 4
+    assert gain["sparq-64"]["low"] <= 50.0 <= gain["sparq-64"]["high"]
+    assert "+50.0 [" in selector_table.render_markdown(selector_table.collect(records))
+
+
 def test_selector_table_end_to_end(twilight_lib, tiny_model_dir, tmp_path):
     out = tmp_path / "table"
     args = ["--model", str(tiny_model_dir), "--out", str(out), "--lengths", "512", "--tasks", "niah_single_1",
