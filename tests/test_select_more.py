@@ -126,9 +126,10 @@ def _mass(q, k, rows, cand, scale, b, j, G):
 
 
 # ---------------------------------------------------------------------------------------------- references
-def _sparq_scores(q, k, start, L, r):
-    """SparQ's token scores ``[B, Hkv, L]`` float64: per query head its ``r`` channels of largest |q|,
-    sum of q_c * k_c / sqrt(D) over them; max over the group; ``-inf`` outside [start, L)."""
+def _group_scores(q, k, start, L, r=None):
+    """Token scores ``[B, Hkv, L]`` float64, max over each kv-head's query heads, ``-inf`` outside [start, L):
+    exact q·k (``r`` None), or SparQ's: per query head its ``r`` channels of largest |q|, sum of q_c * k_c over
+    them divided by sqrt(D)."""
     B, Hq, D = q.shape
     H = k.shape[1]
     G = Hq // H
@@ -136,26 +137,23 @@ def _sparq_scores(q, k, start, L, r):
     for b in range(B):
         for h in range(H):
             for g in range(G):
-                qj = q[b, h * G + g].double()
-                ch = torch.argsort(qj.abs(), descending=True)[:r]
-                s = (k[b, h, :L][:, ch].double() * qj[ch]).sum(-1) / math.sqrt(D)
+                qj, kh = q[b, h * G + g].double(), k[b, h, :L].double()
+                if r is None:
+                    s = kh @ qj
+                else:
+                    ch = torch.argsort(qj.abs(), descending=True)[:r]
+                    s = (kh[:, ch] * qj[ch]).sum(-1) / math.sqrt(D)
                 scores[b, h] = torch.maximum(scores[b, h], s)
             scores[b, h, :start[b]] = NEG
     return scores
 
 
+def _sparq_scores(q, k, start, L, r):
+    return _group_scores(q, k, start, L, r)
+
+
 def _exact_scores(q, k, start, L):
-    """max over the group's query heads of exact q·k, ``[B, Hkv, L]`` float64, ``-inf`` outside [start, L)."""
-    B, Hq, D = q.shape
-    H = k.shape[1]
-    G = Hq // H
-    scores = torch.full((B, H, L), NEG, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for g in range(G):
-                scores[b, h] = torch.maximum(scores[b, h], k[b, h, :L].double() @ q[b, h * G + g].double())
-            scores[b, h, :start[b]] = NEG
-    return scores
+    return _group_scores(q, k, start, L)
 
 
 def _snapkv_pooled(qw, k, start, P, ksize, pooling, scale):
