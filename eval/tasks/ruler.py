@@ -32,6 +32,8 @@ the Hugging Face hub (or a local datasets cache) is not reachable.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import string
 import uuid
@@ -374,15 +376,19 @@ def fwe_builder(spec: RulerSpec, rng) -> tuple[Callable[[int], Built], int]:
 
 # --------------------------------------------------------------------------- QA data
 
-def load_squad() -> tuple[list[dict], list[str]]:
-    """SQuAD v2 dev questions that have answers, with paragraphs of the same article as extra context."""
-    import datasets
-    rows = datasets.load_dataset("rajpurkar/squad_v2", split="validation")
-    docs = sorted({r["context"] for r in rows})
+def squad_from_rows(rows, paragraphs=()) -> tuple[list[dict], list[str]]:
+    """SQuAD v2 dev questions that have answers, with paragraphs of the same article as extra context.
+
+    ``rows``: dicts with ``title``, ``context``, ``question`` and ``answers["text"]`` (the ``datasets`` layout);
+    ``paragraphs``: more ``(title, context)`` pairs (the official file's paragraphs without questions).
+    """
+    rows = list(rows)
+    pairs = [(r["title"], r["context"]) for r in rows] + list(paragraphs)
+    docs = sorted({context for _, context in pairs})
     index = {d: i for i, d in enumerate(docs)}
     by_title: dict[str, set[int]] = {}
-    for r in rows:
-        by_title.setdefault(r["title"], set()).add(index[r["context"]])
+    for title, context in pairs:
+        by_title.setdefault(title, set()).add(index[context])
     qas = []
     for r in rows:
         if r["answers"]["text"]:
@@ -392,10 +398,12 @@ def load_squad() -> tuple[list[dict], list[str]]:
     return qas, docs
 
 
-def load_hotpotqa() -> tuple[list[dict], list[str]]:
-    """HotpotQA (distractor) dev questions; each comes with its own 10 paragraphs."""
-    import datasets
-    rows = datasets.load_dataset("hotpotqa/hotpot_qa", "distractor", split="validation")
+def hotpotqa_from_rows(rows) -> tuple[list[dict], list[str]]:
+    """HotpotQA (distractor) dev questions; each comes with its own 10 paragraphs.
+
+    ``rows``: dicts with ``question``, ``answer`` and ``context`` ``{"title": [...], "sentences": [[...], ...]}``.
+    """
+    rows = list(rows)
 
     def paragraphs(row):
         return [f"{t}\n{''.join(s)}" for t, s in zip(row["context"]["title"], row["context"]["sentences"],
@@ -408,9 +416,45 @@ def load_hotpotqa() -> tuple[list[dict], list[str]]:
     return qas, docs
 
 
+def load_squad() -> tuple[list[dict], list[str]]:
+    import datasets
+    return squad_from_rows(datasets.load_dataset("rajpurkar/squad_v2", split="validation"))
+
+
+def load_hotpotqa() -> tuple[list[dict], list[str]]:
+    import datasets
+    return hotpotqa_from_rows(datasets.load_dataset("hotpotqa/hotpot_qa", "distractor", split="validation"))
+
+
+def read_squad_json(path: str) -> tuple[list[dict], list[str]]:
+    """SQuAD's own dev file (``dev-v2.0.json``: ``data[].paragraphs[].qas[]``), as RULER reads ``squad.json``."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)["data"]
+    rows = [{"title": article["title"], "context": para["context"], "question": qa["question"],
+             "answers": {"text": [a["text"] for a in qa.get("answers", [])]}}
+            for article in data for para in article["paragraphs"] for qa in para["qas"]]
+    return squad_from_rows(rows, [(a["title"], p["context"]) for a in data for p in a["paragraphs"]])
+
+
+def read_hotpotqa_json(path: str) -> tuple[list[dict], list[str]]:
+    """HotpotQA's own dev file (``hotpot_dev_distractor_v1.json``: a list of ``{question, answer, context:
+    [[title, [sentences]], ...]}``), as RULER reads ``hotpotqa.json``."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows = [{"question": r["question"], "answer": r["answer"],
+             "context": {"title": [t for t, _ in r["context"]], "sentences": [s for _, s in r["context"]]}}
+            for r in data]
+    return hotpotqa_from_rows(rows)
+
+
 QA_LOADERS: dict[str, tuple[str, Callable[[], tuple[list[dict], list[str]]]]] = {
     "squad": ("SQuAD v2 (rajpurkar/squad_v2)", load_squad),
     "hotpotqa": ("HotpotQA (hotpotqa/hotpot_qa)", load_hotpotqa),
+}
+#: ``--qa-dir`` files, named as RULER names them, and their readers.
+QA_FILES: dict[str, tuple[str, Callable[[str], tuple[list[dict], list[str]]]]] = {
+    "squad": ("squad.json", read_squad_json),
+    "hotpotqa": ("hotpotqa.json", read_hotpotqa_json),
 }
 
 
@@ -454,6 +498,21 @@ class RulerTask(Task):
         parser.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS),
                             metavar="TASK", help="RULER tasks to run (default: all 13): "
                                                  + ", ".join(RULER_TASKS))
+        parser.add_argument("--qa-dir", metavar="DIR",
+                            help="local QA data, as RULER names it: squad.json (SQuAD v2 dev) for qa_1 and "
+                                 "hotpotqa.json (HotpotQA dev, distractor) for qa_2 (default: the hub, via datasets)")
+
+    def check_arguments(self) -> None:
+        qa_dir = getattr(self.args, "qa_dir", None)
+        if qa_dir is None:
+            return
+        if not os.path.isdir(qa_dir):
+            raise EvalError(f"--qa-dir: {qa_dir} is not a directory")
+        for task in dict.fromkeys(self.args.tasks):
+            spec = RULER_TASKS[task]
+            if spec.kind == "qa" and not os.path.isfile(os.path.join(qa_dir, QA_FILES[spec.dataset][0])):
+                raise EvalError(f"--qa-dir: {task} needs {os.path.join(qa_dir, QA_FILES[spec.dataset][0])}, which "
+                                "does not exist")
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
@@ -461,6 +520,14 @@ class RulerTask(Task):
 
     def _qa_data(self, dataset: str) -> tuple[list[dict], list[str]] | str:
         """``(questions, documents)`` of a QA source, or why it could not be loaded."""
+        qa_dir = getattr(self.args, "qa_dir", None)
+        if dataset not in self._qa_cache and qa_dir is not None:
+            name, reader = QA_FILES[dataset]
+            try:
+                self._qa_cache[dataset] = reader(os.path.join(qa_dir, name))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise EvalError(f"--qa-dir: cannot read {os.path.join(qa_dir, name)}: {type(err).__name__}: "
+                                f"{err}") from err
         if dataset not in self._qa_cache:
             label, loader = QA_LOADERS[dataset]
             ok, reason = hub_reachable()

@@ -218,3 +218,49 @@ def test_ruler_qa_builds_documents_around_the_gold_paragraph(tokenizer, encoder,
 def test_ruler_too_short_length_names_the_task(tokenizer, encoder):
     with pytest.raises(EvalError, match=r"ruler niah_single_2: --lengths 100 is too short"):
         ruler_task("niah_single_2").build_samples(tokenizer, encoder, [100], 1, seed=0)
+
+
+def _write_qa_files(directory):
+    """Tiny SQuAD v2 and HotpotQA dev files in their official layouts (as RULER's squad.json/hotpotqa.json)."""
+    import json
+    squad = {"version": "v2.0", "data": [
+        {"title": "Rivers", "paragraphs": [
+            {"context": "The Zambezi flows into the Indian Ocean.", "qas": [
+                {"question": "Where does the Zambezi flow?", "id": "a", "is_impossible": False,
+                 "answers": [{"text": "the Indian Ocean", "answer_start": 20}, {"text": "Indian Ocean",
+                                                                                 "answer_start": 24}]},
+                {"question": "Who drained it?", "id": "b", "is_impossible": True, "answers": []}]},
+            {"context": "The Nile is long.", "qas": []}]},
+        {"title": "Mountains", "paragraphs": [{"context": "Kilimanjaro is tall.", "qas": []}]}]}
+    hotpot = [{"_id": "h1", "question": "Which river is longer, the Nile or the Zambezi?", "answer": "the Nile",
+               "type": "comparison", "level": "easy", "supporting_facts": [["Nile", 0]],
+               "context": [["Nile", ["The Nile is ", "6,650 km long."]], ["Zambezi", ["The Zambezi is 2,574 km."]]]}]
+    (directory / "squad.json").write_text(json.dumps(squad))
+    (directory / "hotpotqa.json").write_text(json.dumps(hotpot))
+
+
+def test_ruler_qa_reads_local_squad_and_hotpotqa_files(tokenizer, encoder, tmp_path, monkeypatch):
+    _write_qa_files(tmp_path)
+    monkeypatch.setattr(ruler, "hub_reachable", lambda: pytest.fail("--qa-dir must not touch the hub"))
+    task = ruler.RulerTask(argparse.Namespace(tasks=["qa_1", "qa_2"], qa_dir=str(tmp_path)))
+    task.check_arguments()
+    s1, s2 = task.build_samples(tokenizer, encoder, [512], 1, seed=0)
+    assert s1.answers == ["the Indian Ocean", "Indian Ocean"] and s1.metric == "string_match_part"
+    text1 = tokenizer.decode(s1.input_ids)
+    assert "Where does the Zambezi flow?" in text1 and "The Zambezi flows into the Indian Ocean." in text1
+    assert "The Nile is long." in text1  # the same article's paragraph comes first among the distractors
+    assert s2.answers == ["the Nile"]
+    text2 = tokenizer.decode(s2.input_ids)
+    assert "Nile\nThe Nile is 6,650 km long." in text2 and "Which river is longer" in text2
+    assert not task.notes
+
+
+def test_ruler_qa_dir_errors_name_the_file(tmp_path):
+    with pytest.raises(EvalError, match="--qa-dir: .* is not a directory"):
+        ruler.RulerTask(argparse.Namespace(tasks=["qa_1"], qa_dir=str(tmp_path / "nope"))).check_arguments()
+    with pytest.raises(EvalError, match="squad.json, which does not exist"):
+        ruler.RulerTask(argparse.Namespace(tasks=["qa_1"], qa_dir=str(tmp_path))).check_arguments()
+    ruler.RulerTask(argparse.Namespace(tasks=["niah_single_1"], qa_dir=str(tmp_path))).check_arguments()
+    (tmp_path / "squad.json").write_text("{not json")
+    with pytest.raises(EvalError, match="cannot read .*squad.json"):
+        ruler.RulerTask(argparse.Namespace(tasks=["qa_1"], qa_dir=str(tmp_path)))._qa_data("squad")
