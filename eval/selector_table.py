@@ -183,7 +183,7 @@ def plot(data: dict, path: str, dense: str = "dense") -> None:
     import matplotlib.pyplot as plt
 
     cfgs = data["configs"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.get_cmap("tab10")
     for i, selector in enumerate(SELECTORS):
         for top_p, style in ((None, "--"), (TOP_P, "-")):
@@ -200,7 +200,7 @@ def plot(data: dict, path: str, dense: str = "dense") -> None:
     ax.set_xlabel("mean attended tokens per head and decode step (log)")
     ax.set_ylabel("accuracy (%), mean over tasks and lengths")
     ax.set_title("Selectors alone (hollow, dashed) and with Twilight's top-p (filled)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
