@@ -713,3 +713,28 @@ def test_new_selectors_on_the_gpu_match_the_cpu(selector, backend):
         plan = pipe.plan(caches[0], scale=0.125)
         outs[device] = torch.stack([pipe.decode(i, q[i].to(device), c, 0.125, plan) for i, c in enumerate(caches)])
     assert torch.allclose(outs["cuda"].cpu(), outs["cpu"], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("selector", ["snapkv", "h2o"])
+def test_prompt_state_follows_a_batch_reorder(selector):
+    """Beam search reorders the batch (``LayerCache.select_batch``): the observations and the selector's own
+    state (snapkv's kept tokens, h2o's running scores) move with their sequences."""
+    g = torch.Generator().manual_seed(11)
+    cfg = SelectorConfig(type=selector, token_budget=40, observation_window=8)
+    caches, sels = [], []
+    for _ in range(2):
+        c = LayerCache(2, 1, 16)
+        c.append(torch.randn(2, 1, 200, 16, generator=g), torch.randn(2, 1, 200, 16, generator=g))
+        caches.append(c)
+        sels.append(make_selector(cfg))
+    caches[1].k.copy_(caches[0].k)
+    caches[1].v.copy_(caches[0].v)
+    q_prompt, q1, q2 = (torch.randn(2, 2, 200, 16, generator=g), torch.randn(2, 2, 16, generator=g),
+                        torch.randn(2, 2, 16, generator=g))
+    plan = StepPlan(200, host_reads=True, scale=0.25)
+    for c, s in zip(caches, sels, strict=True):
+        s.observe(q_prompt, c, 0.25)
+        s(q1, c, plan)  # builds the selector state
+    caches[1].select_batch(torch.tensor([1, 0]))
+    a, b = sels[0](q2, caches[0], plan).to_mask(200), sels[1](q2.flip(0), caches[1], plan).to_mask(200)
+    assert torch.equal(a.flip(0), b)

@@ -154,7 +154,8 @@ class LayerCache:
         _check_label_bits(label_bits)
         self.label_bits = label_bits if self.label_channels is not None else None
         #: What a selector observed in multi-token (prefill) forwards, by name: snapkv's last queries, h2o's
-        #: accumulated attention. Tensors are ``[B, ...]``; ``fork`` copies them into another config's cache.
+        #: accumulated attention. Tensors are ``[B, ...]``; ``twilight.integrations.hf.fork_cache`` copies them into
+        #: another config's cache.
         self.observations: dict[str, object] = {}
         #: A selector's own running state (h2o's scores, snapkv's kept tokens), by name; cleared by new observations.
         self.selector_state: dict[object, object] = {}
@@ -225,10 +226,16 @@ class LayerCache:
         for name in ("k", "v", "k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).index_select(0, index))
+        def rows(value):  # a [B, ...] tensor, or a tuple of them (snapkv's kept tokens and their validity)
+            if isinstance(value, tuple):
+                return tuple(rows(v) for v in value)
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.batch:
+                return value.index_select(0, index.to(value.device))
+            return value
+
         for state in (self.observations, self.selector_state):
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.batch:
-                    state[key] = value.index_select(0, index.to(value.device))
+                state[key] = rows(value)
         self.start = self.start.index_select(0, index)
         self.min_start, self.max_start = int(self.start.min()), int(self.start.max())
         self.batch = index.numel()
