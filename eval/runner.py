@@ -75,11 +75,6 @@ class TwilightBackend:
         import twilight
         return jsonable(twilight.budget_stats(model).as_dict())
 
-    def observation_key(self, cfg):
-        """Configs with equal keys can decode from one prefilled cache (``twilight.select.observation_key``)."""
-        from twilight.select import observation_key
-        return observation_key(cfg)
-
     def prefill(self, model, input_ids, configs=()):
         """``modeling.Prefill`` of ``input_ids`` under the config ``model`` is patched with, observed for every
         config of ``configs`` too (``modeling.prefill``)."""
