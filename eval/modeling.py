@@ -122,6 +122,24 @@ def generate_greedy(model, tokenizer, input_ids: list[int], max_new_tokens: int,
     return Generation(tokenizer.decode(new, skip_special_tokens=True), new)
 
 
+#: Generation settings that change a greedy first token, with their neutral values: ``continue_greedy`` takes the
+#: first token as the argmax of the prefill's logits, which equals ``generate()``'s only when all are neutral.
+_GREEDY_NEUTRAL = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+                   "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+                   "sequence_bias": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+                   "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0),
+                   "watermarking_config": (None,)}
+
+
+def prefill_sharing_blocker(model) -> str | None:
+    """Why decoding from a shared prefill would not reproduce ``generate_greedy`` on ``model`` (``None``: it does):
+    the model's generation config sets a logits processor that acts on the first generated token."""
+    gc = getattr(model, "generation_config", None)
+    found = [f"{k}={getattr(gc, k)!r}" for k, neutral in _GREEDY_NEUTRAL.items()
+             if getattr(gc, k, None) not in neutral]
+    return ", ".join(found) or None
+
+
 @dataclass
 class Prefill:
     """A prompt run once through a patched model: its ``TwilightCache`` and the logits of its last token."""

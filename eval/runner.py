@@ -81,6 +81,11 @@ class TwilightBackend:
         from .modeling import prefill
         return prefill(model, input_ids, configs)
 
+    def prefill_blocker(self, model) -> str | None:
+        """Why one prefill per sample would change this model's tokens (``modeling.prefill_sharing_blocker``)."""
+        from .modeling import prefill_sharing_blocker
+        return prefill_sharing_blocker(model)
+
     def fork(self, model, pre):
         """``pre`` with a copy of its cache for the config ``model`` is patched with now."""
         from twilight.integrations.hf import fork_cache
@@ -295,8 +300,13 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
         evaluated += 1
         bar.update(1)
 
+    blocker = backend.prefill_blocker(model) if share_prefill and task.generates else None
+    if blocker:  # exact results first: every config runs its own prefill, and the user is told why
+        task.notes.append(f"{task.name}: each config prefills every prompt itself: the model's generation config "
+                          f"sets {blocker}, which a shared prefill's first token would not apply")
+        tqdm.write(task.notes[-1], file=sys.stderr)
     try:
-        if share_prefill and task.generates:
+        if share_prefill and task.generates and not blocker:
             for sample in mine:
                 pending = [(name, cfg) for name, cfg, todo_samples in todo if sample in todo_samples]
                 if not pending:

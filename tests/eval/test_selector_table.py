@@ -105,3 +105,30 @@ def test_selector_table_end_to_end(twilight_lib, tiny_model_dir, tmp_path):
     assert selector_table.main(args) == 0  # resumes: nothing is evaluated again
     assert [json.loads(line) for run in ("ruler", "passkey")
             for line in (out / run / "samples.jsonl").open()] == records
+
+
+def test_a_generation_config_that_acts_on_the_first_token_turns_sharing_off(twilight_lib, tiny_model_dir, tmp_path):
+    """A repetition penalty changes generate()'s first token, which a shared prefill's argmax would not: every
+    config then prefills for itself, the summary says why, and the tokens are generate()'s."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from twilight_eval.modeling import prefill_sharing_blocker
+
+    model_dir = tmp_path / "penalised"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = GenerationConfig.from_pretrained(model_dir)
+    config.repetition_penalty = 1.3
+    config.save_pretrained(model_dir)
+    assert prefill_sharing_blocker(type("M", (), {"generation_config": config})()) == "repetition_penalty=1.3"
+    assert prefill_sharing_blocker(type("M", (), {"generation_config": GenerationConfig()})()) is None
+    base = ["passkey", "--model", str(model_dir), "--configs", "quest-twilight", "--lengths", "256", "--depths", "50",
+            "--samples", "1", "--max-new-tokens", "6", "--no-progress", "--no-plots"]
+    assert eval_main(base + ["--out", str(tmp_path / "default")]) == 0
+    assert eval_main(base + ["--out", str(tmp_path / "own"), "--no-share-prefill"]) == 0
+    default, own = _records(tmp_path / "default" / "samples.jsonl"), _records(tmp_path / "own" / "samples.jsonl")
+    assert all("prefill_seconds" not in r for r in default.values())
+    assert {k: r["prediction"] for k, r in default.items()} == {k: r["prediction"] for k, r in own.items()}
+    notes = json.loads((tmp_path / "default" / "summary.json").read_text())["notes"]
+    assert any("repetition_penalty=1.3" in n for n in notes)
