@@ -220,10 +220,8 @@ def append_record(path: str, record: dict) -> None:
 
 
 def merge_shards(out_dir: str) -> list[dict]:
-    """Fold the per-rank shards into ``samples.jsonl`` (one line per key, latest wins)."""
-    merged: dict[tuple, dict] = {}
-    for record in read_records(out_dir):
-        merged[record_key(record)] = record
+    """Fold the per-rank shards into ``samples.jsonl`` (one line per key: ``latest_records``)."""
+    merged = latest_records(read_records(out_dir))
     target = os.path.join(out_dir, RESULTS_FILE)
     tmp = target + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -336,21 +334,26 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
     return evaluated
 
 
-def failed_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
-    """This run's (sample, config) pairs whose latest record is a failure."""
-    wanted = {(s.id, name, s.fingerprint) for name in config_names for s in samples}
+def latest_records(records: Iterable[dict]) -> dict[tuple, dict]:
+    """The latest record of each key, except that a success is never replaced by a later failure."""
     latest: dict[tuple, dict] = {}
     for record in records:
-        if record_key(record) in wanted and not (failed(record) and record_key(record) in latest):
+        if not (failed(record) and record_key(record) in latest):
             latest[record_key(record)] = record
-    return [r for r in latest.values() if failed(r)]
+    return latest
+
+
+def _run_keys(samples: Sequence[Sample], config_names: Sequence[str]) -> list[tuple[str, str, str]]:
+    return [(s.id, name, s.fingerprint) for name in config_names for s in samples]  # config, then sample order
+
+
+def failed_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
+    """This run's (sample, config) pairs whose latest record is a failure."""
+    latest = latest_records(records)
+    return [latest[k] for k in _run_keys(samples, config_names) if k in latest and failed(latest[k])]
 
 
 def select_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
     """The records of exactly this run's samples and configs (older runs in the same --out are ignored)."""
-    wanted = [(s.id, name, s.fingerprint) for name in config_names for s in samples]
-    latest: dict[tuple, dict] = {}
-    for record in records:  # a success is never replaced by a later failure of the same key
-        if not (failed(record) and record_key(record) in latest):
-            latest[record_key(record)] = record
-    return [latest[key] for key in wanted if key in latest and not failed(latest[key])]  # config, sample order
+    latest = latest_records(records)
+    return [latest[k] for k in _run_keys(samples, config_names) if k in latest and not failed(latest[k])]
