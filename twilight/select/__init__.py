@@ -158,8 +158,8 @@ class _SparQ:
         channels = qg.abs().topk(self.r, dim=-1).indices  # [B, Hkv, G, r]: each query head's own channels
         q_r = qg.gather(-1, channels)
         L = cache.length
-        k_r = cache.keys().float().unsqueeze(2).expand(B, H, G, L, D).gather(
-            -1, channels.unsqueeze(3).expand(B, H, G, L, self.r))  # [B, Hkv, G, L, r]
+        k_r = cache.keys().unsqueeze(2).expand(B, H, G, L, D).gather(
+            -1, channels.unsqueeze(3).expand(B, H, G, L, self.r)).float()  # [B, Hkv, G, L, r]: r channels, then f32
         scores = torch.einsum("bhgr,bhglr->bhgl", q_r, k_r).amax(2) * D ** -0.5
         return _topk_tokens(_masked(scores, cache), cache, self.budget, plan)
 

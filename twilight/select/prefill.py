@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from twilight._tensors import compact, group_queries, valid_positions
+from twilight._tensors import compact, gather_tokens, group_queries, valid_positions
 from twilight.cache import LayerCache
 from twilight.config import SelectorConfig
+from twilight.select import _width
 from twilight.selection import Selection
 
 __all__ = ["SnapKV", "H2O", "prompt_attention"]
@@ -128,8 +129,7 @@ class SnapKV:
         generated = torch.arange(P, L, device=cache.device).expand(B, H, L - P)
         indices = torch.cat([keep.to(torch.int64), generated], -1)
         keep_mask = torch.cat([valid, torch.ones_like(generated, dtype=torch.bool)], -1)
-        host_reads = plan is None or plan.host_reads
-        out, counts = compact(indices, keep_mask, width=None if host_reads else indices.shape[-1])
+        out, counts = compact(indices, keep_mask, width=_width(plan, indices.shape[-1]))
         return Selection(out, counts)
 
 
@@ -190,7 +190,6 @@ class H2O:
         scale = plan.scale if plan is not None and plan.scale is not None else \
             cache.observations.get("scale", q.shape[-1] ** -0.5)
         B, H, L = cache.batch, cache.num_kv_heads, cache.length
-        host_reads = plan is None or plan.host_reads
         if L - cache.min_start <= self.budget:
             indices = torch.arange(L, device=cache.device).expand(B, H, L)
             keep = valid_positions(cache, indices)
@@ -203,11 +202,11 @@ class H2O:
             heavy = scores.topk(self.budget - self.recent, dim=-1, sorted=False)
             indices = torch.cat([heavy.indices, recent], -1)
             keep = torch.cat([heavy.values > float("-inf"), valid_positions(cache, recent)], -1)
-        out, counts = compact(indices, keep, width=None if host_reads else indices.shape[-1])
+        out, counts = compact(indices, keep, width=_width(plan, indices.shape[-1]))
         sel = Selection(out, counts)
         # H2O's accumulation: this step's attention over the selected tokens (its retained cache)
         idx = out.long()
-        k = cache.keys().float().gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, cache.head_dim))  # [B, Hkv, K, D]
+        k = gather_tokens(cache.k, out).float()  # [B, Hkv, K, D]: only the selected keys, then float32
         logits = torch.einsum("bhgd,bhkd->bhgk", qg, k) * scale
         logits = logits.masked_fill(~sel.valid().unsqueeze(2), float("-inf"))
         weights = torch.softmax(logits, -1).nan_to_num_(0.0).sum(2)  # [B, Hkv, K]
