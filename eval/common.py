@@ -39,6 +39,11 @@ class Sample:
             ppl, may use their own).
         group: the row label in the results table (defaults to ``task``).
         meta: everything else worth recording (needle depth and token offsets, context tokens...).
+        question_start: index in ``input_ids`` of the first token after the context (the question, the rest of
+            the template, the answer prefix). Under the ``decode-question`` protocol (``--protocol``, as Quest and
+            Twilight evaluated LongBench and RULER) the prompt is prefilled up to here and the remaining tokens go
+            through decode steps one by one, so sparse attention reads the question too. ``None``: the whole
+            prompt is prefilled (``dense-prefill``, or a task without a context/question split).
     """
 
     id: str
@@ -50,10 +55,25 @@ class Sample:
     metric: str
     group: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    question_start: int | None = None
 
     def __post_init__(self) -> None:
         if not self.group:
             self.group = self.task
+        if self.question_start is not None and not 1 <= self.question_start <= len(self.input_ids):
+            raise ValueError(f"sample {self.id}: question_start {self.question_start} outside [1, "
+                             f"{len(self.input_ids)}] (the prompt's length)")
+
+    @property
+    def protocol(self) -> str:
+        """``"decode-question"`` when the tokens from ``question_start`` on are decoded one by one, else
+        ``"dense-prefill"``."""
+        return "dense-prefill" if self.question_start is None else "decode-question"
+
+    @property
+    def question_tokens(self) -> int:
+        """Prompt tokens that go through decode steps (0 under ``dense-prefill``)."""
+        return 0 if self.question_start is None else len(self.input_ids) - self.question_start
 
     @property
     def input_tokens(self) -> int:
@@ -62,7 +82,10 @@ class Sample:
     @property
     def fingerprint(self) -> str:
         """Hash of what the model sees and is scored against; a changed sample is never resumed."""
-        payload = json.dumps([self.input_ids, self.answers, self.max_new_tokens, self.metric])
+        parts: list = [self.input_ids, self.answers, self.max_new_tokens, self.metric]
+        if self.question_start is not None:   # dense-prefill keeps the fingerprints of runs before --protocol
+            parts.append({"question_start": self.question_start})
+        payload = json.dumps(parts)
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 

@@ -95,7 +95,8 @@ class PasskeyTask(Task):
                     samples.append(Sample(
                         id=f"passkey/L{length}/d{depth}/s{index}", task=self.name, length=length,
                         input_ids=ids, answers=[key], max_new_tokens=MAX_NEW_TOKENS,
-                        metric="string_match_all", group=f"depth {depth}%", meta=meta))
+                        metric="string_match_all", group=f"depth {depth}%", meta=meta,
+                        question_start=meta["context_end"]))
         if not samples:
             raise EvalError("passkey: no samples to evaluate")
         return samples

@@ -604,7 +604,8 @@ class RulerTask(Task):
             if len(needles) == 1:
                 meta["depth"] = needles[0]["depth"]
         return Sample(id=f"{task}/L{length}/s{index}", task=task, length=length, input_ids=ids,
-                      answers=list(built.answers), max_new_tokens=max_new, metric=spec.metric, meta=meta)
+                      answers=list(built.answers), max_new_tokens=max_new, metric=spec.metric, meta=meta,
+                      question_start=meta.get("context_end"))
 
     def postprocess(self, sample: Sample, text: str) -> str:
         return _postprocess(text)
