@@ -39,6 +39,24 @@ def test_as_dict_by_hand():
     assert d["per_head"][2] is None
 
 
+def test_folds_inside_and_outside_inference_mode():
+    """Steps recorded under ``torch.inference_mode`` (a fold every 64 steps) and read outside it, then more steps
+    recorded and read normally: the means are those of every step (no in-place update on an inference tensor)."""
+    s = BudgetStats(num_layers=1, num_q_heads=2, num_kv_heads=1)
+    counts = [[i % 7 + 1, i % 5 + 1] for i in range(150)]
+    with torch.inference_mode():
+        for c in counts[:100]:
+            s.record(0, T([c]), T([[max(c)]]), T([200]), dense=False)
+    first = s.as_dict()
+    for c in counts[100:]:
+        s.record(0, T([c]), T([[max(c)]]), T([200]), dense=False)
+    d = s.as_dict()
+    assert first["decode_steps"] == 100 and d["decode_steps"] == 150
+    assert first["mean_attended_tokens"] == pytest.approx(sum(map(sum, counts[:100])) / 200)
+    assert d["mean_attended_tokens"] == pytest.approx(sum(map(sum, counts)) / 300)
+    assert d["min_attended_tokens"] == 1 and d["max_attended_tokens"] == 7
+
+
 def test_only_dense_layers():
     s = BudgetStats(2, 2, 1)
     s.record(0, T([[7, 7]]), T([[7]]), T([7]), dense=True)

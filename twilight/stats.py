@@ -68,12 +68,12 @@ class BudgetStats:
             self._q_max[layer] = q.amax(0)
             self._ctx_sum[layer] = ctx.sum()
             self._rows[layer] = q.shape[0]
-        else:
-            self._q_sum[layer] += q.sum(0)
-            self._kv_sum[layer] += kv.flatten(0, 1).sum(0)
-            torch.minimum(self._q_min[layer], q.amin(0), out=self._q_min[layer])
-            torch.maximum(self._q_max[layer], q.amax(0), out=self._q_max[layer])
-            self._ctx_sum[layer] += ctx.sum()
+        else:  # out of place: the sums may be inference tensors folded into outside inference mode, or vice versa
+            self._q_sum[layer] = self._q_sum[layer] + q.sum(0)
+            self._kv_sum[layer] = self._kv_sum[layer] + kv.flatten(0, 1).sum(0)
+            self._q_min[layer] = torch.minimum(self._q_min[layer], q.amin(0))
+            self._q_max[layer] = torch.maximum(self._q_max[layer], q.amax(0))
+            self._ctx_sum[layer] = self._ctx_sum[layer] + ctx.sum()
             self._rows[layer] += q.shape[0]
 
     def _fold_all(self) -> None:
