@@ -22,6 +22,8 @@ from .tasks import TASKS, Task
 
 PRESET_NAMES = tuple(PRESETS)
 BASELINE = "dense"
+DECODE_QUESTION, DENSE_PREFILL = "decode-question", "dense-prefill"
+PROTOCOLS = (DECODE_QUESTION, DENSE_PREFILL)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> None:
@@ -44,6 +46,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> N
         parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                             help="cap on generated tokens per sample (default: the benchmark's own budget, "
                                  "e.g. 128 for RULER's NIAH); shorter is much faster on a CPU")
+        parser.add_argument("--protocol", default=DECODE_QUESTION, choices=PROTOCOLS,
+                            help=f"'{DECODE_QUESTION}' (default, as Quest and Twilight evaluated LongBench and "
+                                 "RULER): prefill the context, then run the question (the prompt after the context) "
+                                 "through decode steps one token at a time, so sparse attention reads it too; "
+                                 "'dense-prefill': prefill the whole prompt, only the answer is decoded sparsely")
         parser.add_argument("--no-share-prefill", dest="share_prefill", action="store_false",
                             help="run every prompt once per config (default: once per sample, then each config "
                                  "decodes from a copy of its cache: the same tokens, much faster)")
@@ -156,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "max_new_tokens", None):
         for sample in samples:
             sample.max_new_tokens = min(sample.max_new_tokens, args.max_new_tokens)
+    protocol = apply_protocol(task, samples, getattr(args, "protocol", None))
     if dist.is_main:
         for note in task.notes:
             _log(note)
@@ -186,10 +194,11 @@ def _run(args: argparse.Namespace) -> int:
                           f"{errors[0]['id']}: {errors[0]['error']}")
         _log(task.notes[-1])
     records = runner.select_records(records, samples, names)
-    info = {"model": args.model, "seed": args.seed, "samples_per_cell": args.samples or task.default_samples
-            or "all", "device": str(device), "dtype": args.dtype, "chat_template": encoder.chat,
-            "processes": dist.world, "python": platform.python_version(),
-            "command": " ".join(sys.argv), "seconds": round(time.time() - started, 1),
+    info = {"model": args.model, "protocol": protocol, "seed": args.seed,
+            "samples_per_cell": args.samples or task.default_samples or "all", "device": str(device),
+            "dtype": args.dtype, "chat_template": encoder.chat, "processes": dist.world,
+            "python": platform.python_version(), "command": " ".join(sys.argv),
+            "seconds": round(time.time() - started, 1),
             "options": {k: v for k, v in vars(args).items()
                         if k not in ("func", "task_cls", "prog") and _is_json(v)}}
     summary = report.summarize(task, records, names, lengths, info)
@@ -198,6 +207,27 @@ def _run(args: argparse.Namespace) -> int:
     _log(f"results: {os.path.join(out_dir, runner.RESULTS_FILE)}, "
          + ", ".join(paths.values()) + f" ({time.time() - started:.0f} s)")
     return 0
+
+
+def apply_protocol(task: Task, samples, protocol: str | None) -> str | None:
+    """Set every sample up for ``--protocol`` and return what the summary records.
+
+    ``dense-prefill`` clears each sample's ``question_start``; under ``decode-question`` a sample without a
+    context/question split (``question_start`` is ``None``) is prefilled whole, and a note says how many.
+    ``None`` for tasks that do not generate (ppl: every scored token is a decode step anyway).
+    """
+    if protocol is None:
+        return None
+    if protocol == DENSE_PREFILL:
+        for sample in samples:
+            sample.question_start = None
+        return protocol
+    whole = [s for s in samples if s.question_start is None]
+    if whole:
+        task.notes.append(f"--protocol {DECODE_QUESTION}: {len(whole)} of {len(samples)} sample(s) have no "
+                          f"context/question split and are prefilled whole (e.g. {whole[0].id}); their records say "
+                          f"protocol {DENSE_PREFILL!r}")
+    return protocol
 
 
 def _is_json(value) -> bool:

@@ -60,15 +60,20 @@ class Sample:
     def __post_init__(self) -> None:
         if not self.group:
             self.group = self.task
-        if self.question_start is not None and not 1 <= self.question_start <= len(self.input_ids):
+        if self.question_start is not None and not 1 <= self.question_start < len(self.input_ids):
             raise ValueError(f"sample {self.id}: question_start {self.question_start} outside [1, "
-                             f"{len(self.input_ids)}] (the prompt's length)")
+                             f"{len(self.input_ids) - 1}] (context and question need a token each)")
 
     @property
     def protocol(self) -> str:
         """``"decode-question"`` when the tokens from ``question_start`` on are decoded one by one, else
         ``"dense-prefill"``."""
         return "dense-prefill" if self.question_start is None else "decode-question"
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """The tokens prefilled in one forward: the whole prompt, or the context under ``decode-question``."""
+        return self.input_ids if self.question_start is None else self.input_ids[:self.question_start]
 
     @property
     def question_tokens(self) -> int:

@@ -96,13 +96,15 @@ def _greedy_kwargs(tokenizer) -> dict:
 
 
 def generate_greedy(model, tokenizer, input_ids: list[int], max_new_tokens: int,
-                    extra_eos_ids: list[int] | None = None) -> Generation:
+                    extra_eos_ids: list[int] | None = None, cache=None) -> Generation:
     """Greedy decoding of one prompt; stops at the end-of-turn token or ``extra_eos_ids``.
 
     Args:
         input_ids: the prompt, ``[T]`` token ids.
         max_new_tokens: generation budget.
         extra_eos_ids: more tokens that end generation (e.g. the newline), never as the first token.
+        cache: a ``TwilightCache`` already holding the first ``T - 1`` prompt tokens (``generate()`` then runs the
+            last one as a decode step); ``None``: a fresh cache, the prompt is prefilled.
     Returns:
         the decoded continuation (special tokens skipped) and its token ids.
     """
@@ -116,6 +118,9 @@ def generate_greedy(model, tokenizer, input_ids: list[int], max_new_tokens: int,
         eos += [t for t in extra_eos_ids if t not in eos]
         kwargs["min_new_tokens"] = 1
     kwargs["eos_token_id"] = eos or None
+    if cache is not None:
+        from twilight.integrations.hf import compat
+        kwargs[compat.cache_parameter(type(model).forward, type(model).__name__)] = cache
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     new = out[0, ids.shape[1]:].tolist()
@@ -178,6 +183,66 @@ def prefill(model, input_ids: list[int], configs=()) -> Prefill:
     finally:
         pipe.co_observers = []
     return Prefill(list(input_ids), cache, out.logits[0, -1].float())
+
+
+def decode_tokens(model, pre: Prefill, tokens: list[int]) -> Prefill:
+    """Append ``tokens`` to a prefilled prompt one decode step each (the ``decode-question`` protocol).
+
+    Each token is a single-token forward through ``pre.cache``, so a patched model attends over the prompt with
+    its sparse decode path for every one of them, exactly as for a generated token. (Twilight's pipeline decodes
+    single-token queries; a multi-token forward would be a dense prefill.)
+
+    Args:
+        pre: the prefilled context; its cache is extended in place (and returned in the result).
+        tokens: the prompt tokens after the context (question, template tail, answer prefix).
+    Returns:
+        ``Prefill`` of ``pre.input_ids + tokens`` whose ``last_logits`` come from the last decode step
+        (``pre`` itself when ``tokens`` is empty).
+    """
+    import torch
+
+    from twilight.integrations.hf import compat
+
+    if not tokens:
+        return pre
+    device = next(model.parameters()).device
+    name = compat.cache_parameter(type(model).forward, type(model).__name__)
+    ids = list(pre.input_ids)
+    with torch.inference_mode():
+        for token in tokens:
+            ids.append(int(token))
+            out = model(input_ids=torch.tensor([[token]], dtype=torch.long, device=device),
+                        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                        use_cache=True, logits_to_keep=1, **{name: pre.cache})
+    return Prefill(ids, pre.cache, out.logits[0, -1].float(), pre.seconds)
+
+
+def generate_sample(model, tokenizer, input_ids: list[int], question_start: int | None, max_new_tokens: int,
+                    extra_eos_ids: list[int] | None = None) -> Generation:
+    """Greedy decoding of one prompt under its protocol: ``generate_greedy`` when ``question_start`` is ``None``
+    (``dense-prefill``); else the context ``input_ids[:question_start]`` is prefilled and every later prompt token
+    goes through a decode step (``decode-question``: ``generate_question``)."""
+    if question_start is None:
+        return generate_greedy(model, tokenizer, input_ids, max_new_tokens, extra_eos_ids)
+    return generate_question(model, tokenizer, prefill(model, input_ids[:question_start]), input_ids,
+                             max_new_tokens, extra_eos_ids)
+
+
+def generate_question(model, tokenizer, pre: Prefill, input_ids: list[int], max_new_tokens: int,
+                      extra_eos_ids: list[int] | None = None) -> Generation:
+    """The ``decode-question`` protocol from a prefilled context: the prompt tokens after ``pre`` go through decode
+    steps one by one, the last of them as ``generate()``'s first step, so its logits processors act on the first
+    answer token as in ``generate_greedy``.
+
+    Args:
+        pre: a prefill of a proper prefix of ``input_ids`` for the config ``model`` is patched with (consumed).
+        input_ids: the whole prompt.
+    """
+    if not 0 < len(pre.input_ids) < len(input_ids) or list(input_ids[:len(pre.input_ids)]) != pre.input_ids:
+        raise ValueError(f"generate_question: the prefill ({len(pre.input_ids)} tokens) must be a proper prefix of "
+                         f"the prompt ({len(input_ids)} tokens)")
+    pre = decode_tokens(model, pre, list(input_ids[len(pre.input_ids):-1]))
+    return generate_greedy(model, tokenizer, input_ids, max_new_tokens, extra_eos_ids, cache=pre.cache)
 
 
 def continue_greedy(model, tokenizer, pre: Prefill, max_new_tokens: int,

@@ -42,6 +42,8 @@ def budget_summary(records: Sequence[dict]) -> dict:
     budgets = [r.get("budget") or {} for r in records]
     out = {key: _round(_mean([b.get(key) for b in budgets]), 4)
            for key in ("mean_attended_tokens", "mean_context_tokens", "attended_fraction")}
+    out["decode_steps"] = _round(_mean([b.get("decode_steps") for b in budgets]), 1)
+    out["question_tokens"] = _round(_mean([r.get("question_tokens") for r in records]), 1)
     layers = [[_layer_value(x) for x in b.get("per_layer") or []] for b in budgets]
     layers = [ls for ls in layers if ls and all(v is not None for v in ls)]
     if layers and len({len(ls) for ls in layers}) == 1:
@@ -149,7 +151,9 @@ def markdown(summary: dict) -> str:
     configs, digits = summary["configs"], 2 if summary["task"] == "ppl" else 1
     lines = [f"## twilight eval {summary['task']}: {summary['score']}"
              + (" (lower is better)" if not summary["higher_is_better"] else ""), "",
-             f"model `{summary.get('model')}`, seed {summary.get('seed')}, "
+             f"model `{summary.get('model')}`, "
+             + (f"protocol `{summary['protocol']}`, " if summary.get("protocol") else "")
+             + f"seed {summary.get('seed')}, "
              f"{summary.get('samples_per_cell')} sample(s) per cell, lengths in tokens", ""]
     lines += ["| group | length | " + " | ".join(configs) + " |",
               "| --- | ---: | " + " | ".join("---:" for _ in configs) + " |"]
@@ -181,11 +185,13 @@ def markdown(summary: dict) -> str:
                 f"{cells[L]['delta']:+.1f} [{cells[L]['low']:+.1f}, {cells[L]['high']:+.1f}]" if L in cells else "–"
                 for L in cols) + " |")
     lines += ["", "Decode-step attention budget (mean per sample):", "",
-              "| config | attended tokens | context tokens | attended fraction |", "| --- | ---: | ---: | ---: |"]
+              "| config | attended tokens | context tokens | attended fraction | decode steps (question) |",
+              "| --- | ---: | ---: | ---: | ---: |"]
     for c in configs:
         b = summary["budget"][c]
         lines.append(f"| {c} | {_fmt(b.get('mean_attended_tokens'))} | {_fmt(b.get('mean_context_tokens'))} | "
-                     f"{_fmt(b.get('attended_fraction'), 3)} |")
+                     f"{_fmt(b.get('attended_fraction'), 3)} | {_fmt(b.get('decode_steps'))} "
+                     f"({_fmt(b.get('question_tokens'))}) |")
     for note in summary.get("notes", []):
         lines += ["", f"> {note}"]
     return "\n".join(lines) + "\n"

@@ -288,7 +288,8 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
         record = {
             "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
             "task": sample.task, "group": sample.group, "length": sample.length,
-            "input_tokens": sample.input_tokens, "max_new_tokens": sample.max_new_tokens,
+            "input_tokens": sample.input_tokens, "protocol": sample.protocol,
+            "question_tokens": sample.question_tokens, "max_new_tokens": sample.max_new_tokens,
             "metric": sample.metric, "answers": sample.answers, **result,
             "budget": backend.read_stats(model), "seconds": round(seconds, 3), "process": dist.rank,
             "meta": jsonable(sample.meta)}
@@ -298,7 +299,10 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
         evaluated += 1
         bar.update(1)
 
-    blocker = backend.prefill_blocker(model) if share_prefill and task.generates else None
+    # Only a dense-prefill sample takes its first token from the prefill's logits (decode-question ones from
+    # generate()), so only those are affected by a generation config acting on the first token.
+    blocker = (backend.prefill_blocker(model) if share_prefill and task.generates
+               and any(s.question_start is None for s in mine) else None)
     if blocker:  # exact results first: every config runs its own prefill, and the user is told why
         task.notes.append(f"{task.name}: each config prefills every prompt itself: the model's generation config "
                           f"sets {blocker}, which a shared prefill's first token would not apply")
@@ -313,7 +317,7 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
                 patched = True
                 bar.set_postfix_str(f"prefill {sample.id}", refresh=True)
                 start = time.perf_counter()
-                pre = backend.prefill(model, sample.input_ids, [cfg for _, cfg in pending])
+                pre = backend.prefill(model, sample.prefill_ids, [cfg for _, cfg in pending])
                 pre.seconds = time.perf_counter() - start
                 for i, (name, cfg) in enumerate(pending):
                     if i:

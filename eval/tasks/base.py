@@ -57,20 +57,25 @@ class Task:
         return []
 
     def evaluate(self, model, tokenizer, sample: Sample) -> dict:
-        """Greedy-decode ``sample`` and score it; returns the fields of the result record."""
-        from ..modeling import generate_greedy
+        """Greedy-decode ``sample`` under its protocol (``Sample.question_start``) and score it; returns the fields
+        of the result record."""
+        from ..modeling import generate_sample
 
-        out = generate_greedy(model, tokenizer, sample.input_ids, sample.max_new_tokens,
+        out = generate_sample(model, tokenizer, sample.input_ids, sample.question_start, sample.max_new_tokens,
                               extra_eos_ids=self.extra_eos_ids(sample, tokenizer))
         return self.score_generation(sample, out)
 
     def evaluate_prefilled(self, model, tokenizer, sample: Sample, pre) -> dict:
-        """``evaluate`` from ``pre`` (``modeling.Prefill`` of ``sample``'s prompt, its cache forked for the config
-        ``model`` is patched with): the same result without running the prompt again (``generates`` tasks)."""
-        from ..modeling import continue_greedy
+        """``evaluate`` from ``pre`` (``modeling.Prefill`` of ``sample.prefill_ids``, its cache forked for the config
+        ``model`` is patched with): the same result without running the context again (``generates`` tasks). The
+        question tokens, if any, are decoded here, under this config."""
+        from ..modeling import continue_greedy, generate_question
 
-        out = continue_greedy(model, tokenizer, pre, sample.max_new_tokens,
-                              extra_eos_ids=self.extra_eos_ids(sample, tokenizer))
+        eos = self.extra_eos_ids(sample, tokenizer)
+        if sample.question_start is None:
+            out = continue_greedy(model, tokenizer, pre, sample.max_new_tokens, extra_eos_ids=eos)
+        else:
+            out = generate_question(model, tokenizer, pre, sample.input_ids, sample.max_new_tokens, extra_eos_ids=eos)
         return self.score_generation(sample, out)
 
     def score_generation(self, sample: Sample, out) -> dict:

@@ -9,7 +9,9 @@ Prompts, generation budgets, post-processing and metrics are LongBench's (the pr
 templates and budgets below are LongBench's ``dataset2prompt.json`` / ``dataset2maxlen.json``):
 the prompt is truncated in the middle to fit ``--lengths`` (default: the model's context),
 the chat template is applied except for the few-shot and code datasets, and the few-shot
-datasets keep only the first line of the answer. LongBench-E (``--longbench-e``) also reports
+datasets keep only the first line of the answer. Under ``--protocol decode-question`` (the default)
+the text after the context (``question_text``: the question and the template's closing
+instruction) goes through decode steps, as Quest's and Twilight's LongBench scripts feed it. LongBench-E (``--longbench-e``) also reports
 scores per length bucket (0-4k, 4-8k, 8k+ words of context).
 """
 from __future__ import annotations
@@ -84,6 +86,22 @@ def truncate_middle(tokenizer, prompt: str, max_tokens: int) -> str:
     half = max_tokens // 2
     return (tokenizer.decode(ids[:half], skip_special_tokens=True)
             + tokenizer.decode(ids[len(ids) - (max_tokens - half):], skip_special_tokens=True))
+
+
+def question_text(dataset: str, row: dict) -> str:
+    """The prompt after the context (the question, or the instruction that ends the template): the part the
+    ``decode-question`` protocol runs through decode steps, as Quest's and Twilight's LongBench scripts did."""
+    return PROMPTS[dataset].split("{context}", 1)[1].replace("{input}", row.get("input") or "")
+
+
+def question_token(encoder: PromptEncoder, prompt: str, question: str, chat: bool, num_tokens: int) -> int | None:
+    """Index of the token of ``encoder.encode(prompt)`` (``num_tokens`` long) where ``question`` (the text after the
+    context) starts; ``None`` when it is not in ``prompt`` whole (truncation cut into it) or nothing precedes it."""
+    char = prompt.rfind(question) if question else -1
+    if char <= 0:
+        return None
+    token = encoder.char_to_token(prompt, char, chat=chat)
+    return token if 1 <= token < num_tokens else None
 
 
 def load_longbench(name: str, data_dir: str | None, data_url: str = DEFAULT_DATA_URL):
@@ -179,12 +197,15 @@ class LongBenchTask(Task):
         answers = row["answers"] if isinstance(row["answers"], list) else [row["answers"]]
         meta = {"all_classes": list(row.get("all_classes") or []), "words": row.get("length"),
                 "row": index, "row_id": row.get("_id")}
+        question_start = question_token(encoder, text, question_text(dataset, row), chat, len(ids))
+        if question_start is None:
+            meta["no_question_split"] = "the middle truncation cut into the text after the context"
         group = dataset
         if self.args.longbench_e and row.get("length") is not None:
             meta["bucket"] = length_bucket(int(row["length"]))
         return Sample(id=f"{dataset}/{row.get('_id') or index}/L{length}", task=dataset, length=length,
                       input_ids=ids, answers=[str(a) for a in answers], max_new_tokens=max_new,
-                      metric=METRIC[dataset], group=group, meta=meta)
+                      metric=METRIC[dataset], group=group, meta=meta, question_start=question_start)
 
     def postprocess(self, sample: Sample, text: str) -> str:
         if sample.task in FIRST_LINE_ONLY:

@@ -33,7 +33,8 @@ def last_line(text):
 def test_unknown_task(capsys):
     status, _, err = run_cli(["eval", "mmlu"], capsys)
     assert status == 2
-    assert "argument TASK: invalid choice: 'mmlu' (choose from 'passkey', 'ruler', 'longbench', 'ppl')" in err
+    from twilight_eval.tasks import TASKS
+    assert "argument TASK: invalid choice: 'mmlu' (choose from " + ", ".join(f"'{t}'" for t in TASKS) + ")" in err
 
 
 @pytest.mark.parametrize("args, message", [

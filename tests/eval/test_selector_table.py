@@ -124,7 +124,7 @@ def test_a_generation_config_that_acts_on_the_first_token_turns_sharing_off(twil
     assert prefill_sharing_blocker(type("M", (), {"generation_config": config})()) == "repetition_penalty=1.3"
     assert prefill_sharing_blocker(type("M", (), {"generation_config": GenerationConfig()})()) is None
     base = ["passkey", "--model", str(model_dir), "--configs", "quest-twilight", "--lengths", "256", "--depths", "50",
-            "--samples", "1", "--max-new-tokens", "6", "--no-progress", "--no-plots"]
+            "--samples", "1", "--max-new-tokens", "6", "--no-progress", "--no-plots", "--protocol", "dense-prefill"]
     assert eval_main(base + ["--out", str(tmp_path / "default")]) == 0
     assert eval_main(base + ["--out", str(tmp_path / "own"), "--no-share-prefill"]) == 0
     default, own = _records(tmp_path / "default" / "samples.jsonl"), _records(tmp_path / "own" / "samples.jsonl")
@@ -132,3 +132,11 @@ def test_a_generation_config_that_acts_on_the_first_token_turns_sharing_off(twil
     assert {k: r["prediction"] for k, r in default.items()} == {k: r["prediction"] for k, r in own.items()}
     notes = json.loads((tmp_path / "default" / "summary.json").read_text())["notes"]
     assert any("repetition_penalty=1.3" in n for n in notes)
+    # decode-question: the first answer token comes from generate() (the question's last token is its first step),
+    # so the prefill stays shared and the tokens still equal separate runs.
+    question = base[:-1] + ["decode-question"]
+    assert eval_main(question + ["--out", str(tmp_path / "q-shared")]) == 0
+    assert eval_main(question + ["--out", str(tmp_path / "q-own"), "--no-share-prefill"]) == 0
+    shared, own = _records(tmp_path / "q-shared" / "samples.jsonl"), _records(tmp_path / "q-own" / "samples.jsonl")
+    assert all("prefill_seconds" in r and r["protocol"] == "decode-question" for r in shared.values())
+    assert {k: r["prediction"] for k, r in shared.items()} == {k: r["prediction"] for k, r in own.items()}
