@@ -6,9 +6,11 @@ example) and add it to ``TASKS`` below; the CLI picks it up as ``twilight eval <
 from ..ppl import PerplexityTask
 from .base import Task
 from .longbench import LongBenchTask
+from .longbench_v2 import LongBenchV2Task
 from .passkey import PasskeyTask
 from .ruler import RulerTask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (PasskeyTask, RulerTask, LongBenchTask, PerplexityTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (PasskeyTask, RulerTask, LongBenchTask, LongBenchV2Task,
+                                                    PerplexityTask)}
 
 __all__ = ["TASKS", "Task"]
