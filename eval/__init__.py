@@ -1,6 +1,6 @@
 """Twilight evaluation harnesses, installed as the package ``twilight_eval``.
 
-Reached through the console command ``twilight eval {passkey,ruler,longbench,ppl}``
+Reached through the console command ``twilight eval {passkey,ruler,longbench,longbench-v2,ppl}``
 (see ``eval/README.md``). Every harness compares several Twilight configurations
 against dense attention on the same, deterministically generated samples, writes
 per-sample JSONL, a summary JSON, a Markdown table and PNG plots, and resumes an
@@ -9,10 +9,11 @@ interrupted run without redoing finished samples.
 Layout:
 
 - ``common``   -- the :class:`Sample` record, prompt encoding, token-exact length fitting.
-- ``metrics``  -- RULER and LongBench metrics, implemented independently.
-- ``tasks/``   -- passkey, RULER (synthetic, generated locally) and LongBench.
+- ``metrics``  -- RULER's metrics and LongBench's (with its own scoring libraries).
+- ``tasks/``   -- passkey, RULER (synthetic, generated locally), LongBench and LongBench v2.
 - ``ppl``      -- perplexity where every scored token comes out of a decode step.
-- ``runner``   -- the shared loop: configs x samples, greedy decoding, resume, sharding.
+- ``modeling`` -- model loading, greedy decoding, the decode-question protocol, one prefill per sample.
+- ``runner``   -- the shared loop: configs x samples, resume, sharding.
 - ``report``   -- summary JSON, Markdown tables and plots.
 - ``cli``      -- the ``twilight eval`` argument parser.
 """

@@ -1,4 +1,4 @@
-"""``twilight eval {passkey,ruler,longbench,ppl}``: the argument parser and the run.
+"""``twilight eval {passkey,ruler,longbench,longbench-v2,ppl}``: the argument parser and the run.
 
 Also runnable as ``python -m twilight_eval <task> ...`` (handy under
 ``accelerate launch -m twilight_eval ...``). Bad input exits with status 2 and a one-line
@@ -41,7 +41,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> N
                         help=f"context lengths in the model's tokens, generation included (default: {lengths})")
     parser.add_argument("--samples", type=positive_int, metavar="N",
                         help="samples per cell: per task x length (x depth for passkey); for longbench, "
-                             f"rows per dataset (default: {task.default_samples or 'all'})")
+                             f"rows per dataset; for longbench-v2, rows (default: {task.default_samples or 'all'})")
     if task.generates:
         parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                             help="cap on generated tokens per sample (default: the benchmark's own budget, "

@@ -117,7 +117,7 @@ def summarize(task: Task, records: Sequence[dict], config_names: Sequence[str], 
             cell = [r for r in mine if L == "all" or r["length"] == L]
             if not cell:
                 continue
-            if task.higher_is_better:   # mean over groups, each group aggregated first
+            if task.higher_is_better and task.average_over_groups:   # mean over groups, each aggregated first
                 per_group = [task.aggregate([r for r in cell if r["group"] == g]) for g in groups
                              if any(r["group"] == g for r in cell)]
                 average[name][str(L)] = _round(_mean(per_group))
@@ -136,10 +136,18 @@ def summarize(task: Task, records: Sequence[dict], config_names: Sequence[str], 
                "notes": list(task.notes)}
     if buckets:
         summary["length_buckets"] = buckets
+        summary["length_buckets_title"] = task.buckets_title
     if task.higher_is_better and BASELINE in config_names:  # per-sample scores: paired with the baseline
         summary["vs_baseline"] = {"baseline": BASELINE, "confidence": 0.95, "resamples": BOOTSTRAP_RESAMPLES,
                                   "configs": paired_differences(records, config_names, lengths)}
     return summary
+
+
+def _bucket_order(name: str) -> tuple:
+    """Length buckets in their natural order: LongBench-E's by their lower bound, then short < medium < long."""
+    words = {"short": 0, "medium": 1, "long": 2}
+    digits = "".join(ch for ch in name.split("-")[0] if ch.isdigit())
+    return (words.get(name, 3), int(digits) if digits else 0, name)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -168,8 +176,8 @@ def markdown(summary: dict) -> str:
             if any(v is not None for v in row):
                 lines.append(f"| **average** | {L} | " + " | ".join(f"**{_fmt(v, digits)}**" for v in row) + " |")
     if summary.get("length_buckets"):
-        names = sorted({b for c in configs for b in summary["length_buckets"].get(c, {})})
-        lines += ["", "LongBench-E, by context length (words):", "",
+        names = sorted({b for c in configs for b in summary["length_buckets"].get(c, {})}, key=_bucket_order)
+        lines += ["", f"{summary.get('length_buckets_title', 'By length bucket')}:", "",
                   "| config | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
         for c in configs:
             lines.append(f"| {c} | " + " | ".join(_fmt(summary["length_buckets"].get(c, {}).get(b), digits)

@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", nargs="+", type=int, default=[25, 75], help="passkey depths (percent)")
     p.add_argument("--samples", type=int, default=1, help="samples per task x length (x depth)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--protocol", default="decode-question", choices=("decode-question", "dense-prefill"),
+                   help="twilight eval --protocol (the committed table predates it: dense-prefill)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -244,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             del model
     configs = write_configs(os.path.join(args.out, "configs"), args.selectors, args.budgets, args.top_p, channels)
     common = ["--model", model_id, "--configs", *configs, "--lengths", *map(str, args.lengths),
-              "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--no-plots"]
+              "--samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens), "--no-plots",
+              "--protocol", args.protocol]
     if args.no_progress:
         common.append("--no-progress")
     runs = {"ruler": ["ruler", "--tasks", *args.tasks], "passkey": ["passkey", "--depths", *map(str, args.depths)]}

@@ -26,6 +26,8 @@ class Task:
     higher_is_better: bool = True
     generates: bool = True           # greedy generation (False: forced decoding, e.g. ppl)
     score_name: str = "score (%)"   # what the table's numbers are
+    average_over_groups: bool = True  # the average row: mean of the groups' scores (False: of every sample)
+    buckets_title: str = "By length bucket"  # the summary's table of meta["bucket"] scores, when samples have one
 
     def __init__(self, args: argparse.Namespace):
         self.args = args

@@ -130,6 +130,7 @@ class LongBenchTask(Task):
     default_lengths = ()        # default: the model's maximum context
     default_samples = 0         # 0: every row of each dataset
     score_name = "score (%)"
+    buckets_title = "LongBench-E, by context length (words)"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -253,6 +253,29 @@ def test_summary_markdown_and_plots(tmp_path):
     assert json.loads(open(paths["summary"]).read())["scores"] == summary["scores"]
 
 
+def test_average_over_samples_and_bucket_tables():
+    """LongBench v2 averages over questions, not groups; buckets print in their natural order under the task's
+    title. Group a: 3 samples all right, group b: 1 sample wrong -> 75% over samples, 50% over groups."""
+    def rec(i, group, bucket, score):
+        return {"id": f"s{i}", "fingerprint": "f", "config": "dense", "length": 100, "group": group, "score": score,
+                "meta": {"bucket": bucket}, "budget": {}}
+    records = [rec(0, "a", "short", 1.0), rec(1, "a", "long", 1.0), rec(2, "a", "medium", 1.0),
+               rec(3, "b", "long", 0.0)]
+
+    class PerSample(CountingTask):
+        average_over_groups = False
+        buckets_title = "By length category"
+
+    info = {"model": "m", "seed": 0, "samples_per_cell": 1}
+    assert report.summarize(CountingTask(), records, ["dense"], [100], info)["average"]["dense"]["all"] == 50.0
+    summary = report.summarize(PerSample(), records, ["dense"], [100], info)
+    assert summary["average"]["dense"] == {"100": 75.0, "all": 75.0}
+    assert summary["length_buckets"]["dense"] == {"long": 50.0, "medium": 100.0, "short": 100.0}
+    table = report.markdown(summary)
+    assert "By length category:" in table and "| config | short | medium | long |" in table
+    assert "| dense | 100.0 | 100.0 | 50.0 |" in table
+
+
 def test_configs_are_evaluated_sparse_from_the_first_step(tmp_path):
     """An evaluation measures sparsity's effect on accuracy: a preset's dense_below="auto" (the speed crossover,
     dense below ~3k tokens on a CPU) becomes 0; a JSON config that sets dense_below keeps it."""
