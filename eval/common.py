@@ -108,14 +108,16 @@ def data_text(name: str) -> str:
 
 @lru_cache(maxsize=None)
 def essay_text() -> str:
-    """Original essays shipped with the package: RULER's essay haystack and the default ppl text."""
+    """Original essays shipped with the package (~5,150 words): the start of RULER's essay haystack (generated
+    prose continues it, see :mod:`twilight_eval.haystack`) and the default ppl text."""
     return data_text("essays.txt")
 
 
-@lru_cache(maxsize=None)
-def word_lists() -> dict[str, list[str]]:
-    """``{"adjectives": [...], "nouns": [...], "verbs": [...]}`` of common English words."""
-    return json.loads(data_text("words.json"))
+def word_lists() -> dict[str, tuple[str, ...]]:
+    """``{"nouns": ..., "adjectives": ..., "verbs": ...}``: the word lists of ``wonderwords``, as RULER uses them
+    (sorted; :func:`twilight_eval.haystack.word_lists`). Raises :class:`EvalError` when wonderwords is missing."""
+    from .haystack import word_lists as wonderwords_lists
+    return wonderwords_lists()
 
 
 def split_sentences(text: str) -> list[str]:

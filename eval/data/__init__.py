@@ -1,1 +1,1 @@
-"""Data shipped with ``twilight_eval``: original essays (RULER haystack, default ppl text) and word lists."""
+"""Data shipped with ``twilight_eval``: original essays (the start of RULER's essay haystack, the default ppl text)."""

@@ -22,12 +22,29 @@ qa_1              SQuAD question among distractor paragraphs                   m
 qa_2              HotpotQA question among distractor paragraphs                match part
 ================  ===========================================================  ==========
 
-Differences from RULER, all deliberate: the essay haystack is the package's own original
-essays (not Paul Graham's); needle keys and common words come from the package's word
-list (not ``wonderwords``); needles are placed at depths drawn from RULER's 40-point depth
-grid for every haystack type, and the depth of each needle is recorded in tokens. The QA
-tasks load SQuAD v2 / HotpotQA through ``datasets`` and are skipped, with a message, when
-the Hugging Face hub (or a local datasets cache) is not reachable.
+Differences from RULER, all deliberate:
+
+- The essay haystack (niah_single_2/3, niah_multikey_1, niah_multivalue, niah_multiquery) is the package's
+  own original essays (not Paul Graham's), continued -- once their ~5,150 words are used up -- by prose
+  generated from a fixed seed (:mod:`twilight_eval.haystack`): no sentence of it occurs twice, so a haystack
+  of any length (128k tokens: about 5,150 essay words, then ~95k generated ones) never repeats a sentence or
+  a paragraph (the essays alone would repeat ~20 times at 128k). ``--haystack-file`` takes any UTF-8 text
+  instead (PG-19 books, say), never repeated: a file too short for a length is an error. The sample's
+  ``meta["haystack_source"]`` says which haystack it has (``essays+generated``, ``file:<name>``, ``noise``,
+  ``needles``).
+- The no-repetition guarantee is the essay haystack's and the ``needle`` haystack's (niah_multikey_2/3:
+  every distractor has its own key and value). The ``noise`` haystack (niah_single_1, vt: "The grass is
+  green. ...") repeats one passage by RULER's design.
+- Word keys (``adjective-noun``) and the common-words pool (nouns + adjectives + verbs, deduplicated,
+  sorted: 8,166 words with wonderwords 3.0) come from ``wonderwords``' lists as in RULER, but are drawn with
+  the sample's own seeded generator. Past the pool's end, which only lists of more than ~8,100 distinct words
+  reach (cwe at 128k tokens with tokenizers that spend few tokens on the list's numbers; SmolLM2's stays
+  under 5,000), RULER takes words of another list (``english_words.json``); here they are made-up
+  hyphenated pairs of pool words, unique and never built from the answers.
+- Needles are placed at depths drawn from RULER's 40-point depth grid for every haystack type, and the
+  depth of each needle is recorded in tokens.
+- The QA tasks load SQuAD v2 / HotpotQA through ``datasets`` (or ``--qa-dir``) and are skipped, with a
+  message, when the Hugging Face hub (or a local datasets cache) is not reachable.
 """
 from __future__ import annotations
 
@@ -39,7 +56,6 @@ import string
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import accumulate
 from math import pi
 
@@ -49,13 +65,20 @@ from ..common import (
     EvalError,
     PromptEncoder,
     Sample,
-    essay_text,
     fit_largest,
     hub_reachable,
     offline_mode,
     rng_for,
     split_sentences,
-    word_lists,
+)
+from ..haystack import (
+    INSTALL_HINT,
+    Corpus,
+    default_corpus,
+    file_corpus,
+    needle_key,
+    wonderwords_available,
+    word_pool,
 )
 from .base import Task
 
@@ -157,8 +180,7 @@ def _random_value(rng, kind: str) -> str:
     if kind == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
     if kind == "words":
-        words = word_lists()
-        return f"{rng.choice(words['adjectives'])}-{rng.choice(words['nouns'])}"
+        return needle_key(rng)
     raise ValueError(f"unknown needle type {kind!r}")
 
 
@@ -188,15 +210,44 @@ def _insert_at_depths(units: list[str], needles: Sequence[tuple[str, int]]) -> l
     return out
 
 
-@lru_cache(maxsize=None)
-def _essay_words() -> tuple[str, ...]:
-    return tuple(re.sub(r"\s+", " ", essay_text()).strip().split(" "))
+def _fit(prompt_len: Callable[[int], int], budget: int, lo: int, what: str, hi: int | None = None) -> int:
+    """:func:`fit_largest`'s answer in a handful of probes: prompts grow almost linearly in their units.
 
+    Secant steps from ``lo`` aim just past where the line through the probes nearest the budget meets it,
+    until a fitting and a non-fitting size are a few units apart; ``fit_largest`` then bisects between them.
+    A 128k-token prompt takes ~8 tokenisations instead of ~32, and for a non-decreasing ``prompt_len`` the
+    answer is ``fit_largest``'s (the largest fitting size).
+    """
+    memo: dict[int, int] = {}
 
-def _essay_prefix(num_words: int) -> str:
-    words = _essay_words()
-    repeats = -(-num_words // len(words))
-    return " ".join((words * max(repeats, 1))[:num_words])
+    def f(n: int) -> int:
+        if n not in memo:
+            memo[n] = prompt_len(n)
+        return memo[n]
+
+    if f(lo) > budget:
+        return fit_largest(f, budget, lo, what, hi=hi)   # its error message
+    good, bad = lo, None
+    probe = lo + 256 if hi is None else min(lo + 256, hi)
+    for _ in range(12):
+        if probe <= good or (bad is not None and probe >= bad):
+            break
+        if f(probe) <= budget:
+            good = probe
+        else:
+            bad = probe
+        if bad is not None and bad - good <= 8:
+            break
+        a, b = (good, bad) if bad is not None else (lo, good)
+        slope = (f(b) - f(a)) / (b - a) if b > a else 0.0
+        if slope <= 0:
+            break
+        probe = good + int((budget - f(good)) / slope) + 1
+        if bad is not None:
+            probe = min(probe, bad - 1)
+        if hi is not None:
+            probe = min(probe, hi)
+    return fit_largest(f, budget, good, what, hi=bad - 1 if bad is not None else hi)
 
 
 # --------------------------------------------------------------------------- task builders
@@ -207,8 +258,12 @@ def _singularise(template: str) -> str:
             .replace("answers", "answer"))
 
 
-def niah_builder(spec: RulerSpec, rng) -> tuple[Callable[[int], Built], int]:
-    """``(build(haystack_size), max_new_tokens)`` for a needle-in-a-haystack task."""
+def niah_builder(spec: RulerSpec, rng, corpus: Corpus | None = None) -> tuple[Callable[[int], Built], int]:
+    """``(build(haystack_size), max_new_tokens)`` for a needle-in-a-haystack task.
+
+    ``haystack_size`` counts noise lines, distractor needles or, for the essay haystack, words of ``corpus``
+    (default: :func:`~twilight_eval.haystack.default_corpus`).
+    """
     keys = _distinct(rng, spec.key_type, spec.num_keys)
     values = [_distinct(rng, spec.value_type, spec.num_values) for _ in keys]
     type_v = spec.value_type
@@ -232,7 +287,7 @@ def niah_builder(spec: RulerSpec, rng) -> tuple[Callable[[int], Built], int]:
         if spec.haystack == "noise":
             return [NOISE] * n
         if spec.haystack == "essay":
-            return split_sentences(_essay_prefix(n))
+            return split_sentences((corpus or default_corpus()).text(n))
         while len(distractors) < n:   # "needle" haystack: needles for other keys
             key, value = _distinct(distractor_rng, spec.key_type, 1, taken)[0], \
                 _distinct(distractor_rng, spec.value_type, 1, taken)[0]
@@ -303,18 +358,31 @@ def vt_builder(spec: RulerSpec, rng, encoder: PromptEncoder, length: int) -> tup
 
 
 def _word_pool(rng) -> list[str]:
-    words = word_lists()
-    pool = sorted(set(words["adjectives"] + words["nouns"] + words["verbs"]))
+    """RULER's cwe pool (wonderwords' nouns + adjectives + verbs, deduplicated, sorted), shuffled by ``rng``."""
+    pool = list(word_pool())
     rng.shuffle(pool)
     return pool
 
 
-def _pool_word(pool: list[str], i: int) -> str:
-    """Word ``i`` of the pool; past its end, hyphenated pairs keep words unique."""
-    if i < len(pool):
-        return pool[i]
-    j = i - len(pool)
-    return f"{pool[j % len(pool)]}-{pool[(j // len(pool) + 1 + j) % len(pool)]}"
+def _cwe_words(pool: list[str], n: int, num_cw: int) -> list[str]:
+    """The first ``n`` words of ``pool``; past its end, made-up hyphenated pairs of pool words.
+
+    The pairs are unique (none equals a pool word or another pair) and never built from the ``num_cw``
+    common words, the answers.
+    """
+    if n <= len(pool):
+        return pool[:n]
+    words, seen = list(pool), set(pool)
+    parts = pool[num_cw:]
+    j = 0
+    while len(words) < n:
+        k, i = divmod(j, len(parts))
+        j += 1
+        word = f"{parts[i]}-{parts[(i + k + 1) % len(parts)]}"
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
 
 
 def cwe_builder(spec: RulerSpec, rng, length: int) -> tuple[Callable[[int], Built], int]:
@@ -333,13 +401,13 @@ def cwe_builder(spec: RulerSpec, rng, length: int) -> tuple[Callable[[int], Buil
         rng_for(seed, salt, len(words)).shuffle(items)
         return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), common
 
-    example_words = [_pool_word(pool, len(pool) - 1 - i) for i in range(ex_words)]   # disjoint from the test
+    example_words = pool[::-1][:ex_words]   # disjoint from the test's words below ~8,100 of them
     ex_context, ex_answer = word_list(example_words, ex_cw, ex_ucw, "example")
     example = (template.format(context=ex_context) + prefix + " "
                + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_answer)))
 
     def build(n: int) -> Built:
-        context, answer = word_list([_pool_word(pool, i) for i in range(n)], cw, ucw, "test")
+        context, answer = word_list(_cwe_words(pool, n, spec.num_cw), cw, ucw, "test")
         return Built(example + "\n" + template.format(context=context), prefix, answer, context, [])
 
     return build, max_new
@@ -481,6 +549,18 @@ def qa_builder(spec: RulerSpec, rng, qas: list[dict], docs: list[str]) -> tuple[
 
 # --------------------------------------------------------------------------- the task
 
+#: ``meta["haystack_source"]`` of the haystacks that are not a corpus.
+HAYSTACK_SOURCES = {"noise": "noise", "needle": "needles"}
+
+
+def _needs_wonderwords(spec: RulerSpec, generated_haystack: bool) -> bool:
+    """Whether a task draws from wonderwords' lists: word keys or values, the cwe pool, the generated haystack."""
+    if spec.kind == "common_words_extraction":
+        return True
+    return spec.kind == "niah" and ("words" in (spec.key_type, spec.value_type)
+                                    or (spec.haystack == "essay" and generated_haystack))
+
+
 def _postprocess(text: str) -> str:
     """RULER's cleanup: strip and turn control characters into newlines."""
     return re.sub(r"[\x00-\x1f]", "\n", text.strip()).strip()
@@ -501,18 +581,91 @@ class RulerTask(Task):
         parser.add_argument("--qa-dir", metavar="DIR",
                             help="local QA data, as RULER names it: squad.json (SQuAD v2 dev) for qa_1 and "
                                  "hotpotqa.json (HotpotQA dev, distractor) for qa_2 (default: the hub, via datasets)")
+        parser.add_argument("--haystack-file", metavar="PATH",
+                            help="UTF-8 text for the essay haystack (niah_single_2/3, niah_multikey_1, "
+                                 "niah_multivalue, niah_multiquery), e.g. PG-19 books, used from its start and "
+                                 "never repeated: it must be long enough for every length (default: the shipped "
+                                 "essays, then generated prose that repeats no sentence)")
+
+    def _tasks(self) -> list[str]:
+        return list(dict.fromkeys(self.args.tasks))
+
+    def _haystack_file(self) -> str | None:
+        return getattr(self.args, "haystack_file", None)
+
+    def _essay_tasks(self) -> list[str]:
+        return [t for t in self._tasks() if RULER_TASKS[t].kind == "niah" and RULER_TASKS[t].haystack == "essay"]
+
+    def _corpus(self) -> Corpus:
+        path = self._haystack_file()
+        return file_corpus(path) if path is not None else default_corpus()
 
     def check_arguments(self) -> None:
+        self._check_wonderwords()
+        self._check_haystack_file()
         qa_dir = getattr(self.args, "qa_dir", None)
         if qa_dir is None:
             return
         if not os.path.isdir(qa_dir):
             raise EvalError(f"--qa-dir: {qa_dir} is not a directory")
-        for task in dict.fromkeys(self.args.tasks):
+        for task in self._tasks():
             spec = RULER_TASKS[task]
             if spec.kind == "qa" and not os.path.isfile(os.path.join(qa_dir, QA_FILES[spec.dataset][0])):
                 raise EvalError(f"--qa-dir: {task} needs {os.path.join(qa_dir, QA_FILES[spec.dataset][0])}, which "
                                 "does not exist")
+
+    def _check_wonderwords(self) -> None:
+        """Word keys, the cwe pool and the generated haystack need ``wonderwords``: say so before a model loads."""
+        generated = self._haystack_file() is None
+        needing = [t for t in self._tasks() if _needs_wonderwords(RULER_TASKS[t], generated)]
+        if needing and not wonderwords_available():
+            raise EvalError(f"ruler {', '.join(needing)} need the wonderwords package (RULER's word lists), which is "
+                            f"not installed: {INSTALL_HINT}")
+
+    def _check_haystack_file(self) -> None:
+        """``--haystack-file``: readable UTF-8 text, and not obviously too short for the longest length.
+
+        A token spans at least one byte, so a file of fewer bytes than a length's haystack needs tokens cannot
+        fill it (checked here, before the model loads); the exact check is :meth:`_check_haystack_length`.
+        """
+        path = self._haystack_file()
+        if path is None:
+            return
+        corpus = file_corpus(path)
+        if not self._essay_tasks():
+            self.notes.append(f"ruler: --haystack-file {path} is not used: none of the selected tasks has an essay "
+                              "haystack (niah_single_2/3, niah_multikey_1, niah_multivalue, niah_multiquery)")
+            return
+        lengths = getattr(self.args, "lengths", None) or self.default_lengths
+        longest = max(lengths)
+        if corpus.bytes < longest - self._HAYSTACK_FILE_MARGIN:
+            raise EvalError(f"--haystack-file: {path} is too short for --lengths {longest}: {corpus.bytes} bytes "
+                            f"({corpus.size} words) make at most {corpus.bytes} tokens of haystack; use a longer text "
+                            "(it is never repeated)")
+
+    #: Tokens of a prompt that are not haystack (instructions, question, chat template, needles) are at most this.
+    _HAYSTACK_FILE_MARGIN = 2048
+
+    def _check_haystack_length(self, encoder: PromptEncoder, lengths: Sequence[int]) -> None:
+        """Before any sample is built: ``--haystack-file`` holds enough text for the longest length of every
+        essay task (a file of at least that many words does: every word is a token or more)."""
+        path = self._haystack_file()
+        longest = max(lengths)
+        if path is None or not self._essay_tasks() or file_corpus(path).size >= longest:
+            return
+        corpus = file_corpus(path)
+        for task in self._essay_tasks():
+            build, max_new = niah_builder(RULER_TASKS[task], rng_for(0, "ruler haystack check", task), corpus)
+            b = build(corpus.size)
+            tokens = len(encoder.encode(encoder.render(b.text, b.prefix)))
+            if tokens <= longest - max_new:
+                raise EvalError(self._too_short(task, longest, corpus, tokens))
+
+    @staticmethod
+    def _too_short(task: str, length: int, corpus: Corpus, tokens: int) -> str:
+        return (f"--haystack-file: {getattr(corpus, 'path', corpus.source)} is too short for ruler {task} at --lengths "
+                f"{length}: all of its {corpus.size} words make a prompt of only {tokens} tokens (it is never "
+                "repeated); use a longer text")
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
@@ -544,8 +697,10 @@ class RulerTask(Task):
     def build_samples(self, tokenizer, encoder: PromptEncoder, lengths: Sequence[int],
                       num_samples: int | None, seed: int) -> list[Sample]:
         num_samples = num_samples or self.default_samples
+        self._check_wonderwords()
+        self._check_haystack_length(encoder, lengths)
         samples: list[Sample] = []
-        for task in dict.fromkeys(self.args.tasks):
+        for task in self._tasks():
             spec = RULER_TASKS[task]
             if spec.kind == "qa":
                 data = self._qa_data(spec.dataset)
@@ -562,8 +717,9 @@ class RulerTask(Task):
 
     def _build_one(self, task: str, spec: RulerSpec, rng, encoder: PromptEncoder, length: int,
                    index: int) -> Sample:
+        corpus = self._corpus() if spec.kind == "niah" and spec.haystack == "essay" else None
         if spec.kind == "niah":
-            build, max_new = niah_builder(spec, rng)
+            build, max_new = niah_builder(spec, rng, corpus)
         elif spec.kind == "variable_tracking":
             build, max_new = vt_builder(spec, rng, encoder, length)
         elif spec.kind == "common_words_extraction":
@@ -580,12 +736,18 @@ class RulerTask(Task):
 
         smallest = {"common_words_extraction": spec.num_cw + 1, "freq_words_extraction": 1,
                     "qa": 1}.get(spec.kind, 0)
-        cap = len(self._qa_data(spec.dataset)[1]) if spec.kind == "qa" else None
-        n = fit_largest(prompt_len, length - max_new, smallest, f"ruler {task}: --lengths {length}", hi=cap)
+        cap = len(self._qa_data(spec.dataset)[1]) if spec.kind == "qa" else corpus.size if corpus else None
+        n = _fit(prompt_len, length - max_new, smallest, f"ruler {task}: --lengths {length}", hi=cap)
+        if corpus is not None and n == corpus.size:   # the whole file fits: it cannot fill the length
+            raise EvalError(self._too_short(task, length, corpus, prompt_len(n)))
         built = build(n)
         prompt = encoder.render(built.text, built.prefix)
         ids = encoder.encode(prompt)
         meta: dict = {"haystack_units": n}
+        if spec.kind == "niah":
+            meta["haystack_source"] = corpus.source if corpus else HAYSTACK_SOURCES[spec.haystack]
+            if getattr(corpus, "sha1", None):
+                meta["haystack_sha1"] = corpus.sha1
         ctx_char = prompt.find(built.context) if built.context else -1
         if ctx_char >= 0:
             start = encoder.char_to_token(prompt, ctx_char)

@@ -118,7 +118,7 @@ def test_ruler_niah_variants_ask_the_right_things(ruler_1024):
     multikey = ruler_1024["niah_multikey_1"]
     assert len(multikey.meta["needles"]) == 4 and len(multikey.answers) == 1
     multivalue = ruler_1024["niah_multivalue"]
-    keys = {re.search(r"for (\S+) is:", n["text"]).group(1) for n in multivalue.meta["needles"]}
+    keys = {re.search(r"for (.+?) is:", n["text"]).group(1) for n in multivalue.meta["needles"]}   # may hold a space
     assert len(keys) == 1 and len(multivalue.answers) == 4
     multiquery = ruler_1024["niah_multiquery"]
     assert len(multiquery.answers) == 4 and len(multiquery.meta["needles"]) == 4
@@ -153,7 +153,8 @@ def test_ruler_common_words_answer_is_the_ten_most_common(ruler_1024, tokenizer)
     s = ruler_1024["cwe"]
     text = tokenizer.decode(s.input_ids)
     main = text[text.rindex("Below is a numbered list"):]
-    counts = Counter(re.findall(r"\d+\. ([\w-]+)", main.split("Question:")[0]))
+    # wonderwords' pool has a few two-word entries ("dump truck"): an item runs to the next number
+    counts = Counter(re.findall(r"\d+\. (.+?)(?= \d+\. |\n|$)", main.split("Question:")[0]))
     top = [w for w, _ in counts.most_common()]
     assert sorted(top[:10]) == sorted(s.answers)
     assert counts[top[9]] > counts[top[10]]
