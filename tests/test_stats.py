@@ -57,6 +57,17 @@ def test_folds_inside_and_outside_inference_mode():
     assert d["min_attended_tokens"] == 1 and d["max_attended_tokens"] == 7
 
 
+def test_steps_of_different_batch_sizes_fold_together():
+    """A batch of 2 then a batch of 1 (lm-eval's last, smaller batch): every (step, sequence) row counts once."""
+    s = BudgetStats(num_layers=1, num_q_heads=2, num_kv_heads=1)
+    s.record(0, T([[2, 4], [6, 8]]), T([[4], [8]]), T([10, 20]), dense=False)
+    s.record(0, T([[1, 3]]), T([[3]]), T([30]), dense=False)
+    d = s.as_dict()
+    assert d["decode_steps"] == 3
+    assert d["mean_attended_tokens"] == pytest.approx((2 + 4 + 6 + 8 + 1 + 3) / 6)
+    assert d["mean_context_tokens"] == pytest.approx(20.0)
+
+
 def test_only_dense_layers():
     s = BudgetStats(2, 2, 1)
     s.record(0, T([[7, 7]]), T([[7]]), T([7]), dense=True)

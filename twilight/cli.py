@@ -1,11 +1,12 @@
 """The ``twilight`` console command: a dispatcher of sub-commands.
 
-``twilight eval {passkey,ruler,longbench,ppl} ...`` comes from the ``twilight_eval`` package (``eval/`` in the
-source tree) and ``twilight bench {kernels,e2e} ...`` from ``twilight_bench`` (``benchmarks/``); both are
-installed beside the library by ``pip install .``. A command whose package or dependencies cannot be imported
-is listed as unavailable, with the import error, and the others still work. To add a command, write a
-function that takes the sub-parsers object, adds a parser for the command and sets ``func`` (called with the
-parsed arguments, returning the exit status), then list it in ``COMMANDS``.
+``twilight eval {passkey,ruler,longbench,longbench-v2,ppl} ...`` comes from the ``twilight_eval`` package
+(``eval/`` in the source tree) and ``twilight bench {kernels,e2e} ...`` from ``twilight_bench`` (``benchmarks/``);
+both are installed beside the library by ``pip install .``. ``twilight lm-eval ARGS`` is lm-evaluation-harness's
+``lm_eval ARGS`` with ``--model twilight`` registered (``twilight.integrations.lm_eval``). A command whose
+package or dependencies cannot be imported is listed as unavailable, with the import error, and the others still
+work. To add a command, write a function that takes the sub-parsers object, adds a parser for the command and
+sets ``func`` (called with the parsed arguments, returning the exit status), then list it in ``COMMANDS``.
 """
 from __future__ import annotations
 
@@ -24,8 +25,26 @@ def _add_bench(subparsers) -> None:
     add_bench_parser(subparsers)
 
 
+def _add_lm_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "lm-eval", add_help=False, help="lm-evaluation-harness with --model twilight registered (lm_eval's own "
+                                        "arguments; pip install 'twilight[lm-eval]')")
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=_run_lm_eval)
+
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    """``lm_eval <rest>`` with ``--model twilight`` registered (``twilight.integrations.lm_eval.main``)."""
+    try:
+        from twilight.integrations.lm_eval import main as lm_eval_main
+    except ImportError as err:   # lm-eval is an optional dependency
+        print(f"twilight lm-eval: error: needs lm-eval ({err}); pip install 'twilight[lm-eval]'", file=sys.stderr)
+        return 2
+    return lm_eval_main(list(args.rest))
+
+
 # name -> function registering that sub-command on the sub-parsers object.
-COMMANDS: dict[str, Callable] = {"eval": _add_eval, "bench": _add_bench}
+COMMANDS: dict[str, Callable] = {"eval": _add_eval, "bench": _add_bench, "lm-eval": _add_lm_eval}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,22 +55,22 @@ class BudgetStats:
         if not pending:
             return
         group = self.num_q_heads // self.num_kv_heads
-        kv = torch.stack([kv_counts for _, kv_counts, _ in pending]).to(torch.float64)  # [S, B, Hkv]
-        q = torch.stack([kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts
-                         for q_counts, kv_counts, _ in pending]).to(torch.float64)  # [S, B, Hq]
-        ctx = torch.stack([(c[0] - c[1]).clamp_min(0) if isinstance(c, tuple) else c
-                           for _, _, c in pending]).to(torch.float64)  # [S, B]
-        q = q.flatten(0, 1)
+        # Rows of (step, sequence): concatenated, so steps of different batch sizes fold together.
+        kv = torch.cat([kv_counts for _, kv_counts, _ in pending]).to(torch.float64)  # [rows, Hkv]
+        q = torch.cat([kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts
+                       for q_counts, kv_counts, _ in pending]).to(torch.float64)  # [rows, Hq]
+        ctx = torch.cat([(c[0] - c[1]).clamp_min(0) if isinstance(c, tuple) else c
+                         for _, _, c in pending]).to(torch.float64)  # [rows]
         if layer not in self._q_sum:
             self._q_sum[layer] = q.sum(0)
-            self._kv_sum[layer] = kv.flatten(0, 1).sum(0)
+            self._kv_sum[layer] = kv.sum(0)
             self._q_min[layer] = q.amin(0)
             self._q_max[layer] = q.amax(0)
             self._ctx_sum[layer] = ctx.sum()
             self._rows[layer] = q.shape[0]
         else:  # out of place: the sums may be inference tensors folded into outside inference mode, or vice versa
             self._q_sum[layer] = self._q_sum[layer] + q.sum(0)
-            self._kv_sum[layer] = self._kv_sum[layer] + kv.flatten(0, 1).sum(0)
+            self._kv_sum[layer] = self._kv_sum[layer] + kv.sum(0)
             self._q_min[layer] = torch.minimum(self._q_min[layer], q.amin(0))
             self._q_max[layer] = torch.maximum(self._q_max[layer], q.amax(0))
             self._ctx_sum[layer] = self._ctx_sum[layer] + ctx.sum()

@@ -74,11 +74,12 @@ def reference_model(tiny_model_dir):
 # ------------------------------------------------------------------------------------------ command line
 @pytest.mark.slow
 def test_cli_runs_both_request_types_with_the_embedded_model(tmp_path):
-    """``lm_eval --model twilight`` (through the module that registers it) on the tiny tasks, offline."""
+    """``twilight lm-eval --model twilight ...`` (lm_eval's command line with the model registered) on the tiny
+    tasks, offline."""
     out = tmp_path / "results"
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
-    cmd = [sys.executable, "-m", "twilight.integrations.lm_eval", "--model", "twilight",
+    cmd = [sys.executable, "-m", "twilight.cli", "lm-eval", "--model", "twilight",
            "--model_args", "twilight_config=quest-twilight", "--tasks", "twilight_tiny_gen,twilight_tiny_choice",
            "--include_path", str(TASKS), "--limit", "2", "--device", "cpu", "--output_path", str(out)]
     # cwd: the task YAMLs name their jsonl files relative to the working directory
