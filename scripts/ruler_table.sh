@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# RULER's 13 tasks on the embedded SmolLM2-135M-Instruct at 2k/4k/8k: dense against quest, quest-twilight and
-# (quest and quest-twilight at budgets 256 and 1024 per kv-head, streaming at 1024) and twilight (top-p over every token), under the papers'
+# RULER's 13 tasks on the embedded SmolLM2-135M-Instruct at 2k/4k/8k: dense against quest and quest-twilight at
+# a budget of 1024 tokens per kv-head, twilight (top-p over every token) and streaming (1024 tokens), under the papers'
 # decode-question protocol. Writes the configs, per-sample records, summary.json, results.md and the plots to
 # OUT (default benchmarks/results/ruler-smollm2); rerunning the same command resumes.
 #   QA_DIR=dir-with-squad.json-and-hotpotqa.json bash scripts/ruler_table.sh   # qa_1/qa_2 from local files
@@ -15,9 +15,9 @@ import json, sys
 from twilight import TwilightConfig
 from twilight_eval.selector_table import selector_config
 
-for selector, budget, top_p, name in [("quest", b, p, f"{n}-{b}") for b in (256, 1024)
-                                      for p, n in ((None, "quest"), (0.85, "quest-twilight"))] + \
-        [("streaming", 1024, None, "streaming-1024")]:
+for selector, budget, top_p, name in [("quest", 1024, None, "quest-1024"),
+                                     ("quest", 1024, 0.85, "quest-twilight-1024"),
+                                     ("streaming", 1024, None, "streaming-1024")]:
     cfg = {**selector_config(selector, budget, top_p), "name": name}
     TwilightConfig.load(cfg)
     with open(f"{sys.argv[1]}/{name}.json", "w", encoding="utf-8") as f:
@@ -26,5 +26,4 @@ for selector, budget, top_p, name in [("quest", b, p, f"{n}-{b}") for b in (256,
 EOF
 C="$OUT/configs"
 twilight eval ruler --lengths 2048 4096 8192 --samples 1 --out "$OUT" ${QA_DIR:+--qa-dir "$QA_DIR"} \
-    --configs dense "$C/quest-256.json" "$C/quest-1024.json" "$C/quest-twilight-256.json" \
-    "$C/quest-twilight-1024.json" twilight "$C/streaming-1024.json" "$@"
+    --configs dense "$C/quest-1024.json" "$C/quest-twilight-1024.json" twilight "$C/streaming-1024.json" "$@"
