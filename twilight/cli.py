@@ -30,17 +30,20 @@ def _add_lm_eval(subparsers) -> None:
         "lm-eval", add_help=False, help="lm-evaluation-harness with --model twilight registered (lm_eval's own "
                                         "arguments; pip install 'twilight[lm-eval]')")
     parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(func=_run_lm_eval)
+    parser.set_defaults(func=lambda args: _run_lm_eval(args.rest))
 
 
-def _run_lm_eval(args: argparse.Namespace) -> int:
-    """``lm_eval <rest>`` with ``--model twilight`` registered (``twilight.integrations.lm_eval.main``)."""
+def _run_lm_eval(rest: Sequence[str]) -> int:
+    """``lm_eval <rest>`` with ``--model twilight`` registered (``twilight.integrations.lm_eval.main``).
+
+    ``main`` hands every argument after ``lm-eval`` over untouched (argparse would claim options such as
+    ``--model`` for itself)."""
     try:
         from twilight.integrations.lm_eval import main as lm_eval_main
     except ImportError as err:   # lm-eval is an optional dependency
         print(f"twilight lm-eval: error: needs lm-eval ({err}); pip install 'twilight[lm-eval]'", file=sys.stderr)
         return 2
-    return lm_eval_main(list(args.rest))
+    return lm_eval_main(list(rest))
 
 
 # name -> function registering that sub-command on the sub-parsers object.
@@ -68,6 +71,9 @@ def _unavailable(name: str, err: ImportError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:
+        return _run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
