@@ -237,6 +237,37 @@ def test_missing_json_file(tmp_path):
     _raises(missing, "does not exist")
 
 
+def test_malformed_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "pruner": {"type": "top_p",\n  "p": 0.9,\n}\n')   # a trailing comma on line 3
+    with pytest.raises(ConfigError) as info:
+        TwilightConfig.load(path)
+    msg = str(info.value)
+    assert str(path) in msg and "line 4" in msg and "not valid JSON" in msg
+    cause = info.value.__cause__
+    assert isinstance(cause, json.JSONDecodeError) and cause.lineno == 4
+    path.write_text("")
+    _raises(str(path), str(path), "line 1, column 1")
+
+
+def test_unreadable_config_files_raise_config_error(tmp_path):
+    folder = tmp_path / "configs.json"
+    folder.mkdir()
+    _raises(folder, str(folder), "is a directory")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{\n"name": "caf\xe9"}'.encode("latin-1"))
+    _raises(latin, str(latin), "not UTF-8", "line 2")
+
+
+def test_canonical_json_ignores_the_name_and_sees_every_setting():
+    a = TwilightConfig.load("quest-twilight")
+    assert a.canonical_json() == a.replace(name="renamed").canonical_json()
+    assert a.canonical_json() != a.replace(dense_below=0).canonical_json()
+    edited = TwilightConfig.load({**a.to_dict(), "pruner": {**a.to_dict()["pruner"], "p": 0.5}})
+    assert edited.canonical_json() != a.canonical_json()
+    assert json.loads(a.canonical_json()) == {k: v for k, v in a.to_dict().items() if k != "name"}
+
+
 def test_bad_spec_type():
     _raises(42, "int")
 

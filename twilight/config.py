@@ -244,7 +244,12 @@ class TwilightConfig:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, spec: "str | os.PathLike | Mapping[str, Any] | TwilightConfig") -> "TwilightConfig":
-        """Build a config from a preset name, a JSON path, a dict or a config (copied)."""
+        """Build a config from a preset name, a JSON path, a dict or a config (copied).
+
+        A JSON path that is missing, a directory, unreadable, not UTF-8 or not valid JSON raises ``ConfigError``
+        naming the file (and, for bad JSON, the line and column; the ``json.JSONDecodeError`` is its
+        ``__cause__``).
+        """
         if isinstance(spec, TwilightConfig):
             return copy.deepcopy(spec).validate()
         if isinstance(spec, Mapping):
@@ -254,11 +259,7 @@ class TwilightConfig:
             if text in PRESETS:
                 return cls.from_dict(PRESETS[text], name=text)
             if text.endswith(".json") or os.path.exists(text):
-                if not os.path.exists(text):
-                    raise ConfigError(f"config file {text!r} does not exist")
-                with open(text, encoding="utf-8") as f:
-                    data = json.load(f)
-                return cls.from_dict(data, name=os.path.splitext(os.path.basename(text))[0])
+                return cls.from_dict(_read_json(text), name=os.path.splitext(os.path.basename(text))[0])
             raise ConfigError(f"config {text!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file")
         raise ConfigError(f"config must be a preset name, JSON path, dict or TwilightConfig, got {type(spec).__name__}")
 
@@ -290,6 +291,13 @@ class TwilightConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def canonical_json(self) -> str:
+        """Every setting as JSON with sorted keys and no whitespace, ``name`` left out: two configs give the same
+        string exactly when they configure the same thing (``twilight eval`` keys its resume on it)."""
+        data = self.to_dict()
+        data.pop("name", None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
     def save(self, path: "str | os.PathLike") -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
@@ -298,6 +306,29 @@ class TwilightConfig:
     def replace(self, **changes: Any) -> "TwilightConfig":
         """A validated copy with top-level fields replaced."""
         return dataclasses.replace(copy.deepcopy(self), **changes)
+
+
+def _read_json(path: str) -> Any:
+    """The JSON value in the file ``path``; ``ConfigError`` naming the file when it cannot be read or parsed."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory, not a JSON file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"config file {path!r} is not UTF-8 text: line {line}, byte {err.start}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path!r} is not valid JSON: line {err.lineno}, column {err.colno}: "
+                          f"{err.msg}") from err
 
 
 def _sub_from_dict(part: str, cls: type, data: Any):
