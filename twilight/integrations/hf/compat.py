@@ -135,7 +135,18 @@ def attention_function(name: str, module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-_MISSING = object()
+class _Missing:
+    """"Not set on the instance": one object that stays itself through ``copy.deepcopy`` and pickle, so that
+    ``unpatch`` on a copy of a patched model restores what was unset on the original as unset."""
+
+    def __reduce__(self):
+        return "_MISSING"  # pickled (and deep-copied) as a reference to this module's _MISSING
+
+    def __repr__(self):
+        return "<not set>"
+
+
+_MISSING = _Missing()
 
 
 def attn_implementation_override(config) -> Any:

@@ -20,12 +20,15 @@ went through Twilight warns with the cause.
 
 Not supported (each refused with a message): cropping the cache (assisted decoding), right padding at decode
 time. A forward with ``use_cache=True`` (the config default) builds a ``TwilightCache`` even when no decoding
-follows; pass ``use_cache=False`` for scoring-only passes. Unpatch before ``copy.deepcopy(model)``: the copied
-method wrappers would still point at the original.
+follows; pass ``use_cache=False`` for scoring-only passes.
+
+Copies. ``copy.deepcopy(model)`` and pickling the whole model (``torch.save(model)`` / ``torch.load(...,
+weights_only=False)``) give a model patched on its own: it runs its own weights, with its own pipeline (same
+config), stats and ``engagement`` counters (copies of the original's at the time of copying), and
+``unpatch`` on either model leaves the other patched. The wrappers are objects, not closures, for that.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 #: Attention implementations a patched model may delegate prefill to.
 _DELEGATES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 _ATTR = "_twilight"  # the patch state, on the patched model
-_MISSING = object()
+_MISSING = compat._MISSING  # "not set on the instance", kept through deepcopy and pickle
 
 
 @dataclass
@@ -72,6 +75,39 @@ class _PatchState:
 
     def new_cache(self) -> TwilightCache:
         return TwilightCache(self.pipeline, self.num_layers)
+
+    # copy.deepcopy and pickle of a patched model copy its state through these: the copy gets a pipeline of its own
+    # (the same config, a copy of the stats; backends and selectors are rebuilt when it first decodes), its own
+    # counters, and configs/methods that name the copy's objects (the copy's memo maps them).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["pipeline"] = _pipeline_spec(self.pipeline)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["pipeline"] = _pipeline_from_spec(state["pipeline"])
+        self.__dict__.update(state)
+        register(self.delegate)  # a model unpickled in a new process: its attention implementation is registered
+
+
+def _pipeline_spec(pipeline: TwilightPipeline) -> dict:
+    """What a copy of ``pipeline`` is built from: its public attributes (config, shape, settings such as
+    ``host_reads``, the stats) and, recursively, the pipelines of other configs that observe its prefills. The
+    private ones are what it builds lazily from them (backends, selectors), which do not copy."""
+    spec = {k: v for k, v in vars(pipeline).items() if not k.startswith("_")}
+    spec["co_observers"] = [_pipeline_spec(other) for other in pipeline.co_observers]
+    return spec
+
+
+def _pipeline_from_spec(spec: dict) -> TwilightPipeline:
+    spec = dict(spec)
+    co_observers = spec.pop("co_observers")
+    pipeline = TwilightPipeline(spec["config"], num_layers=spec["num_layers"], num_q_heads=spec["num_q_heads"],
+                                num_kv_heads=spec["num_kv_heads"])
+    pipeline.__dict__.update(spec)
+    pipeline.co_observers = [_pipeline_from_spec(other) for other in co_observers]
+    return pipeline
 
 
 def _model_type(model) -> str:
@@ -125,18 +161,65 @@ def _bind_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dic
     return out
 
 
-def _wrap_decoder_forward(model, state: _PatchState, decoder) -> None:
-    original = decoder.forward  # bound method, or an instance attribute someone else set (e.g. accelerate hooks)
-    signature = inspect.signature(original)
-    has_var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
-    cache_name = state.cache_name
+class _Wrapper:
+    # What ``patch`` puts in ``owner.__dict__[name]`` in place of a method. Not a closure: the patched model, its
+    # patch state, the owner and the instance attribute it replaced are attributes, so ``copy.deepcopy`` (whose
+    # memo maps each of them to its copy) and pickle carry the wrapper over to a copy that then calls the copy's
+    # own modules and counts into the copy's own state. The method it calls and that method's signature are looked
+    # up again after a copy (``_derived``), never copied. (A closure is copied as the same function: a deep copy
+    # of the model would run the original's modules, weights included.)
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        if args and not has_var_positional:
+    def __init__(self, model, state: _PatchState, owner, name: str):
+        self.model, self.state, self.owner, self.name = model, state, owner, name
+        self.previous = owner.__dict__.get(name, _MISSING)  # an instance attribute someone else set (accelerate)
+        self._derived: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_derived"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._derived = {}
+
+    @property
+    def __wrapped__(self):
+        """The method this wrapper calls: the instance attribute it replaced, else the owner's class method."""
+        original = self._derived.get("original")
+        if original is None:
+            original = self.previous
+            if original is _MISSING:
+                cls = type(self.owner)
+                original = getattr(cls, self.name).__get__(self.owner, cls)
+            self._derived["original"] = original
+        return original
+
+    @property
+    def signature(self) -> inspect.Signature:
+        signature = self._derived.get("signature")
+        if signature is None:
+            signature = self._derived["signature"] = inspect.signature(self.__wrapped__)
+            self._derived["var_positional"] = any(p.kind is inspect.Parameter.VAR_POSITIONAL
+                                                  for p in signature.parameters.values())
+        return signature
+
+    def patch_state(self) -> _PatchState:
+        return getattr(self.model, _ATTR, self.state)
+
+    def __repr__(self):
+        return f"<twilight.patch wrapper of {type(self.owner).__qualname__}.{self.name}>"
+
+
+class _DecoderForward(_Wrapper):
+    """The decoder's ``forward``: creates the ``TwilightCache``, reads left padding, opens the record the
+    attention function reads, counts decode forwards."""
+
+    def __call__(self, *args, **kwargs):
+        decoder, st = self.owner, self.patch_state()
+        original, signature = self.__wrapped__, self.signature
+        if args and not self._derived["var_positional"]:
             kwargs = _bind_kwargs(signature, args, kwargs)
             args = ()
-        st = getattr(model, _ATTR, state)
+        cache_name = st.cache_name
         given_as, cache = compat.find_cache(kwargs)
         if given_as is not None and given_as != cache_name:  # the other spelling: hand it on under ours
             kwargs[cache_name] = kwargs.pop(given_as)
@@ -158,10 +241,10 @@ def _wrap_decoder_forward(model, state: _PatchState, decoder) -> None:
                                   "steps run dense. Pass twilight.integrations.hf.make_cache(model), or no cache.")
                 st.warn_once("foreign", st.dense_cause)
         else:
-            if model.config._attn_implementation != st.attn_name:
+            if self.model.config._attn_implementation != st.attn_name:
                 st.dense_cause = (f"config._attn_implementation was changed to "
-                                  f"{model.config._attn_implementation!r} after twilight.patch: decode steps run "
-                                  "dense; call twilight.patch(model, ...) again to re-enable Twilight")
+                                  f"{self.model.config._attn_implementation!r} after twilight.patch: decode steps "
+                                  "run dense; call twilight.patch(model, ...) again to re-enable Twilight")
                 st.warn_once("impl", st.dense_cause)
             if new > 1 or cache.get_seq_length() == 0:  # prefill (or a chunk of it): read the left padding
                 cache.set_padding(kwargs.get("attention_mask"))
@@ -177,50 +260,48 @@ def _wrap_decoder_forward(model, state: _PatchState, decoder) -> None:
             st.twilight_forwards += record.served > 0
         return out
 
-    _set_instance_attr(state, decoder, "forward", forward)
 
+class _PrepareCache(_Wrapper):
+    """The model's ``_prepare_cache_for_generation``: ``generate()`` gets a ``TwilightCache``, not a
+    ``DynamicCache``."""
 
-def _wrap_prepare_cache(model, state: _PatchState) -> None:
-    original = model._prepare_cache_for_generation
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def prepare_cache_for_generation(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
         model_kwargs, generation_config = bound.get("model_kwargs"), bound.get("generation_config")
         users_cache = None if model_kwargs is None else compat.find_cache(model_kwargs)[1]
-        result = original(*args, **kwargs)
+        result = self.__wrapped__(*args, **kwargs)
         if model_kwargs is None or users_cache is not None:
             return result  # the user's own cache: the forward wrapper warns if it is not a Twilight cache
         name, cache = compat.find_cache(model_kwargs)
         if cache is None or isinstance(cache, TwilightCache):
             return result
         if compat.is_plain_dynamic_cache(cache):
-            model_kwargs[name] = getattr(model, _ATTR, state).new_cache()
+            model_kwargs[name] = self.patch_state().new_cache()
             return result
         impl = getattr(generation_config, "cache_implementation", None)
         raise ValueError(f"twilight.patch manages its own dynamic cache; generate(cache_implementation={impl!r}) "
                          f"created a {type(cache).__name__}, which Twilight cannot decode with. Leave "
                          "cache_implementation unset (or 'dynamic').")
 
-    _set_instance_attr(state, model, "_prepare_cache_for_generation", prepare_cache_for_generation)
 
+class _Generate(_Wrapper):
+    """The model's ``generate``: warns when a call decoded tokens and none of its steps went through Twilight."""
 
-def _wrap_generate(model, state: _PatchState) -> None:
-    original = model.generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        getattr(model, _ATTR, state).dense_cause = None
-        before = engagement(model)
-        out = original(*args, **kwargs)
-        bypassed = bypassed_steps(before, engagement(model))
+    def __call__(self, *args, **kwargs):
+        self.patch_state().dense_cause = None
+        before = engagement(self.model)
+        out = self.__wrapped__(*args, **kwargs)
+        bypassed = bypassed_steps(before, engagement(self.model))
         if bypassed is not None:
             warnings.warn(f"generate() ran {bypassed[0]} decode step(s) on a model patched by twilight.patch and "
                           f"none went through Twilight: {bypassed[1]}", RuntimeWarning, stacklevel=2)
         return out
 
-    _set_instance_attr(state, model, "generate", generate)
+
+def _wrap(model, state: _PatchState, owner, name: str, wrapper_type: type) -> None:
+    wrapper = wrapper_type(model, state, owner, name)
+    wrapper.signature  # noqa: B018 - fail at patch time on a method inspect cannot read
+    _set_instance_attr(state, owner, name, wrapper)
 
 
 def _attention_configs(model, attention) -> list:
@@ -289,10 +370,10 @@ def patch(model, spec: Any = "quest-twilight"):
         for cfg in _attention_configs(model, attention):
             state.configs.append((cfg, compat.attn_implementation_override(cfg)))
             compat.set_attn_implementation(cfg, attn_name)
-        _wrap_decoder_forward(model, state, decoder)
+        _wrap(model, state, decoder, "forward", _DecoderForward)
         if has_generate:
-            _wrap_prepare_cache(model, state)
-            _wrap_generate(model, state)
+            _wrap(model, state, model, "_prepare_cache_for_generation", _PrepareCache)
+            _wrap(model, state, model, "generate", _Generate)
         model.__dict__[_ATTR] = state
     except Exception:
         _restore(state)
