@@ -2,7 +2,8 @@
 
 Also runnable as ``python -m twilight_eval <task> ...`` (handy under
 ``accelerate launch -m twilight_eval ...``). Bad input exits with status 2 and a one-line
-``error:`` message naming the parameter and what is allowed.
+``error:`` message naming the parameter and what is allowed; the configs and ``--out`` are checked, and
+``--out`` locked against a concurrent run (``outdir``), before the model loads.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 from twilight.config import PRESETS
 
-from . import metrics
+from . import metrics, outdir
 from .common import EvalError, PromptEncoder, positive_int
 from .tasks import TASKS, Task
 
@@ -56,7 +57,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> N
                                  "decodes from a copy of its cache: the same tokens, much faster)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sample generation (default: 0)")
     parser.add_argument("--out", metavar="DIR",
-                        help=f"results directory; rerunning with the same one resumes (default: results/{task.name})")
+                        help=f"results directory; rerunning the same run (model, weights, configs' settings, dtype, "
+                             f"device, backend, protocol, twilight version) with the same one resumes; one run at a "
+                             f"time (default: results/{task.name})")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -94,23 +97,36 @@ def build_parser(prog: str = "python -m twilight_eval") -> argparse.ArgumentPars
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, collect: list | None = None) -> int:
+    """``<task> [options]``; ``collect``: a list extended with the records this run reported (main process)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return args.func(args, collect=collect)
 
 
 # --------------------------------------------------------------------------- the run
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``twilight eval <task>``; user errors exit 2 with one line on stderr."""
+class _PeerFailed(Exception):
+    """The main process refused the run (it printed why); the other processes exit quietly."""
+
+
+def run(args: argparse.Namespace, collect: list | None = None) -> int:
+    """Entry point of ``twilight eval <task>``; user errors exit 2 with one line on stderr.
+
+    ``collect``: a list extended with the records the run reported (those of ``runner.select_records``).
+    """
     try:
-        return _run(args)
+        records = _run(args)
     except EvalError as err:
         print(f"{args.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except _PeerFailed:
         return 2
     except KeyboardInterrupt:
         print(f"\n{args.prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    if collect is not None:
+        collect.extend(records)
+    return 0
 
 
 def _config_specs(args: argparse.Namespace) -> list[str]:
@@ -124,9 +140,31 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _take_out_dir(out_dir: str, dist) -> outdir.OutLock | None:
+    """Check ``--out`` and lock it (main process), before the model loads; every process learns the outcome."""
     from . import report, runner
-    from .modeling import load_model, max_context, resolve_device
+
+    lock, failure = None, None
+    if dist.is_main:
+        try:
+            outdir.prepare_out_dir(out_dir, (runner.RESULTS_FILE, *report.OUTPUT_FILES))
+            lock = outdir.OutLock(out_dir)
+            note = lock.acquire()
+            if note:
+                _log(note)
+        except EvalError as err:
+            failure = str(err)
+    failure = dist.broadcast(failure)
+    if failure is not None:
+        if dist.is_main:
+            raise EvalError(failure)
+        raise _PeerFailed
+    return lock
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
+    """The run; returns the records it reported (none in the processes other than the main one)."""
+    from . import runner
 
     started = time.time()
     task: Task = args.task_cls(args)
@@ -147,6 +185,21 @@ def _run(args: argparse.Namespace) -> int:
                         "(or pip install 'twilight[eval]')")
 
     dist = runner.current_dist()
+    out_dir = args.out or os.path.join("results", task.name)
+    lock = _take_out_dir(out_dir, dist)   # a bad --out, or another run writing there, costs no model load
+    try:
+        return _run_locked(args, task, backend, configs, dist, out_dir, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, task: Task, backend, configs, dist, out_dir: str,
+                started: float) -> list[dict]:
+    from . import report, runner
+    from .modeling import load_model, max_context, resolve_device
+
+    names = [name for name, _ in configs]
     device = dist.device if dist.world > 1 and args.device == "auto" else resolve_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype, device)
     limit = max_context(model)
@@ -171,34 +224,35 @@ def _run(args: argparse.Namespace) -> int:
              f"on {args.model}, lengths {' '.join(map(str, lengths))}"
              + (f", {dist.world} processes" if dist.world > 1 else ""))
 
-    out_dir = args.out or os.path.join("results", task.name)
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        if args.overwrite:
-            for path in os.listdir(out_dir):
-                if path.startswith("samples") and path.endswith(".jsonl"):
-                    os.remove(os.path.join(out_dir, path))
+    runs = runner.resume_keys(configs, runner.run_context(args.model, model, protocol), backend)
+    if dist.is_main and args.overwrite:
+        for path in os.listdir(out_dir):
+            if path.startswith("samples") and path.endswith(".jsonl"):
+                os.remove(os.path.join(out_dir, path))
     dist.barrier()
 
     runner.evaluate(task, model, tokenizer, samples, configs, out_dir, backend=backend, dist=dist,
-                    progress=not args.no_progress, share_prefill=getattr(args, "share_prefill", False))
+                    progress=not args.no_progress, share_prefill=getattr(args, "share_prefill", False), runs=runs)
     dist.barrier()
     if not dist.is_main:
-        return 0
+        return []
 
     records = runner.merge_shards(out_dir) if dist.world > 1 else runner.read_records(out_dir)
-    errors = runner.failed_records(records, samples, names)
+    errors = runner.failed_records(records, samples, runs)
     if errors:
         task.notes.append(f"{len(errors)} sample(s) failed and are left out of the tables (their 'error' is in "
                           f"{runner.RESULTS_FILE}; rerun the command to retry them), e.g. {errors[0]['config']} "
                           f"{errors[0]['id']}: {errors[0]['error']}")
         _log(task.notes[-1])
-    records = runner.select_records(records, samples, names)
+    records = runner.select_records(records, samples, runs)
     info = {"model": args.model, "protocol": protocol, "seed": args.seed,
             "samples_per_cell": args.samples or task.default_samples or "all", "device": str(device),
             "dtype": args.dtype, "chat_template": encoder.chat, "processes": dist.world,
             "python": platform.python_version(), "command": " ".join(sys.argv),
             "seconds": round(time.time() - started, 1),
+            "runs": {name: {"run_key": runner.run_key(run), **run} for name, run in runs.items()},
+            "config_settings": {name: backend.config_identity(cfg, runs[name]["device"])["settings"]
+                                for name, cfg in configs},
             "options": {k: v for k, v in vars(args).items()
                         if k not in ("func", "task_cls", "prog") and _is_json(v)}}
     summary = report.summarize(task, records, names, lengths, info)
@@ -206,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
     print(report.markdown(summary))
     _log(f"results: {os.path.join(out_dir, runner.RESULTS_FILE)}, "
          + ", ".join(paths.values()) + f" ({time.time() - started:.0f} s)")
-    return 0
+    return records
 
 
 def apply_protocol(task: Task, samples, protocol: str | None) -> str | None:

@@ -29,7 +29,8 @@ class Sample:
     """One prompt to evaluate, identical for every configuration compared.
 
     Attributes:
-        id: unique within a run, e.g. ``"niah_single_1/L4096/s0"``; the resume key with the config.
+        id: unique within a run, e.g. ``"niah_single_1/L4096/s0"``; part of the resume key with the config, the
+            fingerprint and the run key (``runner.record_key``).
         task: sub-task name (``"niah_single_1"``, ``"narrativeqa"``, ``"passkey"``, ``"ppl"``).
         length: the target length in tokens (prompt + generation budget <= length).
         input_ids: the full prompt, chat template included, as token ids.

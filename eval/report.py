@@ -15,6 +15,8 @@ from typing import Any
 
 from .tasks.base import Task
 
+#: The files ``write_reports`` may write in ``--out`` (beside the records).
+OUTPUT_FILES = ("summary.json", "results.md", "accuracy_vs_length.png", "budget.png", "budget_per_layer.png")
 LAYER_KEYS = ("mean_attended_tokens", "attended_tokens", "mean_attended", "attended")
 
 
@@ -99,7 +101,18 @@ def paired_differences(records: Sequence[dict], config_names: Sequence[str], len
 
 def summarize(task: Task, records: Sequence[dict], config_names: Sequence[str], lengths: Sequence[int],
               info: dict) -> dict:
-    """The summary dictionary written as ``summary.json``."""
+    """The summary dictionary written as ``summary.json``.
+
+    ``records``: one run's, one per (config, sample) (``runner.select_records``); several records of a pair (of
+    other runs in the same ``--out``) raise ``ValueError`` rather than being averaged or paired together.
+    """
+    pairs: dict[tuple, int] = {}
+    for r in records:
+        pairs[(r["config"], r["id"], r["fingerprint"])] = pairs.get((r["config"], r["id"], r["fingerprint"]), 0) + 1
+    repeated = [pair for pair, n in pairs.items() if n > 1]
+    if repeated:
+        raise ValueError(f"{len(repeated)} (config, sample) pair(s) have several records, e.g. {repeated[0]}: "
+                         "summarize one run's records (runner.select_records)")
     groups = list(dict.fromkeys(r["group"] for r in records))
     scores: dict[str, dict] = {}
     average: dict[str, dict] = {}

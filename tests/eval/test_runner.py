@@ -185,17 +185,17 @@ def test_a_failing_sample_is_recorded_and_the_run_goes_on(tmp_path):
                            progress=False) == 6
     assert len(task.calls) == 4  # every other pair ran
     records = runner.read_records(str(tmp_path))
-    errors = runner.failed_records(records, samples, [n for n, _ in CONFIGS])
+    errors = runner.failed_records(records, samples, runner.resume_keys(CONFIGS))
     assert sorted(r["config"] for r in errors) == ["dense", "quest-twilight"]
     assert all(r["error"] == "RuntimeError: boom on t/L128/s1" and r["score"] is None for r in errors)
-    kept = runner.select_records(records, samples, [n for n, _ in CONFIGS])
+    kept = runner.select_records(records, samples, runner.resume_keys(CONFIGS))
     assert len(kept) == 4 and all(r["score"] is not None for r in kept)
     retry = FailingTask()  # the rerun redoes exactly the failed pairs, which now succeed
     runner.evaluate(retry, FakeModel(), None, samples, CONFIGS, str(tmp_path), FakeBackend(), progress=False)
     assert sorted(retry.calls) == [("dense", "t/L128/s1"), ("quest-twilight", "t/L128/s1")]
     records = runner.read_records(str(tmp_path))
-    assert runner.failed_records(records, samples, [n for n, _ in CONFIGS]) == []
-    assert len(runner.select_records(records, samples, [n for n, _ in CONFIGS])) == 6
+    assert runner.failed_records(records, samples, runner.resume_keys(CONFIGS)) == []
+    assert len(runner.select_records(records, samples, runner.resume_keys(CONFIGS))) == 6
 
 
 def test_changed_samples_are_evaluated_again_and_old_records_are_ignored(tmp_path):
@@ -205,7 +205,7 @@ def test_changed_samples_are_evaluated_again_and_old_records_are_ignored(tmp_pat
     task = CountingTask()
     runner.evaluate(task, FakeModel(), None, new, CONFIGS[:1], str(tmp_path), FakeBackend(), progress=False)
     assert len(task.calls) == 2
-    selected = runner.select_records(runner.read_records(str(tmp_path)), new, ["dense"])
+    selected = runner.select_records(runner.read_records(str(tmp_path)), new, runner.resume_keys(CONFIGS[:1]))
     assert len(selected) == 2 and all(r["answers"] == ["new"] for r in selected)
 
 
@@ -229,7 +229,7 @@ def test_summary_markdown_and_plots(tmp_path):
     samples = make_samples(4, 128) + make_samples(4, 256)
     runner.evaluate(CountingTask(), FakeModel(), None, samples, CONFIGS, str(tmp_path), FakeBackend(),
                     progress=False)
-    records = runner.select_records(runner.read_records(str(tmp_path)), samples, ["dense", "quest-twilight"])
+    records = runner.select_records(runner.read_records(str(tmp_path)), samples, runner.resume_keys(CONFIGS))
     summary = report.summarize(CountingTask(), records, ["dense", "quest-twilight"], [128, 256],
                                {"model": "m", "seed": 0, "samples_per_cell": 4})
     # samples s0 and s2 score 1, s1 and s3 score 0: 50% everywhere
@@ -304,3 +304,125 @@ def test_paired_differences_from_the_baseline_with_bootstrap_intervals():
     assert w["128"]["delta"] == pytest.approx(-100 / 6, abs=1e-3) and w["256"]["delta"] == pytest.approx(-50.0)
     assert w["all"]["low"] < -30.0 < w["all"]["high"] <= 0.0  # the interval holds the mean, never above 0 here
     assert report.paired_bootstrap([1.0, 2.0], seed=3) == report.paired_bootstrap([1.0, 2.0], seed=3)
+
+
+# --------------------------------------------------------------------------- resume keys
+
+class ScoreTask(CountingTask):
+    """Scores what the model says (``model.score``), so a reported score tells which run computed it."""
+
+    def evaluate(self, model, tokenizer, sample):
+        return {**super().evaluate(model, tokenizer, sample), "score": model.score}
+
+
+class ScoringModel(FakeModel):
+    def __init__(self, score):
+        self.score = score
+
+
+def context(**changes):
+    return {"model": "/models/m", "weights": "w0", "dtype": "float32", "device": "cpu",
+            "protocol": "decode-question", "twilight": "0.1.0", **changes}
+
+
+def set_aside_lines(err):
+    return [line for line in err.splitlines() if "set aside" in line]
+
+
+@pytest.mark.parametrize("change", [{"weights": "w1"}, {"model": "/models/other"}, {"dtype": "bfloat16"},
+                                    {"device": "cuda"}, {"protocol": "dense-prefill"}, {"twilight": "0.2.0"}])
+def test_a_record_of_another_run_is_set_aside_recomputed_and_not_reported(tmp_path, capsys, change):
+    samples, out = make_samples(3), str(tmp_path)
+    first, second = runner.resume_keys(CONFIGS, context()), runner.resume_keys(CONFIGS, context(**change))
+    assert runner.evaluate(ScoreTask(), ScoringModel(1.0), None, samples, CONFIGS, out, FakeBackend(),
+                           progress=False, runs=first) == 6
+    capsys.readouterr()
+    task = ScoreTask()
+    assert runner.evaluate(task, ScoringModel(0.0), None, samples, CONFIGS, out, FakeBackend(), progress=False,
+                           runs=second) == 6
+    assert len(task.calls) == 6                        # every pair ran again
+    lines = set_aside_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "set aside 6 record(s)" in lines[0]
+    assert f"(other {runner.RUN_FIELDS[next(iter(change))]})" in lines[0]
+    records = runner.read_records(out)
+    assert len(records) == 12                          # the other run's records stay in the file...
+    mine = runner.select_records(records, samples, second)
+    assert len(mine) == 6 and {r["score"] for r in mine} == {0.0}   # ...but are not this run's results
+    assert all(r["run"] == second[r["config"]] for r in mine)
+    summary = report.summarize(ScoreTask(), mine, list(second), [128], {"model": "m"})
+    assert summary["average"]["dense"]["all"] == 0.0 and summary["num_records"]["dense"] == 3
+    # both runs' records coexist: rerunning either one resumes everything and sets nothing aside
+    for runs in (second, first):
+        task = ScoreTask()
+        assert runner.evaluate(task, ScoringModel(0.5), None, samples, CONFIGS, out, FakeBackend(),
+                               progress=False, runs=runs) == 0
+        assert task.calls == [] and set_aside_lines(capsys.readouterr().err) == []
+    assert {r["score"] for r in runner.select_records(runner.read_records(out), samples, first)} == {1.0}
+
+
+def test_an_edited_config_under_the_same_name_is_recomputed(tmp_path, capsys):
+    """The key holds the config's settings, not its name: the edited one runs again, dense is resumed, and a
+    config rebuilt with the same settings is resumed."""
+    from twilight import TwilightConfig
+    base = TwilightConfig.load("quest-twilight").replace(backend="torch", dense_below=0, name="mine")
+    edited = TwilightConfig.load({**base.to_dict(), "pruner": {"type": "top_p", "p": 0.5}})
+    samples, out, ctx = make_samples(3), str(tmp_path), context()
+    before, after = [("dense", "dense"), ("mine", base)], [("dense", "dense"), ("mine", edited)]
+    runner.evaluate(ScoreTask(), ScoringModel(1.0), None, samples, before, out, FakeBackend(), progress=False,
+                    runs=runner.resume_keys(before, ctx))
+    capsys.readouterr()
+    task = ScoreTask()
+    runs = runner.resume_keys(after, ctx)
+    assert runs["mine"]["config"] != runner.resume_keys(before, ctx)["mine"]["config"]
+    assert runner.evaluate(task, ScoringModel(0.0), None, samples, after, out, FakeBackend(), progress=False,
+                           runs=runs) == 3
+    assert [cfg for cfg, _ in task.calls] == [edited] * 3
+    lines = set_aside_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "set aside 3 record(s)" in lines[0] and "(other config settings)" in lines[0]
+    mine = runner.select_records(runner.read_records(out), samples, runs)
+    assert {(r["config"], r["score"]) for r in mine} == {("dense", 1.0), ("mine", 0.0)}
+    same = [("dense", "dense"), ("mine", TwilightConfig.load(edited.to_dict()).replace(name="mine"))]
+    assert runner.evaluate(ScoreTask(), ScoringModel(0.5), None, samples, same, out, FakeBackend(),
+                           progress=False, runs=runner.resume_keys(same, ctx)) == 0
+
+
+def test_records_written_before_run_keys_are_recomputed_and_counted(tmp_path, capsys):
+    samples, out = make_samples(2), str(tmp_path)
+    runs = runner.resume_keys(CONFIGS, context())
+    runner.evaluate(ScoreTask(), ScoringModel(1.0), None, samples, CONFIGS, out, FakeBackend(), progress=False,
+                    runs=runs)
+    path = tmp_path / runner.RESULTS_FILE
+    old = [{k: v for k, v in json.loads(line).items() if k not in ("run", "run_key")}
+           for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))   # as this version's predecessors wrote them
+    assert runner.select_records(runner.read_records(out), samples, runs) == []
+    capsys.readouterr()
+    task = ScoreTask()
+    assert runner.evaluate(task, ScoringModel(0.0), None, samples, CONFIGS, out, FakeBackend(), progress=False,
+                           runs=runs) == 4
+    lines = set_aside_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "set aside 4 record(s)" in lines[0]
+    assert "4 written before records carried a run key" in lines[0]
+    assert {r["score"] for r in runner.select_records(runner.read_records(out), samples, runs)} == {0.0}
+    assert len(runner.read_records(out)) == 8
+
+
+def test_merged_shards_keep_each_runs_records(tmp_path):
+    samples, out = make_samples(5), str(tmp_path)
+    runs = {score: runner.resume_keys(CONFIGS[:1], context(weights=f"w{score}")) for score in (1.0, 0.0)}
+    for score, run in runs.items():
+        for rank in range(2):
+            runner.evaluate(ScoreTask(), ScoringModel(score), None, samples, CONFIGS[:1], out, FakeBackend(),
+                            dist=runner.Dist(rank=rank, world=2), progress=False, runs=run)
+        merged = runner.merge_shards(out)
+    assert len(merged) == 10 and sorted(os.listdir(tmp_path)) == [runner.RESULTS_FILE]
+    for score, run in runs.items():
+        mine = runner.select_records(runner.read_records(out), samples, run)
+        assert sorted(r["id"] for r in mine) == [s.id for s in samples] and {r["score"] for r in mine} == {score}
+
+
+def test_summarize_refuses_several_records_of_one_pair():
+    record = {"id": "s0", "fingerprint": "f", "config": "dense", "length": 100, "group": "g", "score": 1.0,
+              "budget": {}}
+    with pytest.raises(ValueError, match="several records"):
+        report.summarize(CountingTask(), [record, {**record, "score": 0.0}], ["dense"], [100], {"model": "m"})

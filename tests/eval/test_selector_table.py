@@ -102,9 +102,14 @@ def test_selector_table_end_to_end(twilight_lib, tiny_model_dir, tmp_path):
     table = (out / "selectors.md").read_text()
     assert "| **dense** |" in table and "| h2o | 32 |" in table and "| double_sparse | 32 |" in table
     assert (out / "selectors.png").stat().st_size > 0
+    ruler = [json.loads(line) for line in (out / "ruler" / "samples.jsonl").open()]
+    foreign = {**ruler[0], "run_key": "0" * 16, "score": 1.0 - ruler[0]["score"]}   # another run's record
+    with (out / "ruler" / "samples.jsonl").open("a") as f:
+        f.write(json.dumps(foreign) + "\n")
     assert selector_table.main(args) == 0  # resumes: nothing is evaluated again
     assert [json.loads(line) for run in ("ruler", "passkey")
-            for line in (out / run / "samples.jsonl").open()] == records
+            for line in (out / run / "samples.jsonl").open()] == ruler + [foreign] + records[len(ruler):]
+    assert json.loads((out / "selectors.json").read_text())["configs"] == data["configs"]   # not counted
 
 
 def test_a_generation_config_that_acts_on_the_first_token_turns_sharing_off(twilight_lib, tiny_model_dir, tmp_path):
