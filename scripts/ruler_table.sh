@@ -2,7 +2,8 @@
 # RULER's 13 tasks on the embedded SmolLM2-135M-Instruct at 2k/4k/8k: dense against quest and quest-twilight at
 # a budget of 1024 tokens per kv-head, twilight (top-p over every token) and streaming (1024 tokens), under the papers'
 # decode-question protocol. Writes the configs, per-sample records, summary.json, results.md and the plots to
-# OUT (default benchmarks/results/ruler-smollm2); rerunning the same command resumes.
+# OUT (default benchmarks/results/ruler-smollm2); rerunning the same command resumes (the committed records predate
+# run keys: a rerun sets them aside and computes every pair again).
 #   QA_DIR=dir-with-squad.json-and-hotpotqa.json bash scripts/ruler_table.sh   # qa_1/qa_2 from local files
 # Without QA_DIR the QA tasks load through `datasets` or are skipped (offline), and the summary notes it.
 # Extra arguments go to `twilight eval ruler` (e.g. --samples 2, --lengths 2048).
