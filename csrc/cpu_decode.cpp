@@ -313,10 +313,12 @@ void group_key_dots(const float* q, int64_t G, const float* kr, const int32_t* r
 }  // namespace
 
 // q: [B, Hq, D] f32; bounds: [B, H, cap/page, 2, D] f32 or bf16 ([max | min] per page); start: [B] i32.
+// Each sequence's pages are cut from its first valid token: page p of sequence b holds positions
+// [p * page_size + start[b] % page_size, ...) (twilight.cache).
 // Returns [B, H, n_pages] f32: per page, max over the kv-head's query heads of sum_d max(q_d max_d, q_d min_d);
-// -inf for pages holding no valid position (page * page_size + page_size <= start).
+// -inf for pages holding no valid position (before start / page_size, or starting at or past `length`).
 at::Tensor quest_page_scores(const at::Tensor& q, const at::Tensor& bounds, const at::Tensor& start,
-                             int64_t n_pages, int64_t page_size) {
+                             int64_t n_pages, int64_t page_size, int64_t length) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "quest_page_scores: q must be contiguous float32");
   TORCH_CHECK(bounds.is_contiguous() && bounds.dim() == 5, "quest_page_scores: bounds must be contiguous [B, H, P, 2, D]");
   TORCH_CHECK(start.scalar_type() == at::kInt, "quest_page_scores: start must be int32");
@@ -337,9 +339,9 @@ at::Tensor quest_page_scores(const at::Tensor& q, const at::Tensor& bounds, cons
     } else {
       quest_row(qr, G, bounds.data_ptr<float>() + r * cap_pages * n, n_pages, D, o);
     }
-    const int64_t s0 = st[r / H];
-    for (int64_t p = 0; p < n_pages && p * page_size + page_size <= s0; ++p) {
-      o[p] = -std::numeric_limits<float>::infinity();
+    const int64_t s0 = st[r / H], offset = s0 % page_size;
+    for (int64_t p = 0; p < n_pages; ++p) {
+      if (p < s0 / page_size || p * page_size + offset >= length) o[p] = -std::numeric_limits<float>::infinity();
     }
   }
   return out;
@@ -447,9 +449,11 @@ at::Tensor int4_scores(const at::Tensor& q, const at::Tensor& packed, const at::
 }
 
 // k: [B, H, cap, D] f32; k_int4: [B, H, cap, D/2] u8 (or empty); k_qparams: [B, H, cap, 2] f32 (or empty);
-// page_bounds: [B, H, cap/page, 2, D] f32 or bf16 (or empty).
+// page_bounds: [B, H, cap/page, 2, D] f32 or bf16 (or empty); start: [B] i32, each sequence's first valid position
+// (its pages are cut from there: pos is in page (pos - start % page_size) / page_size).
 void update_token(const at::Tensor& k, const at::Tensor& k_int4, const at::Tensor& k_qparams,
-                  const at::Tensor& page_bounds, int64_t pos, int64_t page_size, int64_t block) {
+                  const at::Tensor& page_bounds, const at::Tensor& start, int64_t pos, int64_t page_size,
+                  int64_t block) {
   TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous(), "update_token: k must be contiguous float32");
   const int64_t B = k.size(0), H = k.size(1), cap = k.size(2), D = k.size(3);
   const float* kp = k.data_ptr<float>();
@@ -486,7 +490,8 @@ void update_token(const at::Tensor& k, const at::Tensor& k_int4, const at::Tenso
       }
     }
     if (bounds) {
-      const int64_t pages = cap / page_size, page = pos / page_size;
+      TORCH_CHECK(start.scalar_type() == at::kInt && start.numel() == B, "update_token: start must be [B] int32");
+      const int64_t pages = cap / page_size, page = (pos - start.data_ptr<int32_t>()[r / H] % page_size) / page_size;
       if (page_bounds.scalar_type() == at::kFloat) {
         float* pb = page_bounds.data_ptr<float>() + (r * pages + page) * 2 * D;
         for (int64_t d = 0; d < D; ++d) {

@@ -12,17 +12,22 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _brute_page_bounds(keys: torch.Tensor, start: torch.Tensor, page_size: int):
     """Per page, per channel, exact max and min of the valid keys; ``has`` marks pages with a valid token.
-    keys ``[B, H, L, D]`` -> ``hi, lo [B, H, P, D]`` float64, ``has [B, P]``."""
+    keys ``[B, H, L, D]`` -> ``hi, lo [B, H, P, D]`` float64, ``has [B, P]``, ``P = ceil(L / page_size)``.
+
+    Each sequence is paged as it would be alone: its valid keys ``[start, L)`` cut into runs of ``page_size``
+    from the first, the run ``j`` stored as page ``start // page_size + j`` (pages before are left padding)."""
     B, H, L, D = keys.shape
     P = -(-L // page_size)
-    padded = torch.zeros(B, H, P * page_size, D, dtype=torch.float64)
-    padded[:, :, :L] = keys.double()
-    pos = torch.arange(P * page_size)
-    valid = (pos.view(1, -1) >= start.view(-1, 1)) & (pos.view(1, -1) < L)  # [B, P * ps]
-    v = valid.view(B, 1, P * page_size, 1)
-    hi = padded.masked_fill(~v, float("-inf")).view(B, H, P, page_size, D).amax(3)
-    lo = padded.masked_fill(~v, float("inf")).view(B, H, P, page_size, D).amin(3)
-    return hi, lo, valid.view(B, P, page_size).any(-1)
+    hi = torch.full((B, H, P, D), float("-inf"), dtype=torch.float64)
+    lo = torch.full((B, H, P, D), float("inf"), dtype=torch.float64)
+    has = torch.zeros(B, P, dtype=torch.bool)
+    for b in range(B):
+        s = int(start[b])
+        for j, p0 in enumerate(range(s, L, page_size)):
+            run = keys[b, :, p0:min(p0 + page_size, L)].double()  # [H, n, D]
+            page = s // page_size + j
+            hi[b, :, page], lo[b, :, page], has[b, page] = run.amax(1), run.amin(1), True
+    return hi, lo, has
 
 
 def _hand_label_levels(x: torch.Tensor, bits: int):
@@ -73,7 +78,7 @@ def check_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, start: torc
     if cache.keep_page_bounds:
         hi, lo, has = _brute_page_bounds(k, start, cache.page_size)
         bounds = cache.page_bounds[:, :, :cache.num_pages]
-        assert bounds.dtype == (torch.float16 if cache.dtype == torch.float16 else torch.bfloat16)
+        assert bounds.dtype == cache.bounds_dtype
         c_hi, c_lo = bounds[:, :, :, 0], bounds[:, :, :, 1]
         sel = has.view(cache.batch, 1, -1, 1).expand_as(hi)
         # bounds bound the exact values ...
@@ -111,18 +116,23 @@ def cache_scenarios(draw):
     start_mode = draw(st.sampled_from(["init", "later", "none"]))
     seed = draw(st.integers(0, 2 ** 16))
     label_bits = draw(st.sampled_from([None, None, 1, 2, 4, 8]))
-    return batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed, label_bits
+    bounds_dtype = draw(st.sampled_from([None, torch.bfloat16] if dtype == torch.float32 else [None]))
+    return batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed, label_bits, bounds_dtype
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cache_scenarios())
 def test_random_append_sequences(scenario):
-    batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed, label_bits = scenario
+    batch, heads, head_dim, page_size, quant, dtype, appends, start, start_mode, seed, label_bits, bounds_dtype = \
+        scenario
     g = torch.Generator().manual_seed(seed)
     start_t = torch.tensor(start, dtype=torch.int32)
     label = torch.stack([torch.randperm(head_dim, generator=g)[:max(1, head_dim // 2)] for _ in range(heads)])
     cache = LayerCache(batch, heads, head_dim, dtype=dtype, page_size=page_size, quant_bits=quant,
-                       label_channels=label, label_bits=label_bits, start=start_t if start_mode == "init" else None)
+                       label_channels=label, label_bits=label_bits, start=start_t if start_mode == "init" else None,
+                       bounds_dtype=bounds_dtype)
+    # Exact bounds by default (the keys' own dtype), whatever the CPU or backend; bf16 only when asked for
+    assert cache.bounds_dtype == (bounds_dtype or dtype)
     eff_start = start_t if start_mode == "init" else torch.zeros(batch, dtype=torch.int32)
     ks, vs = [], []
     for i, T in enumerate(appends):
@@ -197,9 +207,9 @@ def test_memory_bytes_overhead(dtype, page_size):
     assert mem["kv"] == 2 * n * D * el
     assert mem["k_int4"] == n * D // 2
     assert mem["k_qparams"] == n * 2 * 4
-    assert mem["page_bounds"] == (n // page_size) * 2 * D * 2
+    assert mem["page_bounds"] == (n // page_size) * 2 * D * el  # exact bounds, in the keys' dtype
     assert mem["extra"] == mem["k_int4"] + mem["k_qparams"] + mem["page_bounds"]
-    expected = (D / 2 + 8 + 4 * D / page_size) / (2 * D * el)
+    expected = (D / 2 + 8 + 2 * D * el / page_size) / (2 * D * el)
     assert mem["overhead_ratio"] == pytest.approx(expected)
     # sensible: for half-precision caches with Quest pages of 16, int4 + params + bounds stay near 20% of K/V
     if el == 2 and page_size == 16:

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import twilight
+from twilight.contract import TorchBackend
 from twilight.diagnostics import count_ops
 from twilight.integrations import hf
 from twilight.pipeline import TwilightPipeline
@@ -104,6 +105,7 @@ def _layer_step(backend, host_reads):
     pipe = TwilightPipeline(sparse(backend, budget=256), num_layers=1, num_q_heads=Hq, num_kv_heads=Hkv)
     pipe.host_reads = host_reads
     cache = pipe.new_cache(0, 2, Hkv, D)
+    assert cache.int4_block == pipe.backend("cpu").int4_block(torch.device("cpu"))  # the layout asked for
     cache.append(torch.randn(2, Hkv, 999, D), torch.randn(2, Hkv, 999, D))
     q = torch.randn(2, Hq, D) * 2
     for _ in range(3):  # warm up: derived structures built, storage grown
@@ -117,11 +119,18 @@ def _layer_step(backend, host_reads):
     return c
 
 
+@pytest.mark.parametrize("int4_block", [None, 32, 64], ids=["native-block", "avx2-block", "avx512-block"])
 @pytest.mark.parametrize("backend,host_reads,bound", [
     pytest.param("triton", False, "triton", marks=BACKENDS[1].marks),
     ("torch", False, "torch-fixed"),
     ("torch", True, "torch-cpu")])
-def test_ops_per_sparse_layer_step(backend, host_reads, bound):
+def test_ops_per_sparse_layer_step(backend, host_reads, bound, int4_block, monkeypatch):
+    """The bounds hold whichever int4 layout the CPU's GEMV reads (32-token blocks on AVX2, 64 on AVX-512): forced
+    here, so an AVX2 machine checks the AVX-512 machines' layout too (and the other way round)."""
+    if int4_block is not None:
+        if backend != "torch":
+            pytest.skip("only the torch backend's CPU layout depends on the CPU")
+        monkeypatch.setattr(TorchBackend, "int4_block", lambda self, device: int4_block)
     c = _layer_step(backend, host_reads)
     assert c.ops + c.launches <= OPS_BOUND[bound], c.summary()
     if not host_reads:
@@ -162,31 +171,58 @@ def test_dense_below_the_crossover_sparse_above():
     assert stats["per_layer"][0]["dense"] is False and stats["mean_attended_tokens"] < 200
 
 
-def _agreement_run(backend, lengths, seed=7):
-    """The issue's repro: tiny Llama (8 q / 2 kv heads, dim 32, 2 layers), exact-estimator Quest, budget 64."""
+def _agreement_run(backend, lengths, bounds_dtype=None, pruned=False, seed=7, monkeypatch=None):
+    """The issue's repros: tiny Llama (8 q / 2 kv heads, dim 32, 2 layers), Quest with a budget of 64, exact estimator
+    and no pruner, or int4 + top-p 0.9; ``bounds_dtype`` forces the page bounds' dtype (None: the cache's, exact)."""
     model = tiny_llama(layers=2, heads=8, kv_heads=2, dim=32, seed=seed)
-    cfg = {"selector": {"type": "quest", "token_budget": 64, "page_size": 16}, "estimator": {"type": "exact"},
-           "pruner": {"type": "none"}, "dense_layers": [], "dense_below": 0, "backend": backend}
+    cfg = {"selector": {"type": "quest", "token_budget": 64, "page_size": 16},
+           "estimator": {"type": "int4" if pruned else "exact"},
+           "pruner": {"type": "top_p", "p": 0.9} if pruned else {"type": "none"},
+           "dense_layers": [], "dense_below": 0, "backend": backend}
     twilight.patch(model, cfg)
+    hf.make_cache(model).pipeline.bounds_dtype = bounds_dtype  # the model's pipeline: every cache made from now on
     g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, 300, (n,), generator=g) for n in lengths]
     L = max(lengths)
     ids = torch.stack([torch.cat([torch.zeros(L - len(s), dtype=torch.long), s]) for s in seqs])
     mask = torch.stack([torch.cat([torch.zeros(L - len(s), dtype=torch.long), torch.ones(len(s), dtype=torch.long)])
                         for s in seqs])
+    picked = []  # Quest's candidates of every sparse layer step, as [B, Hkv, length] masks
+    select = TwilightPipeline.select
+
+    def recording_select(self, layer_idx, q, cache, plan=None):
+        sel = select(self, layer_idx, q, cache, plan)
+        picked.append(sel.to_mask(cache.length))
+        return sel
+
+    monkeypatch.setattr(TwilightPipeline, "select", recording_select)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
+    monkeypatch.undo()
     stats = twilight.budget_stats(model).as_dict()
-    return out.logits[-1], stats
+    layer = hf.output_cache(out).layer_cache(0)
+    assert layer.page_bounds.dtype == (bounds_dtype or torch.float32)  # what was asked for, whatever the CPU
+    return out.logits[-1], stats, picked
 
 
 @pytest.mark.skipif(not INTERPRET or twilight.available_backends("cpu")["triton"] is not None,
                     reason="the triton backend on the CPU needs triton and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("lengths", [[500], [192, 192], [501, 333]])
-def test_triton_and_torch_agree_through_the_patch(lengths):
-    ref_logits, ref_stats = _agreement_run("torch", lengths)
-    tri_logits, tri_stats = _agreement_run("triton", lengths)
-    # the same tokens per head (Quest's pages with the most recent page always in), hence the same logits
-    assert tri_stats["per_head"] == ref_stats["per_head"]
-    assert torch.allclose(tri_logits, ref_logits, atol=1e-3), float((tri_logits - ref_logits).abs().max())
+@pytest.mark.parametrize("bounds_dtype", [None, torch.bfloat16], ids=["exact-bounds", "bf16-bounds"])
+@pytest.mark.parametrize("lengths,pruned", [([500], False), ([192, 192], False), ([501, 333], False),
+                                            ([190, 190], True)])
+def test_triton_and_torch_agree_through_the_patch(lengths, pruned, bounds_dtype, monkeypatch):
+    """Both page-bound dtypes (the AVX-512 machines once got bf16 bounds, AVX2 ones float32, by the CPU's
+    capability): forced here, so that each is checked on any CPU. The two backends pick the same pages."""
+    ref_logits, ref_stats, ref_picked = _agreement_run("torch", lengths, bounds_dtype, pruned, monkeypatch=monkeypatch)
+    tri_logits, tri_stats, tri_picked = _agreement_run("triton", lengths, bounds_dtype, pruned,
+                                                       monkeypatch=monkeypatch)
+    # the same pages in every layer and step (Quest's best pages with the most recent page always in)
+    assert len(ref_picked) == len(tri_picked) == 2 * 2  # 2 layers, 2 decode steps (the first token is prefill's)
+    for step, (r, t) in enumerate(zip(ref_picked, tri_picked, strict=True)):
+        assert torch.equal(r, t), f"layer step {step}: the backends picked different pages"
+    if not pruned:  # hence the same tokens per head and the same logits
+        assert tri_stats["per_head"] == ref_stats["per_head"]
+        assert torch.allclose(tri_logits, ref_logits, atol=1e-3), float((tri_logits - ref_logits).abs().max())
+    else:  # top-p over int4 estimates: the torch backend's CPU GEMV rounds q to bf16, triton's sums in float32
+        assert torch.allclose(tri_logits, ref_logits, atol=2e-2), float((tri_logits - ref_logits).abs().max())

@@ -81,9 +81,10 @@ def test_quest_page_scores_upper_bound(dtype, page_size, L, G):
     assert scores.shape == (B, Hkv, P) and scores.dtype == torch.float32
     qg = q.double().view(B, Hkv, G, D)
     for b in range(B):
+        first = int(start[b]) % page_size  # each sequence's pages are cut from its first valid token
         for pg in range(P):
-            a, e = max(pg * page_size, int(start[b])), min((pg + 1) * page_size, L)
-            if a >= e:  # only padding on this page
+            a, e = max(pg * page_size + first, int(start[b])), min((pg + 1) * page_size + first, L)
+            if a >= e:  # only padding on this page (or past the end of an offset sequence)
                 assert bool(torch.isneginf(scores[b, :, pg]).all())
                 continue
             keys = k[b, :, a:e].double()  # [Hkv, n, D]
@@ -122,16 +123,19 @@ def test_quest_selector_picks_whole_top_pages(page_size, budget, G):
             rows = _rows(sel)[b][h]
             assert len(rows) == len(set(rows)), "duplicate tokens"
             assert all(int(start[b]) <= t < L for t in rows), "padding or out-of-range token selected"
-            pages = sorted({t // page_size for t in rows})
+            first = int(start[b]) % page_size  # the sequence's pages are cut from its first valid token
+            pages = sorted({(t - first) // page_size for t in rows})
             assert len(pages) <= n_pages
             for pg in pages:  # whole pages: every valid token of a chosen page
-                page_tokens = [t for t in range(pg * page_size, min((pg + 1) * page_size, L)) if valid[b, t]]
-                assert sorted(t for t in rows if t // page_size == pg) == page_tokens
+                page_tokens = [t for t in range(pg * page_size + first, min((pg + 1) * page_size + first, L))
+                               if valid[b, t]]
+                assert sorted(t for t in rows if (t - first) // page_size == pg) == page_tokens
             # the most recent page is always chosen (Quest's current page); the others are the top ones by score
-            last = cache.num_pages - 1
+            last = (L - 1 - first) // page_size
             assert last in pages
             chosen = [pg for pg in pages if pg != last]
-            others = [pg for pg in range(last) if pg not in pages and torch.isfinite(scores[b, h, pg])]
+            others = [pg for pg in range(cache.num_pages)
+                      if pg not in pages and pg != last and torch.isfinite(scores[b, h, pg])]
             if others:
                 assert chosen and float(scores[b, h, chosen].min()) >= float(scores[b, h, others].max())
                 assert len(pages) == n_pages

@@ -6,9 +6,10 @@ Kept in sync on every append (prefill in bulk, decode one token at a time):
 - ``k_int4`` ``[B, Hkv, capacity, D // 2]`` uint8 (tiled layout, see ``twilight.quant``) or ``k_int8``
   ``[B, Hkv, capacity, D]`` int8, with ``k_qparams [B, Hkv, capacity, 2]`` float32 (scale, mid).
 - ``page_bounds`` ``[B, Hkv, pages, 2, D]``: per-page channel max (``[..., 0, :]``) and min
-  (``[..., 1, :]``) of the valid keys, for Quest. Stored in bf16 (fp16 for fp16 caches) rounded
-  outward, so they still bound the exact keys while Quest reads half the bytes; ``bounds_dtype`` overrides
-  it (the torch backend keeps float32 bounds on CPUs without fast bf16 matmuls).
+  (``[..., 1, :]``) of the valid keys, for Quest. Stored exactly, in the cache's dtype, by default; a
+  ``bounds_dtype`` of lower precision (bf16 for a float32 cache: half the bytes Quest reads) rounds them
+  outward, so they still bound the exact keys. Which one is a property of the cache, never of the CPU or the
+  backend: every backend reads the same bounds and scores pages with the same float32 products.
 - ``k_label`` ``[B, Hkv, capacity, C]``: the label channels of K, for Double Sparsity; with ``label_bits``
   each token's label vector is min-max quantized to that many bits and stored dequantized
   (``quantize_labels``), as the original Twilight code scores Double Sparsity against.
@@ -21,7 +22,10 @@ one token's nibbles and widens one page's bounds (a few elementwise ops, no repa
 
 Batches: every sequence appends the same number of positions (as Hugging Face models do); sequence
 ``b`` is valid on ``[start[b], length)``, where ``start`` counts its left padding. Padding positions are
-excluded from page bounds and never selected.
+excluded from page bounds and never selected. Pages are cut from each sequence's first valid token, so a
+left-padded sequence has the pages it has alone: page ``g`` of sequence ``b`` holds positions
+``[g * page_size + page_offset[b], (g + 1) * page_size + page_offset[b])`` with
+``page_offset = start % page_size`` (0 without padding: page ``g`` is ``[g * page_size, (g + 1) * page_size)``).
 """
 from __future__ import annotations
 
@@ -94,7 +98,8 @@ class LayerCache:
             (``quantize_labels``); ignored without ``label_channels``.
         start: ``[B]`` first valid position of each sequence (left padding), default all zero.
         int4_block: tokens per tile of the int4 layout (64, or 32 for PyTorch's AVX2 CPU GEMV; ``twilight.quant``).
-        bounds_dtype: dtype of ``page_bounds`` (default: bf16, fp16 for fp16 caches).
+        bounds_dtype: dtype of ``page_bounds`` (default: the cache's dtype, float32 for float64: exact bounds;
+            a lower precision is rounded outward).
         lazy_derived: update the derived structures in ``update_derived()`` rather than in ``append``.
 
     Example::
@@ -131,8 +136,8 @@ class LayerCache:
         self.page_size = page_size
         self.quant_bits = quant_bits
         self.keep_page_bounds = keep_page_bounds
-        if bounds_dtype is None:
-            bounds_dtype = torch.float16 if dtype == torch.float16 else torch.bfloat16
+        if bounds_dtype is None:  # exact: a page's max and min are keys, representable in the keys' dtype
+            bounds_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
         if bounds_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"bounds_dtype={bounds_dtype} is invalid: must be float16, bfloat16 or float32")
         self.bounds_dtype = bounds_dtype
@@ -162,6 +167,9 @@ class LayerCache:
         self.length = 0
         self.start = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.min_start = self.max_start = 0  # host copies of start's extremes (no device sync in decode steps)
+        #: ``[B]`` int32 ``start % page_size``: where each sequence's page grid begins (see the module docstring).
+        self.page_offset = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.pages_aligned = True  # host copy: every page_offset is 0 (pages at multiples of page_size)
         if start is not None:
             self.set_start(start)
         # The capacity is a multiple of both the int4 tile and the page size.
@@ -215,7 +223,7 @@ class LayerCache:
         if bool((start < 0).any()):
             raise ValueError("start must be >= 0")
         self.start = start
-        self.min_start, self.max_start = int(start.min()), int(start.max())
+        self._start_changed()
         if self.derived_length and self.keep_page_bounds:
             self._update_page_bounds(0, self.derived_length)
 
@@ -237,8 +245,14 @@ class LayerCache:
             for key, value in state.items():
                 state[key] = rows(value)
         self.start = self.start.index_select(0, index)
-        self.min_start, self.max_start = int(self.start.min()), int(self.start.max())
         self.batch = index.numel()
+        self._start_changed()
+
+    def _start_changed(self) -> None:
+        """Refresh what derives from ``start``: its host extremes and each sequence's page grid."""
+        self.min_start, self.max_start = int(self.start.min()), int(self.start.max())
+        self.page_offset = self.start % self.page_size
+        self.pages_aligned = self.max_start == 0 or not bool(self.page_offset.any())
 
     # ------------------------------------------------------------------ appends
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -308,9 +322,16 @@ class LayerCache:
             self.k_qparams[:, :, pos].copy_(qp)
         if self.keep_page_bounds:
             lo, hi = round_outward(x, x, self.bounds_dtype)
-            page = self.page_bounds[:, :, pos // self.page_size]  # [B, H, 2, D]
-            torch.maximum(page[:, :, 0], hi, out=page[:, :, 0])
-            torch.minimum(page[:, :, 1], lo, out=page[:, :, 1])
+            if self.pages_aligned:
+                page = self.page_bounds[:, :, pos // self.page_size]  # [B, H, 2, D], a view: widened in place
+                torch.maximum(page[:, :, 0], hi, out=page[:, :, 0])
+                torch.minimum(page[:, :, 1], lo, out=page[:, :, 1])
+            else:  # each sequence's own page of pos (pos >= max_start >= page_offset)
+                rows = torch.arange(self.batch, device=self.device)
+                idx = (pos - self.page_offset).div(self.page_size, rounding_mode="floor").long()
+                page = self.page_bounds[rows, :, idx]  # [B, H, 2, D], a copy
+                page = torch.stack([torch.maximum(page[:, :, 0], hi), torch.minimum(page[:, :, 1], lo)], 2)
+                self.page_bounds[rows, :, idx] = page
         if self.label_channels is not None:
             self._update_labels(pos, pos + 1)
 
@@ -343,16 +364,25 @@ class LayerCache:
         self.k_int4[:, :, t0:t1].copy_(pack_int4(codes, blk))
 
     def _update_page_bounds(self, L0: int, L1: int) -> None:
-        """Recompute the bounds of the pages that positions ``[L0, L1)`` touch."""
+        """Recompute the bounds of the pages that positions ``[L0, L1)`` touch, in every sequence."""
         ps = self.page_size
-        p0, p1 = L0 // ps, -(-L1 // ps)
-        keys = self.k[:, :, p0 * ps:p1 * ps].float()  # [B, H, (p1 - p0) * ps, D]
-        pos = torch.arange(p0 * ps, p1 * ps, device=self.device)
-        valid = (pos.view(1, -1) >= self.start.view(-1, 1)) & (pos.view(1, -1) < self.length)  # [B, n]
+        B, H, D = self.batch, self.num_kv_heads, self.head_dim
+        if self.pages_aligned:
+            p0, p1 = L0 // ps, -(-L1 // ps)
+            keys = self.k[:, :, p0 * ps:p1 * ps].float()  # [B, H, (p1 - p0) * ps, D]
+            pos = torch.arange(p0 * ps, p1 * ps, device=self.device).view(1, -1)  # [1, n]
+        else:  # page g of sequence b starts at g * ps + page_offset[b]: gather each sequence's own pages
+            p0, p1 = max(L0 - ps + 1, 0) // ps, -(-L1 // ps)  # every page any sequence's [L0, L1) touches
+            pos = torch.arange(p0 * ps, p1 * ps, device=self.device).view(1, -1) + self.page_offset.view(-1, 1)
+            index = pos.clamp_max(self.capacity - 1).view(B, 1, -1, 1).expand(B, H, -1, D)
+            keys = torch.gather(self.k, 2, index).float()  # [B, H, (p1 - p0) * ps, D]
+        valid = (pos >= self.start.view(-1, 1)) & (pos < self.length)  # [B, n]
         valid = valid.view(self.batch, 1, -1, 1)
         hi = keys.masked_fill(~valid, float("-inf")).view(self.batch, self.num_kv_heads, p1 - p0, ps, -1).amax(3)
         lo = keys.masked_fill(~valid, float("inf")).view(self.batch, self.num_kv_heads, p1 - p0, ps, -1).amin(3)
-        lo, hi = round_outward(lo, hi, self.bounds_dtype)
+        # Extremes of keys are keys: back in the keys' dtype exactly, then rounded outward only where the bounds'
+        # dtype is coarser (as a decode token's update does), so bulk and token updates give the same bounds.
+        lo, hi = round_outward(lo.to(self.dtype), hi.to(self.dtype), self.bounds_dtype)
         self.page_bounds[:, :, p0:p1, 0].copy_(hi)
         self.page_bounds[:, :, p0:p1, 1].copy_(lo)
 

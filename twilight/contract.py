@@ -83,10 +83,6 @@ class Backend(abc.ABC):
         """Tokens per tile of the int4 key layout this backend reads (the cache is built with it)."""
         return INT4_TILE
 
-    def bounds_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-        """dtype of Quest's page bounds for a cache of ``dtype`` (``None``: the cache's default, bf16/fp16)."""
-        return None
-
     def token_updater(self, cache: LayerCache):
         """A fused update of one decode token's derived structures for ``cache`` (``None``: the cache's own)."""
         return None
@@ -144,10 +140,6 @@ def _selection_from_kept(kept, sel: Selection, num_q_heads: int) -> tuple[Select
     return Selection(out.view(B, H, width), counts.to(torch.int32).view(B, H)), q_counts.to(torch.int32).view(B, -1)
 
 
-def _fast_bf16_cpu() -> bool:
-    return "AVX512" in torch.backends.cpu.get_cpu_capability()
-
-
 class TorchBackend(Backend):
     """The reference: every stage in PyTorch, on any device."""
 
@@ -159,13 +151,6 @@ class TorchBackend(Backend):
         if torch.device(device).type == "cpu":
             return cpu_int4_block() or INT4_TILE
         return INT4_TILE
-
-    def bounds_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-        # Quest scores pages with a matmul over the bounds; a CPU without AVX-512 runs bf16 matmuls ~2.5x slower
-        # than float32 ones, so there float32 caches keep float32 bounds (exact: no rounding needed).
-        if torch.device(device).type == "cpu" and dtype == torch.float32 and not _fast_bf16_cpu():
-            return torch.float32
-        return None
 
     def select(self, q, cache, selector, plan):
         return selector(q, cache, plan)

@@ -56,6 +56,10 @@ class TwilightPipeline:
         #: May backends read counts back to size their work? ``None``: where the cache lives on the CPU. ``False``
         #: runs the fixed-shape path a GPU runs (tests count its synchronisations on the CPU).
         self.host_reads: bool | None = None
+        #: dtype of Quest's page bounds in the caches made from now on. ``None``: the cache's own dtype (exact
+        #: bounds); ``torch.bfloat16`` halves the bytes Quest reads from a float32 cache, rounded outward. The
+        #: same for every backend and every CPU, so it never changes which pages a layer picks behind your back.
+        self.bounds_dtype: torch.dtype | None = None
         #: Pipelines of other configs that watch this one's prefills too (``observe``), so that a cache prefilled
         #: here can be forked into their configs (``twilight.integrations.hf.fork_cache``): one prefill, many
         #: configs, whatever their selectors observe.
@@ -87,7 +91,7 @@ class TwilightPipeline:
                           label_channels=None if dense else selector_channels(sel, layer_idx, num_kv_heads),
                           label_bits=None if dense else sel.label_bits, start=start,
                           int4_block=backend.int4_block(torch.device(device)), lazy_derived=True,
-                          bounds_dtype=backend.bounds_dtype(torch.device(device), dtype))
+                          bounds_dtype=self.bounds_dtype)
         cache.token_updater = backend.token_updater(cache)
         return cache
 

@@ -90,9 +90,28 @@ def quest_bound_reference(q: torch.Tensor, cache: LayerCache, q_dtype: torch.dty
     s = torch.einsum("bhgd,bhpd->bhpg", qg.clamp_min(0), bounds[:, :, :, 0]) + \
         torch.einsum("bhgd,bhpd->bhpg", qg.clamp_max(0), bounds[:, :, :, 1])
     s = s.amax(-1)
-    page_start = torch.arange(P) * cache.page_size
-    valid = (page_start.view(1, -1) + cache.page_size > cache.start.cpu().view(-1, 1))
+    # Each sequence's pages are cut from its first valid token: page p holds [p * ps + start % ps, + ps).
+    start = cache.start.cpu().long().view(-1, 1)
+    first = torch.arange(P).view(1, -1) * cache.page_size + start % cache.page_size  # [B, P]
+    valid = (first + cache.page_size > start) & (first < cache.length)
     return s.masked_fill(~valid.unsqueeze(1), float("-inf"))
+
+
+def page_bounds_reference(k: torch.Tensor, start, length: int, page_size: int):
+    """Exact float32 page bounds ``(hi, lo)`` ``[B, H, ceil(length / page_size), D]`` of keys
+    ``k [B, H, >=length, D]``, each sequence paged as it is alone: its valid keys ``[start[b], length)`` cut into
+    runs of ``page_size`` from the first, run ``j`` stored as page ``start[b] // page_size + j``; pages holding no
+    valid key are ``-inf`` / ``+inf``."""
+    B, H, _, D = k.shape
+    P = -(-length // page_size)
+    hi = torch.full((B, H, P, D), float("-inf"))
+    lo = torch.full((B, H, P, D), float("inf"))
+    for b in range(B):
+        s = int(start[b])
+        for j, t in enumerate(range(s, length, page_size)):
+            run = k[b, :, t:min(t + page_size, length)].float().cpu()
+            hi[b, :, s // page_size + j], lo[b, :, s // page_size + j] = run.amax(1), run.amin(1)
+    return hi, lo
 
 
 def attention_reference(q: torch.Tensor, cache: LayerCache, mask: torch.Tensor, scale: float) -> torch.Tensor:

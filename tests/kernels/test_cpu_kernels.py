@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import int4_reference, quest_bound_reference
+from kernel_helpers import int4_reference, page_bounds_reference, quest_bound_reference
 
 from twilight.cache import LayerCache
 from twilight.contract import BackendUnavailableError
@@ -68,11 +68,7 @@ def test_update_token_matches_the_torch_update(ops, block, bounds_dtype):
     if bounds_dtype == torch.float32:
         assert torch.equal(f, r)  # exact extremes
     else:
-        pos = torch.arange(pages * 16)
-        valid = ((pos >= start.view(-1, 1)) & (pos < L)).view(2, 1, pages, 16, 1)
-        kp = torch.nn.functional.pad(k, (0, 0, 0, pages * 16 - L)).view(2, 3, pages, 16, 64)
-        hi = kp.masked_fill(~valid, float("-inf")).amax(3)
-        lo = kp.masked_fill(~valid, float("inf")).amin(3)
+        hi, lo = page_bounds_reference(k, start, L, 16)  # each sequence paged from its first valid token
         assert bool((f[:, :, :, 0] >= hi).all()) and bool((f[:, :, :, 1] <= lo).all())
         assert bool((f[:, :, :, 0] <= r[:, :, :, 0]).all()) and bool((f[:, :, :, 1] >= r[:, :, :, 1]).all())
 
@@ -123,7 +119,7 @@ def test_quest_page_scores_match_float64(ops, bounds_dtype, G, D, start):
     cache = LayerCache(B, H, D, page_size=16, start=torch.tensor(start), bounds_dtype=bounds_dtype)
     cache.append(torch.randn(B, H, L, D) * 3, torch.randn(B, H, L, D))
     q = torch.randn(B, H * G, D)
-    out = ops.quest_page_scores(q, cache.page_bounds, cache.start, cache.num_pages, cache.page_size)
+    out = ops.quest_page_scores(q, cache.page_bounds, cache.start, cache.num_pages, cache.page_size, cache.length)
     ref = quest_bound_reference(q, cache)
     assert torch.equal(torch.isinf(out), torch.isinf(ref)) and not torch.isnan(out).any()
     fin = torch.isfinite(ref)
@@ -192,19 +188,21 @@ def test_cpu_quest_picks_the_top_pages_of_the_float64_scores(ops, start):
            "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [], "dense_below": 0, "backend": "cpu"}
     pipe = TwilightPipeline(cfg, num_layers=1, num_q_heads=Hq, num_kv_heads=Hkv)
     cache = pipe.new_cache(0, B, Hkv, D, start=None if start is None else torch.tensor(start))
-    assert cache.bounds_dtype == torch.bfloat16
+    assert cache.bounds_dtype == torch.float32  # exact bounds, as on every backend and CPU
     cache.append(torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D))
     q = torch.randn(B, Hq, D)
     sel = pipe.select(0, q, cache, pipe.plan(cache))
     ref = quest_bound_reference(q, cache)  # [B, H, P]
-    last, n = cache.num_pages - 1, budget // ps - 1
+    n = budget // ps - 1
     tol = 1e-5 * float(ref[torch.isfinite(ref)].abs().max())
     for b in range(B):
+        s0 = 0 if start is None else start[b]
+        first = s0 % ps  # the sequence's pages are cut from its first valid token
+        last = (L - 1 - first) // ps
         for h in range(Hkv):
             toks = sel.indices[b, h, :int(sel.counts[b, h])].long()
-            s0 = 0 if start is None else start[b]
             assert bool((toks >= s0).all()) and len(set(toks.tolist())) == toks.numel()
-            pages = set((toks // ps).tolist())
+            pages = set(((toks - first) // ps).tolist())
             assert last in pages
             chosen = sorted(pages - {last})
             others = sorted(set(range(last)) - set(chosen))
@@ -212,7 +210,7 @@ def test_cpu_quest_picks_the_top_pages_of_the_float64_scores(ops, start):
             assert float(ref[b, h, chosen].min()) >= float(cut) - tol
             assert float(ref[b, h, others].max()) <= float(cut) + tol
             # whole pages: every valid position of a chosen page
-            want = [t for p_ in pages for t in range(p_ * ps, min((p_ + 1) * ps, L)) if t >= s0]
+            want = [t for p_ in pages for t in range(p_ * ps + first, min((p_ + 1) * ps + first, L)) if t >= s0]
             assert sorted(toks.tolist()) == sorted(want)
 
 

@@ -27,7 +27,7 @@ def variants():
         for g in (16,):  # BLOCK_G is max(16, next_pow2(G))
             v.append(("quest", "_quest_scores_kernel",
                       {"q_ptr": bdt, "bounds_ptr": bdt, "start_ptr": "*i32", "out_ptr": "*fp32", "P": "i32",
-                       "H": "i32", "G": "i32", "bounds_row_stride": "i64", "page_size": "i32"},
+                       "H": "i32", "G": "i32", "bounds_row_stride": "i64", "page_size": "i32", "length": "i32"},
                       {"D": 128, "BLOCK_D": 128, "BLOCK_G": g, "BLOCK_P": 64, "DOT_F32": False}, {"num_warps": 4}))
         v.append(("spgemv", "_int4_spgemv_kernel",
                   {"q_ptr": dt, "packed_ptr": "*u8", "qparams_ptr": "*fp32", "idx_ptr": "*i32", "count_ptr": "*i32",
@@ -44,14 +44,14 @@ def variants():
                    "n_chunks": "i32", "CHUNK": "i32"},
                   {"D": 128, "BLOCK_D": 128, "BLOCK_G": 16}, {"num_warps": 4}))
     v.append(("quest", "_block_select_kernel",
-              {"scores_ptr": "*fp32", "start_ptr": "*i32", "key_ptr": "*i32", "page_ptr": "*i32", "cnt_ptr": "*i32",
+              {"scores_ptr": "*fp32", "start_ptr": "*i32", "key_ptr": "*i32", "first_ptr": "*i32", "cnt_ptr": "*i32",
                "P": "i32", "H": "i32", "n_cand": "i32", "k": "i32", "row_budget": "i32", "length": "i32",
-               "NB": "i32", "BPK": "i32"},
-              {"BP": 1024}, {"num_warps": 4}))
+               "page_size": "i32", "NB": "i32", "BPK": "i32"},
+              {"BP": 1024, "FORCE_LAST": True}, {"num_warps": 4}))
     v.append(("quest", "_merge_expand_kernel",
-              {"key_ptr": "*i32", "page_ptr": "*i32", "cnt_ptr": "*i32", "start_ptr": "*i32", "out_ptr": "*i32",
+              {"key_ptr": "*i32", "first_ptr": "*i32", "cnt_ptr": "*i32", "start_ptr": "*i32", "out_ptr": "*i32",
                "count_ptr": "*i32", "H": "i32", "k": "i32", "row_budget": "i32", "length": "i32",
-               "page_size": "i32", "width": "i32", "last_page": "i32", "NB": "i32", "BPK": "i32"},
+               "page_size": "i32", "width": "i32", "NB": "i32", "BPK": "i32"},
               {"NB_P2": 8, "BLOCK": 256, "PS": 16, "EXPAND": 128, "FORCE_LAST": True}, {"num_warps": 4}))
     for single, block, warps in ((True, 8192, 16), (True, 1024, 4), (False, 2048, 8)):
         for has_len, row_p in ((False, False), (True, False), (True, True)):

@@ -35,7 +35,8 @@ from twilight.cache import LayerCache, quantize_labels
 from twilight.config import SELECTOR_TYPES, SelectorConfig
 from twilight.selection import Selection
 
-__all__ = ["make_selector", "quest_page_scores", "exact_group_scores", "observation_key", "SELECTOR_TYPES"]
+__all__ = ["make_selector", "quest_page_scores", "pages_with_tokens", "last_pages", "exact_group_scores",
+           "observation_key", "SELECTOR_TYPES"]
 
 
 def _width(plan, n: int) -> int | None:
@@ -70,12 +71,28 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     B, H, G, D = qg.shape
     P = cache.num_pages
     bounds = cache.page_bounds[:, :, :P].reshape(B * H, P, 2 * D)  # [max | min] per page
-    qq = torch.cat([qg.clamp_min(0), qg.clamp_max(0)], -1).reshape(B * H, G, 2 * D).to(bounds.dtype)
+    # In float32 whatever the cache and bounds dtypes, q never rounded to the bounds': every backend computes these
+    # same products (exact in float32) and sums, so they pick the same pages.
+    qq = torch.cat([qg.clamp_min(0), qg.clamp_max(0)], -1).reshape(B * H, G, 2 * D).float()
     # [G, 2D] @ [2D, P] (pages as the wide dimension) runs ~2x faster on CPU than [P, 2D] @ [2D, G]
-    scores = torch.bmm(qq, bounds.transpose(1, 2)).view(B, H, G, P).amax(2).float()  # [B, Hkv, P]
-    page_start = torch.arange(P, device=q.device) * cache.page_size
-    has_valid = (page_start.view(1, -1) + cache.page_size > cache.start.view(-1, 1))  # [B, P]
-    return scores.masked_fill(~has_valid.unsqueeze(1), float("-inf"))
+    scores = torch.bmm(qq, bounds.float().transpose(1, 2)).view(B, H, G, P).amax(2)  # [B, Hkv, P]
+    if cache.max_start == 0:  # no padding: every page up to the last holds valid tokens
+        return scores
+    return scores.masked_fill(~pages_with_tokens(cache).unsqueeze(1), float("-inf"))
+
+
+def pages_with_tokens(cache: LayerCache) -> torch.Tensor:
+    """``[B, pages]`` bool: which of each sequence's pages (cut from its first valid token, ``cache.page_offset``)
+    hold a valid token. Left padding fills the pages before ``start // page_size``; a sequence whose grid is
+    offset may end one page before the others."""
+    ps = cache.page_size
+    page = torch.arange(cache.num_pages, device=cache.device).view(1, -1)
+    return (page >= (cache.start // ps).view(-1, 1)) & (page * ps + cache.page_offset.view(-1, 1) < cache.length)
+
+
+def last_pages(cache: LayerCache) -> torch.Tensor:
+    """``[B]`` int64: each sequence's most recent page (the one holding position ``length - 1``)."""
+    return (cache.length - 1 - cache.page_offset.long()).div(cache.page_size, rounding_mode="floor")
 
 
 class _Quest:
@@ -93,18 +110,28 @@ class _Quest:
         if cache.length - cache.min_start <= self.budget:
             return _full(q, cache)
         ps = self.page_size
-        last = cache.num_pages - 1  # the most recent page: always kept, and last
-        n_pages = min(-(-self.budget // ps), last + 1)
-        scores = page_scores(q, cache)[..., :last]  # [B, Hkv, P - 1]
-        pages = torch.topk(scores, n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
-        pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)  # [B, Hkv, n_pages]
-        tokens = (pages.unsqueeze(-1) * ps + torch.arange(ps, device=q.device, dtype=torch.int32)).flatten(-2)
-        if cache.max_start == 0:  # no padding: the valid tokens are a prefix of the row
+        n_pages = min(-(-self.budget // ps), cache.num_pages)
+        tile = torch.arange(ps, device=q.device, dtype=torch.int32)
+        if cache.max_start == 0:  # no padding: pages at multiples of ps, the valid tokens a prefix of the row
+            last = cache.num_pages - 1  # the most recent page: always kept, and last
+            scores = page_scores(q, cache)[..., :last]  # [B, Hkv, P - 1]
+            pages = torch.topk(scores, n_pages - 1, dim=-1, sorted=False).indices.to(torch.int32)
+            pages = torch.cat([pages, pages.new_full((*pages.shape[:2], 1), last)], -1)  # [B, Hkv, n_pages]
+            tokens = (pages.unsqueeze(-1) * ps + tile).flatten(-2)
             n = (n_pages - 1) * ps + cache.length - last * ps
             counts = torch.full(pages.shape[:2], n, dtype=torch.int32, device=q.device)
             return Selection(tokens.contiguous(), counts, page_size=ps, uniform_count=n)
-        # Padding may sit in any page (pages holding no valid token score -inf and come first only when fewer
-        # valid pages than the budget exist): keep the valid positions, compacted.
+        # Left padding: each sequence's pages start at its first valid token (cache.page_offset), so its last page
+        # is its own; pages holding no valid token score -inf and are taken only when a sequence has fewer valid
+        # pages than the budget (their positions are dropped below).
+        B, H = cache.batch, cache.num_kv_heads
+        last = last_pages(cache).view(B, 1, 1).expand(B, H, 1)
+        scores = page_scores(q, cache).scatter(-1, last, float("-inf"))  # the last page does not compete
+        pages = torch.topk(scores, n_pages - 1, dim=-1, sorted=False).indices
+        pages = pages.masked_fill(pages == last, cache.num_pages)  # a -inf tie: a page past the end, dropped below
+        pages = torch.cat([pages, last], -1).to(torch.int32)  # [B, Hkv, n_pages], the last page last
+        offset = cache.page_offset.view(B, 1, 1, 1)
+        tokens = (pages.unsqueeze(-1) * ps + offset + tile).flatten(-2)
         out, counts = compact(tokens, valid_positions(cache, tokens), width=_width(plan, tokens.shape[-1]))
         return Selection(out, counts)
 

@@ -6,8 +6,8 @@ the step needs. This backend keeps the torch reference's control flow (the Quest
 contract's stages) and runs the heavy parts as compiled calls:
 
 - ``update_token``: a decode token's int4 codes, scale and mid, and Quest page bounds, in place;
-- ``quest_page_scores``: Quest's page upper bounds in one pass over the bounds, kept in bf16 (half the bytes
-  of the float32 bounds the torch backend keeps on CPUs without AVX-512, where its bf16 matmul is slow);
+- ``quest_page_scores``: Quest's page upper bounds in one pass over the bounds (float32, or bf16 when the
+  pipeline asks for them), the same float32 products as the torch reference;
 - ``int4_scores``: the candidates' estimated ``q·k`` from the packed int4 keys, reading only the candidates'
   bytes (eight page-aligned tokens at a time), in float32 (no bf16 rounding of ``q`` or the scales, unlike
   PyTorch's int4 GEMV);
@@ -70,9 +70,6 @@ class CpuBackend(TorchBackend):
     def __init__(self) -> None:
         self._ops = load()  # build now, so that a missing compiler shows up when the backend is chosen
 
-    def bounds_dtype(self, device, dtype):
-        return None  # the cache's default (bf16 for float32 caches): the C++ scores read it at full speed
-
     def select(self, q, cache, selector, plan):
         if getattr(selector, "kind", None) == "quest" and _fp32_cpu(q, cache):
             return selector(q, cache, plan, page_scores=self.quest_page_scores)
@@ -84,7 +81,7 @@ class CpuBackend(TorchBackend):
         checks.check_q(q, cache)
         cache.update_derived()
         return self._ops.quest_page_scores(q.contiguous(), cache.page_bounds, cache.start, cache.num_pages,
-                                           cache.page_size)
+                                           cache.page_size, cache.length)
 
     def estimate(self, q, cache, sel, kind, plan=None):
         if (kind != "int4" or cache.quant_bits != 4 or not _fp32_cpu(q, cache) or q.shape[1] > 64 * cache.num_kv_heads):
@@ -105,7 +102,8 @@ class CpuBackend(TorchBackend):
             empty = _empty(c.device)
             ops.update_token(c.k, c.k_int4 if c.quant_bits == 4 else empty,
                              c.k_qparams if c.quant_bits == 4 else empty,
-                             c.page_bounds if c.keep_page_bounds else empty, pos, c.page_size, c.int4_block)
+                             c.page_bounds if c.keep_page_bounds else empty, c.start, pos, c.page_size,
+                             c.int4_block)
 
         return update
 

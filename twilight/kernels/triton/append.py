@@ -6,9 +6,9 @@ one program per (batch, kv-head) row reads the token's key once and
 - quantizes it (per-token min-max, ``twilight.quant``): ``scale = max((max - min) / 15, 1e-8)``,
   ``mid = min + 8 * scale``, ``code = clamp(round((k - mid) / scale + 8), 0, 15)`` (round half to even), and
   writes the code into its nibble of the tiled layout (low nibble: a fresh byte; high nibble: or-ed in);
-- widens the page bounds of ``pos``'s page with the key, rounded outward to the bounds dtype (by the bit
-  pattern: the tightest bf16 values on either side, at most one unit tighter than
-  ``twilight.quant.round_outward``'s, which widens before a round-to-nearest cast).
+- widens the page bounds of ``pos``'s page (each sequence's own, cut from its first valid token) with the key,
+  rounded outward to the bounds dtype (by the bit pattern: the tightest bf16 values on either side, at most one
+  unit tighter than ``twilight.quant.round_outward``'s, which widens before a round-to-nearest cast).
 
 ``LayerCache.token_updater`` is set to it for the caches the triton backend builds (int4 keys in 64-token tiles,
 no int8 keys or labels: other layouts update with torch).
@@ -47,7 +47,7 @@ def _bf16_outward(x):
 
 
 @triton.jit
-def _update_token_kernel(k_ptr, packed_ptr, qparams_ptr, bounds_ptr, pos, cap, page,
+def _update_token_kernel(k_ptr, packed_ptr, qparams_ptr, bounds_ptr, start_ptr, H, pos, cap, page,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, BOUNDS: tl.constexpr,
                          WIDEN: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * Hkv + h
@@ -71,7 +71,9 @@ def _update_token_kernel(k_ptr, packed_ptr, qparams_ptr, bounds_ptr, pos, cap, p
             old = tl.load(byte_ptr, mask=ok, other=0).to(tl.int32)
             tl.store(byte_ptr, (old | (code << 4)).to(tl.uint8), mask=ok)
     if BOUNDS:
-        base = bounds_ptr + (row * (cap // page) + pos // page) * 2 * D
+        # the sequence's own page of pos: its pages start at its first valid token (twilight.cache)
+        offset = tl.load(start_ptr + row // H) % page
+        base = bounds_ptr + (row * (cap // page) + (pos - offset) // page) * 2 * D
         if WIDEN:  # float32 keys, bfloat16 bounds: directed rounding, so the bounds still bound the keys
             up, down = _bf16_outward(x)
         else:  # the key is exact in the bounds' dtype
@@ -102,5 +104,5 @@ def update_token(cache: LayerCache, pos: int) -> None:
     with launch_guard(cache.k):
         _update_token_kernel[(B * H,)](
             cache.k, cache.k_int4 if quant else cache.k, cache.k_qparams if quant else cache.k,
-            cache.page_bounds if bounds else cache.k, pos, cache.capacity, cache.page_size,
+            cache.page_bounds if bounds else cache.k, cache.start, H, pos, cache.capacity, cache.page_size,
             D=D, BLOCK_D=triton.next_power_of_2(D), QUANT=quant, BOUNDS=bounds, WIDEN=widen)

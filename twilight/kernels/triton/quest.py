@@ -39,7 +39,7 @@ _EXPAND_TOKENS = 2048  # tokens written per step when expanding the chosen pages
 
 
 @triton.jit
-def _quest_scores_kernel(q_ptr, bounds_ptr, start_ptr, out_ptr, P, H, G, bounds_row_stride, page_size,
+def _quest_scores_kernel(q_ptr, bounds_ptr, start_ptr, out_ptr, P, H, G, bounds_row_stride, page_size, length,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                          DOT_F32: tl.constexpr):
     row = tl.program_id(0)  # b * H + h
@@ -49,14 +49,16 @@ def _quest_scores_kernel(q_ptr, bounds_ptr, start_ptr, out_ptr, P, H, G, bounds_
     p_ok = offs_p < P
     d_ok = offs_d < D
     g_ok = offs_g < G
-    # The group's queries [BLOCK_G, BLOCK_D], cast to the bounds' dtype as the torch reference does.
-    # q arrives in the bounds' dtype; compare in float32 (the interpreter mis-compares bf16).
+    # The group's queries [BLOCK_G, BLOCK_D] in their own dtype, never rounded to the bounds' (DOT_F32 is set when
+    # the two differ); compared in float32 (the interpreter mis-compares bf16).
     q = tl.load(q_ptr + (row * G + offs_g)[:, None] * D + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
-    q_pos = tl.where(q > 0, q, 0.0).to(bounds_ptr.dtype.element_ty)
-    q_neg = tl.where(q < 0, q, 0.0).to(bounds_ptr.dtype.element_ty)
+    q_pos = tl.where(q > 0, q, 0.0).to(q_ptr.dtype.element_ty)
+    q_neg = tl.where(q < 0, q, 0.0).to(q_ptr.dtype.element_ty)
     start = tl.load(start_ptr + row // H)
-    has_valid = offs_p * page_size + page_size > start  # pages wholly in left padding have +-inf bounds: skip
+    # The sequence's pages start at its first valid token (twilight.cache): pages wholly in left padding, and a
+    # page past the end of a sequence whose grid is offset, hold no valid token (+-inf bounds): skip them.
+    has_valid = (offs_p >= start // page_size) & (offs_p * page_size + start % page_size < length)
     page = bounds_ptr + row.to(tl.int64) * bounds_row_stride + offs_p[:, None] * (2 * D) + offs_d[None, :]
     m2 = (p_ok & has_valid)[:, None] & d_ok[None, :]
     hi = tl.load(page, mask=m2, other=0.0)  # [BLOCK_P, BLOCK_D] channel max
@@ -77,7 +79,7 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         cache: a ``LayerCache`` built with ``keep_page_bounds=True``.
     Returns:
         ``[B, Hkv, cache.num_pages]`` float32; pages with no valid token (left padding) are ``-inf``.
-        Unlike the torch reference (whose bf16 matmul rounds the result to bf16) the sums stay float32.
+        The products of ``q`` (not rounded) and the stored bounds, summed in float32, as every backend does.
 
     Example::
 
@@ -97,13 +99,13 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     bounds = cache.page_bounds
     if not bounds.is_contiguous():
         bounds = bounds.contiguous()
-    q = q.to(bounds.dtype).contiguous()  # round q as the torch reference does (on the host: exact RNE)
+    q = q.contiguous()
     BLOCK_P = 64
     with launch_guard(q):
         _quest_scores_kernel[(B * H, triton.cdiv(P, BLOCK_P))](
-            q, bounds, cache.start, out, P, H, G, bounds.stride(1), cache.page_size,
+            q, bounds, cache.start, out, P, H, G, bounds.stride(1), cache.page_size, cache.length,
             D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_G=max(16, next_pow2(G)), BLOCK_P=BLOCK_P,
-            DOT_F32=dot_in_f32(bounds.dtype), num_warps=4)
+            DOT_F32=dot_in_f32(bounds.dtype) or q.dtype != bounds.dtype, num_warps=4)
     return out
 
 
@@ -143,16 +145,21 @@ def _kth_largest(ukey, valid, k):
 
 
 @triton.jit
-def _block_select_kernel(scores_ptr, start_ptr, key_ptr, page_ptr, cnt_ptr, P, H, n_cand, k, row_budget, length,
-                         NB, BPK, BP: tl.constexpr):
+def _block_select_kernel(scores_ptr, start_ptr, key_ptr, first_ptr, cnt_ptr, P, H, n_cand, k, row_budget, length,
+                         page_size, NB, BPK, BP: tl.constexpr, FORCE_LAST: tl.constexpr):
     """Program (row, block): the block's top ``k`` candidate pages (all its valid ones when fewer, or when the
-    row's valid tokens fit in ``row_budget``), compacted in page order into the row's candidate slots."""
+    row's valid tokens fit in ``row_budget``), compacted in page order into the row's candidate slots, each as its
+    key and its first position (``page * page_size + start % page_size``: the sequence's pages are cut from its
+    first valid token). With ``FORCE_LAST`` the sequence's last page does not compete (it is taken anyway)."""
     row = tl.program_id(0)  # b * H + h
     blk = tl.program_id(1)
     start = tl.load(start_ptr + row // H)
     pg = blk * BP + tl.arange(0, BP)
     s = tl.load(scores_ptr + row.to(tl.int64) * P + pg, mask=pg < n_cand, other=_NEG_INF)
     valid = s > _NEG_INF
+    offset = start % page_size
+    if FORCE_LAST:
+        valid = valid & (pg != (length - 1 - offset) // page_size)
     ukey = _ordered_ukey(s)
     take = valid
     if (length - start > row_budget) & (tl.sum(valid.to(tl.int32), axis=0) > k):
@@ -162,13 +169,13 @@ def _block_select_kernel(scores_ptr, start_ptr, key_ptr, page_ptr, cnt_ptr, P, H
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     base = (row.to(tl.int64) * NB + blk) * BPK
     tl.store(key_ptr + base + slot, ukey.to(tl.int32, bitcast=True), mask=take)
-    tl.store(page_ptr + base + slot, pg, mask=take)
+    tl.store(first_ptr + base + slot, pg * page_size + offset, mask=take)
     tl.store(cnt_ptr + row * NB + blk, tl.sum(take.to(tl.int32), axis=0))
 
 
 @triton.jit
-def _merge_expand_kernel(key_ptr, page_ptr, cnt_ptr, start_ptr, out_ptr, count_ptr, H, k, row_budget, length,
-                         page_size, width, last_page, NB, BPK, NB_P2: tl.constexpr, BLOCK: tl.constexpr,
+def _merge_expand_kernel(key_ptr, first_ptr, cnt_ptr, start_ptr, out_ptr, count_ptr, H, k, row_budget, length,
+                         page_size, width, NB, BPK, NB_P2: tl.constexpr, BLOCK: tl.constexpr,
                          PS: tl.constexpr, EXPAND: tl.constexpr, FORCE_LAST: tl.constexpr):
     """Program (row): the top ``k`` of the row's candidates, expanded to their valid tokens in page order (then the
     forced last page), count, and padding."""
@@ -196,7 +203,9 @@ def _merge_expand_kernel(key_ptr, page_ptr, cnt_ptr, start_ptr, out_ptr, count_p
                         ok = ok & ((ukey >> (shift + 8)) == thr)
                     hist += tl.histogram(((ukey >> shift) & 255).to(tl.int32), 256, mask=ok)
             thr, ties_left = _radix_digit(hist, ties_left, thr)
-    # Expand the chosen pages to their valid tokens [max(page_start, start), min(page_end, length)).
+    # Expand the chosen pages to their valid tokens [first, min(first + page_size, length)), ``first`` the page's
+    # first position as the block kernel stored it (never before start: pages wholly in left padding score -inf and
+    # are not taken).
     orow = out_ptr + row.to(tl.int64) * width
     tok = tl.arange(0, PS)
     e_offs = tl.arange(0, EXPAND)  # [EXPAND, PS] token tiles: few enough pages per step to stay in registers
@@ -209,19 +218,18 @@ def _merge_expand_kernel(key_ptr, page_ptr, cnt_ptr, start_ptr, out_ptr, count_p
             j = j0 + e_offs
             ok = j < cb
             ukey = tl.load(key_ptr + base + j, mask=ok, other=0).to(tl.uint32, bitcast=True)
-            pg = tl.load(page_ptr + base + j, mask=ok, other=0)
+            first = tl.load(first_ptr + base + j, mask=ok, other=0)
             tie = ok & (ukey == thr)
             tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among tied pages
             take = ok & (take_all | (ukey > thr) | (tie & (tie_rank <= ties_left)))
             ties_seen += tl.sum(tie.to(tl.int32), axis=0)
-            first = tl.maximum(pg * page_size, start)
-            n_tok = tl.where(take, tl.maximum(tl.minimum(pg * page_size + page_size, length) - first, 0), 0)
+            n_tok = tl.where(take, tl.maximum(tl.minimum(length - first, page_size), 0), 0)
             slot0 = written + tl.cumsum(n_tok, axis=0) - n_tok  # exclusive prefix sum
             tl.store(orow + slot0[:, None] + tok[None, :], first[:, None] + tok[None, :],
                      mask=tok[None, :] < n_tok[:, None])
             written += tl.sum(n_tok, axis=0)
-    if FORCE_LAST:  # the most recent page, last
-        first = tl.maximum(last_page * page_size, start)
+    if FORCE_LAST:  # the most recent page, last: it starts a whole number of pages after the sequence's start
+        first = start + (length - 1 - start) // page_size * page_size
         n_last = tl.maximum(length - first, 0)
         tl.store(orow + written + tok, first + tok, mask=tok < n_last)
         written += n_last
@@ -239,8 +247,8 @@ def _top_pages(scores: torch.Tensor, cache: LayerCache, n_pages: int, row_budget
     B, H, P = scores.shape
     ps, rows = cache.page_size, B * H
     width = n_pages * ps
-    k = n_pages - 1 if force_last else n_pages  # pages chosen by score
-    n_cand = P - 1 if force_last else P  # pages that compete
+    k = n_pages - 1 if force_last else n_pages  # pages chosen by score (the kernels keep each row's last page out)
+    n_cand = P  # pages that compete
     BP = min(_PAGE_BLOCK, max(16, next_pow2(n_cand)))
     NB = triton.cdiv(n_cand, BP) if k > 0 or row_budget >= 0 else 0
     BPK = BP if row_budget >= 0 else min(BP, k)  # candidate slots per block
@@ -250,15 +258,15 @@ def _top_pages(scores: torch.Tensor, cache: LayerCache, n_pages: int, row_budget
         return Selection(out, counts)
     n_slots = rows * NB * BPK
     scratch = torch.empty(2 * n_slots + rows * NB, dtype=torch.int32, device=scores.device) if NB else out
-    keys, pages, cnt = (scratch[:n_slots], scratch[n_slots:2 * n_slots], scratch[2 * n_slots:]) if NB else (out,) * 3
+    keys, firsts, cnt = (scratch[:n_slots], scratch[n_slots:2 * n_slots], scratch[2 * n_slots:]) if NB else (out,) * 3
     scores = scores.contiguous()
     pow2_ps = next_pow2(ps)
     with launch_guard(scores):
         if NB:
-            _block_select_kernel[(rows, NB)](scores, cache.start, keys, pages, cnt, P, H, n_cand, k, row_budget,
-                                             cache.length, NB, BPK, BP=BP, num_warps=4)
+            _block_select_kernel[(rows, NB)](scores, cache.start, keys, firsts, cnt, P, H, n_cand, k, row_budget,
+                                             cache.length, ps, NB, BPK, BP=BP, FORCE_LAST=force_last, num_warps=4)
         _merge_expand_kernel[(rows,)](
-            keys, pages, cnt, cache.start, out, counts, H, k, row_budget, cache.length, ps, width, P - 1, NB, BPK,
+            keys, firsts, cnt, cache.start, out, counts, H, k, row_budget, cache.length, ps, width, NB, BPK,
             NB_P2=max(2, next_pow2(NB)), BLOCK=min(1024, max(16, next_pow2(max(BPK, 1)))), PS=pow2_ps,
             EXPAND=max(16, min(next_pow2(max(BPK, 1)), _EXPAND_TOKENS // pow2_ps)), FORCE_LAST=force_last,
             num_warps=4)
@@ -304,8 +312,7 @@ def quest_select(q: torch.Tensor, cache: LayerCache, token_budget: int, page_siz
         token (pages wholly in left padding score ``-inf`` and are never taken; every valid page when there are
         fewer), expanded to their valid tokens: the others in page order, then the last page. Without left padding
         the valid tokens are whole pages followed by the partial last one; with it, each row's valid tokens are
-        compacted to its front. The torch selector's set, up to ties in page bounds (its bf16/fp16 matmul rounds
-        them; this kernel sums in float32).
+        compacted to its front. The torch selector's set, up to the order of float32 sums in near-ties.
 
     Example::
 
