@@ -58,7 +58,9 @@ def check_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, start: torc
     cache.update_derived()  # a lazy cache brings its derived structures up to date here
     L = k.shape[2]
     assert cache.length == L
-    assert cache.capacity >= L and cache.capacity % INT4_TILE == 0 and cache.capacity % cache.page_size == 0
+    assert cache.capacity >= L
+    assert cache.quant_bits != 4 or cache.capacity % INT4_TILE == 0  # whole int4 tiles
+    assert not cache.keep_page_bounds or cache.capacity % cache.page_size == 0  # whole pages
     assert torch.equal(cache.keys(), k) and torch.equal(cache.values(), v)
     assert cache.keys().dtype == cache.dtype
     assert cache.lengths().tolist() == [max(L - int(s), 0) for s in start]
@@ -157,9 +159,11 @@ def test_growth_keeps_old_data_and_is_amortised():
         vs.append(v)
         caps.append(cache.capacity)
     check_cache(cache, torch.cat(ks, 2), torch.cat(vs, 2), torch.zeros(1, dtype=torch.int32))
-    # capacity grows geometrically: few reallocations for many one-token appends
-    assert len(set(caps)) <= 4
-    assert all(b >= 2 * a for a, b in zip(sorted(set(caps)), sorted(set(caps))[1:], strict=False))
+    # capacity grows geometrically, by a quarter (whole int4 tiles and pages): few reallocations for many one-token
+    # appends, and never more than a quarter of the storage spare
+    steps = sorted(set(caps))
+    assert len(steps) <= 6
+    assert all(1.25 * a <= b <= 1.25 * a + 64 for a, b in zip(steps, steps[1:], strict=False))
 
 
 @pytest.mark.parametrize("quant", [4, 8])

@@ -14,8 +14,12 @@ Kept in sync on every append (prefill in bulk, decode one token at a time):
   each token's label vector is min-max quantized to that many bits and stored dequantized
   (``quantize_labels``), as the original Twilight code scores Double Sparsity against.
 
-Storage grows by doubling (rounded to whole tiles and pages), so appends cost amortised O(new tokens);
-the cache never concatenates the whole K/V per step. With ``lazy_derived`` the derived structures are brought
+Storage. When the final length is known (``initial_capacity``: ``generate()`` says it, ``make_cache(model,
+max_cache_len=...)`` too) every buffer is allocated once at that capacity, rounded up to whole int4 tiles and
+pages, and never again: memory is the plain K/V plus its compressed copy, nothing more. A cache that outgrows its
+capacity (a manual loop that never said its length) grows by a quarter at a time (rounded to whole tiles and
+pages), so appends cost amortised O(new tokens) and at most ~25% of the storage is spare; the cache never
+concatenates the whole K/V per step. With ``lazy_derived`` the derived structures are brought
 up to date by ``update_derived()`` (the pipeline calls it when a sparse step needs them) instead of on every
 append: a context that stays below the dense crossover never pays for them, and a one-token update writes
 one token's nibbles and widens one page's bounds (a few elementwise ops, no repacking).
@@ -45,7 +49,8 @@ from twilight.quant import (
     unpack_int4,
 )
 
-_MIN_CHUNK = 256
+_MIN_CHUNK = 256  # the smallest storage grown to when no capacity was given (tokens)
+_GROWTH = 1.25  # a cache that outgrows its capacity grows by this factor: at most a quarter of it is spare
 _UPDATE_CHUNK = 2048  # tokens per step when updating derived structures
 
 
@@ -97,6 +102,8 @@ class LayerCache:
         label_bits: ``None`` (exact labels) or 1..16: per-token min-max quantization of ``k_label``
             (``quantize_labels``); ignored without ``label_channels``.
         start: ``[B]`` first valid position of each sequence (left padding), default all zero.
+        initial_capacity: positions to allocate now, rounded up to whole int4 tiles and pages: the final length
+            when it is known (then nothing is allocated again); 0 (default) starts small and grows.
         int4_block: tokens per tile of the int4 layout (64, or 32 for PyTorch's AVX2 CPU GEMV; ``twilight.quant``).
         bounds_dtype: dtype of ``page_bounds`` (default: the cache's dtype, float32 for float64: exact bounds;
             a lower precision is rounded outward).
@@ -172,17 +179,21 @@ class LayerCache:
         self.pages_aligned = True  # host copy: every page_offset is 0 (pages at multiples of page_size)
         if start is not None:
             self.set_start(start)
-        # The capacity is a multiple of both the int4 tile and the page size.
-        self._granule = INT4_TILE * page_size // math.gcd(INT4_TILE, page_size)  # 64 is a multiple of 32 too
+        # The capacity is a multiple of the int4 tile (64 is a multiple of 32 too) and of the page size, where the
+        # cache keeps them; a cache of exact K/V only (dense layers) is allocated to the position.
+        self._granule = math.lcm(INT4_TILE if quant_bits == 4 else 1, page_size if keep_page_bounds else 1)
         self.capacity = 0
-        self._alloc(max(initial_capacity, 1))
+        self._alloc(initial_capacity if initial_capacity > 0 else _MIN_CHUNK)
 
     # ------------------------------------------------------------------ storage
     def _round_up(self, n: int) -> int:
         return -(-n // self._granule) * self._granule
 
     def _alloc(self, needed: int) -> None:
-        new_cap = self._round_up(max(needed, 2 * self.capacity, _MIN_CHUNK))
+        """Storage for ``needed`` positions: exactly that (rounded up to the granule) the first time, else at least a
+        quarter more than now, so that a cache growing token by token reallocates O(log) times."""
+        grown = math.ceil(_GROWTH * self.capacity) if self.capacity else 0
+        new_cap = self._round_up(max(needed, grown, 1))
         B, H, D = self.batch, self.num_kv_heads, self.head_dim
         dev = self.device
 

@@ -78,10 +78,11 @@ class TwilightPipeline:
 
     def new_cache(self, layer_idx: int, batch: int, num_kv_heads: int, head_dim: int,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  start: torch.Tensor | None = None) -> LayerCache:
+                  start: torch.Tensor | None = None, capacity: int = 0) -> LayerCache:
         """A ``LayerCache`` holding what this layer's stages read (nothing extra for dense layers), in the layout
         the backend reads. Its derived structures (int4 keys, page bounds, labels) are built when a sparse step
-        first needs them, so contexts that stay below the dense crossover never pay for them."""
+        first needs them, so contexts that stay below the dense crossover never pay for them. ``capacity``: the
+        final length when known (allocated once, at that length), 0 to grow as needed."""
         backend = self.backend(device)  # fail early on an unavailable backend
         dense = self.is_dense(layer_idx)
         sel = self.config.selector
@@ -89,7 +90,7 @@ class TwilightPipeline:
                           quant_bits=None if dense else self.config.estimator.bits,
                           keep_page_bounds=not dense and sel.type == "quest",
                           label_channels=None if dense else selector_channels(sel, layer_idx, num_kv_heads),
-                          label_bits=None if dense else sel.label_bits, start=start,
+                          label_bits=None if dense else sel.label_bits, start=start, initial_capacity=capacity,
                           int4_block=backend.int4_block(torch.device(device)), lazy_derived=True,
                           bounds_dtype=self.bounds_dtype)
         cache.token_updater = backend.token_updater(cache)

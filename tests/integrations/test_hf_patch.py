@@ -534,11 +534,11 @@ def test_unknown_calling_conventions_are_refused_at_patch_time(monkeypatch):
     assert not hf.is_patched(model)
 
 
-def test_static_cache_implementation_is_refused():
+def test_a_cache_implementation_twilight_cannot_decode_with_is_refused():
     model = tiny_model("llama")
     twilight.patch(model, TOP_P)
-    with pytest.raises(ValueError, match="cache_implementation"):
-        greedy(model, torch.cat(prompts([20])), n=3, cache_implementation="static")
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+        greedy(model, torch.cat(prompts([20])), n=3, cache_implementation="offloaded")
 
 
 def test_changing_attn_implementation_after_patch_warns():

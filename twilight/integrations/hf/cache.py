@@ -27,9 +27,9 @@ class TwilightLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, pipeline: TwilightPipeline, layer_idx: int):
+    def __init__(self, pipeline: TwilightPipeline, layer_idx: int, max_cache_len: int | None = None):
         # CacheLayerMixin.__init__ would assign keys/values, which are read-only views here.
-        self.pipeline, self.layer_idx = pipeline, layer_idx
+        self.pipeline, self.layer_idx, self.max_cache_len = pipeline, layer_idx, max_cache_len
         self.cache: LayerCache | None = None
         self.start: torch.Tensor | None = None  # [B] left-padding counts, applied when the cache is built
         self.is_initialized = False
@@ -48,7 +48,8 @@ class TwilightLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.cache = self.pipeline.new_cache(self.layer_idx, B, H, D, dtype=key_states.dtype,
-                                             device=key_states.device, start=self.start)
+                                             device=key_states.device, start=self.start,
+                                             capacity=self.max_cache_len or 0)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -115,11 +116,13 @@ class TwilightCache(Cache):
 
     Built by ``make_cache(model)`` (or automatically by a patched model); ``pipeline`` is the one of the
     config the model was patched with at that time, and it keeps that config for its whole life.
+    ``max_cache_len``: the most positions it will hold, when known (``generate()`` knows it): each layer's buffers
+    are then allocated once, at that length; without it they grow by a quarter when full.
     """
 
-    def __init__(self, pipeline: TwilightPipeline, num_layers: int):
-        super().__init__(layers=[TwilightLayer(pipeline, i) for i in range(num_layers)])
-        self.pipeline = pipeline
+    def __init__(self, pipeline: TwilightPipeline, num_layers: int, max_cache_len: int | None = None):
+        super().__init__(layers=[TwilightLayer(pipeline, i, max_cache_len) for i in range(num_layers)])
+        self.pipeline, self.max_cache_len = pipeline, max_cache_len
         self.start: torch.Tensor | None = None  # [B] int32 left padding, None = no padding
         self._start_list: list[int] | None = None
         self.padding_error: str | None = None  # set when the mask is not left padding: decoding then refuses

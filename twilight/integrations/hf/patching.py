@@ -73,8 +73,8 @@ class _PatchState:
             self.warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def new_cache(self) -> TwilightCache:
-        return TwilightCache(self.pipeline, self.num_layers)
+    def new_cache(self, max_cache_len: int | None = None) -> TwilightCache:
+        return TwilightCache(self.pipeline, self.num_layers, max_cache_len=max_cache_len)
 
     # copy.deepcopy and pickle of a patched model copy its state through these: the copy gets a pipeline of its own
     # (the same config, a copy of the stats; backends and selectors are rebuilt when it first decodes), its own
@@ -262,26 +262,47 @@ class _DecoderForward(_Wrapper):
 
 
 class _PrepareCache(_Wrapper):
-    """The model's ``_prepare_cache_for_generation``: ``generate()`` gets a ``TwilightCache``, not a
-    ``DynamicCache``."""
+    """The model's ``_prepare_cache_for_generation``: ``generate()`` gets a ``TwilightCache`` allocated once at the
+    call's final length (prompt plus new tokens), not a ``DynamicCache``; ``cache_implementation="static"`` (a
+    cache preallocated at that length, or at ``max_cache_len``) gets the same."""
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         model_kwargs, generation_config = bound.get("model_kwargs"), bound.get("generation_config")
         users_cache = None if model_kwargs is None else compat.find_cache(model_kwargs)[1]
-        result = self.__wrapped__(*args, **kwargs)
+        impl = getattr(generation_config, "cache_implementation", None)
+        static = impl == "static" and model_kwargs is not None and users_cache is None
+        if static:  # transformers would allocate a StaticCache only for us to drop it: let it build its empty default
+            generation_config.cache_implementation = None
+        try:
+            result = self.__wrapped__(*args, **kwargs)
+        finally:
+            if static:
+                generation_config.cache_implementation = impl
         if model_kwargs is None or users_cache is not None:
             return result  # the user's own cache: the forward wrapper warns if it is not a Twilight cache
         name, cache = compat.find_cache(model_kwargs)
         if cache is None or isinstance(cache, TwilightCache):
             return result
         if compat.is_plain_dynamic_cache(cache):
-            model_kwargs[name] = self.patch_state().new_cache()
+            model_kwargs[name] = self.patch_state().new_cache(self._final_length(bound, generation_config, static))
             return result
-        impl = getattr(generation_config, "cache_implementation", None)
-        raise ValueError(f"twilight.patch manages its own dynamic cache; generate(cache_implementation={impl!r}) "
+        raise ValueError(f"twilight.patch manages its own cache; generate(cache_implementation={impl!r}) "
                          f"created a {type(cache).__name__}, which Twilight cannot decode with. Leave "
-                         "cache_implementation unset (or 'dynamic').")
+                         "cache_implementation unset, or use 'dynamic' or 'static' (both give Twilight's cache, "
+                         "allocated once at the final length).")
+
+    @staticmethod
+    def _final_length(bound: dict, generation_config, static: bool) -> int | None:
+        """The positions the cache will hold: ``generate()``'s ``max_cache_length`` (its ``max_length - 1``: the
+        last new token is never fed back), at least ``max_cache_len`` for a static cache, as transformers sizes it."""
+        length = bound.get("max_cache_length")
+        if length is None:
+            max_length = getattr(generation_config, "max_length", None)
+            length = None if max_length is None else max_length - 1
+        if static and getattr(generation_config, "max_cache_len", None) is not None:
+            length = max(length or 0, generation_config.max_cache_len)
+        return length
 
 
 class _Generate(_Wrapper):
@@ -416,9 +437,14 @@ def _state(model) -> _PatchState:
     return state
 
 
-def make_cache(model) -> TwilightCache:
-    """A fresh, empty ``TwilightCache`` for a patched ``model`` (to pass as ``cache=`` / ``past_key_values=``)."""
-    return _state(model).new_cache()
+def make_cache(model, max_cache_len: int | None = None) -> TwilightCache:
+    """A fresh, empty ``TwilightCache`` for a patched ``model`` (to pass as ``cache=`` / ``past_key_values=``).
+
+    ``max_cache_len``: the most positions it will hold (prompt plus new tokens), when you know it: every layer's
+    buffers are then allocated once at that length (rounded up to whole int4 tiles and pages) and hold nothing
+    spare. Without it (or past it) the cache grows by a quarter at a time. ``generate()`` passes its own length.
+    """
+    return _state(model).new_cache(max_cache_len)
 
 
 def fork_cache(model, cache: TwilightCache) -> TwilightCache:
@@ -439,7 +465,7 @@ def fork_cache(model, cache: TwilightCache) -> TwilightCache:
     """
     if not isinstance(cache, TwilightCache):
         raise TypeError(f"cache must be a TwilightCache, got {type(cache).__name__}")
-    new = make_cache(model)
+    new = make_cache(model, cache.max_cache_len)
     if len(new.layers) != len(cache.layers):
         raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(new.layers)}")
     new.start, new._start_list, new.padding_error = cache.start, cache._start_list, cache.padding_error
