@@ -13,8 +13,10 @@
 // The two scoring loops are written with GCC/Clang vector extensions (eight float lanes): the build's
 // -march=native lowers them to the host's vector unit (AVX2 + FMA here) without intrinsics.
 //
-// float32 caches only (the CPU's dtype); the backend sends other dtypes to the torch reference.
-#include <torch/extension.h>
+// float32 caches only (the CPU's dtype); the backend sends other dtypes to the torch reference. The four are torch
+// operators, torch.ops.twilight_cpu.* (the schemas at the end), so that torch.compile captures them.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -25,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -448,16 +452,23 @@ at::Tensor int4_scores(const at::Tensor& q, const at::Tensor& packed, const at::
   return out;
 }
 
-// k: [B, H, cap, D] f32; k_int4: [B, H, cap, D/2] u8 (or empty); k_qparams: [B, H, cap, 2] f32 (or empty);
-// page_bounds: [B, H, cap/page, 2, D] f32 or bf16 (or empty); start: [B] i32, each sequence's first valid position
-// (its pages are cut from there: pos is in page (pos - start % page_size) / page_size).
-void update_token(const at::Tensor& k, const at::Tensor& k_int4, const at::Tensor& k_qparams,
-                  const at::Tensor& page_bounds, const at::Tensor& start, int64_t pos, int64_t page_size,
-                  int64_t block) {
+// k: [B, H, cap, D] f32 (read); written in place, each None (or empty) where the cache keeps none: k_int4
+// [B, H, cap, D/2] u8, k_qparams [B, H, cap, 2] f32, page_bounds [B, H, cap/page, 2, D] f32 or bf16; start: [B]
+// i32, each sequence's first valid position (its pages are cut from there: pos is in page
+// (pos - start % page_size) / page_size).
+void update_token(const at::Tensor& k, const std::optional<at::Tensor>& k_int4_opt,
+                  const std::optional<at::Tensor>& k_qparams_opt, const std::optional<at::Tensor>& page_bounds_opt,
+                  const at::Tensor& start, int64_t pos, int64_t page_size, int64_t block) {
   TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous(), "update_token: k must be contiguous float32");
   const int64_t B = k.size(0), H = k.size(1), cap = k.size(2), D = k.size(3);
   const float* kp = k.data_ptr<float>();
-  const bool quant = k_int4.numel() > 0, bounds = page_bounds.numel() > 0;
+  const at::Tensor none;
+  const at::Tensor& k_int4 = k_int4_opt.has_value() ? *k_int4_opt : none;
+  const at::Tensor& k_qparams = k_qparams_opt.has_value() ? *k_qparams_opt : none;
+  const at::Tensor& page_bounds = page_bounds_opt.has_value() ? *page_bounds_opt : none;
+  const bool quant = k_int4.defined() && k_int4.numel() > 0;
+  const bool bounds = page_bounds.defined() && page_bounds.numel() > 0;
+  TORCH_CHECK(!quant || (k_qparams.defined() && k_qparams.numel() > 0), "update_token: k_int4 without k_qparams");
   const int64_t half = block / 2;
   for (int64_t r = 0; r < B * H; ++r) {
     const float* x = kp + (r * cap + pos) * D;
@@ -516,9 +527,9 @@ void update_token(const at::Tensor& k, const at::Tensor& k_int4, const at::Tenso
 // q: [B, Hq, D] f32; k, v: [B, H, cap, D] f32. Returns out [B, Hq, D] f32, q_counts [B, Hq] i32,
 // kept [B, H, W] i32 (each row's union of kept positions, ascending by candidate slot, padded with the row's
 // first kept position or 0) and kv_counts [B, H] i32.
-std::vector<at::Tensor> top_p_attend(const at::Tensor& scores, const at::Tensor& cand, const at::Tensor& counts,
-                                     double p, double scale, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_attend(
+    const at::Tensor& scores, const at::Tensor& cand, const at::Tensor& counts, double p, double scale,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous(), "scores must be contiguous float32");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k, v must be float32");
@@ -650,12 +661,27 @@ std::vector<at::Tensor> top_p_attend(const at::Tensor& scores, const at::Tensor&
     const int32_t pad = row.empty() ? 0 : row[0];
     std::fill(kp_out + r * width + row.size(), kp_out + (r + 1) * width, pad);
   }
-  return {out, q_counts, kept, kv_counts};
+  return std::make_tuple(out, q_counts, kept, kv_counts);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("update_token", &update_token, "a decode token's int4 codes, scale/mid and page bounds");
-  m.def("top_p_attend", &top_p_attend, "per-head top-p, GQA union and decode attention over the union");
-  m.def("quest_page_scores", &quest_page_scores, "Quest's page upper bounds, max over each kv-head's query heads");
-  m.def("int4_scores", &int4_scores, "the candidates' estimated q.k from the packed int4 keys");
+// The operators, torch.ops.twilight_cpu.<name> (a plain shared library: twilight/kernels/cpu loads it with
+// torch.ops.load_library and registers their fake implementations, for torch.compile, in Python). The schemas say
+// exactly what each writes: update_token its three derived buffers in place (each absent, None, where the cache
+// keeps none), the others nothing (they return new tensors). The scalars that change every decode step (positions,
+// lengths, page counts) are SymInt, so that a compiled step traces them as symbols; the kernels take them as int64.
+TORCH_LIBRARY(twilight_cpu, m) {
+  m.def("update_token(Tensor k, Tensor(a!)? k_int4, Tensor(b!)? k_qparams, Tensor(c!)? page_bounds, Tensor start, "
+        "SymInt pos, int page_size, int block) -> ()");
+  m.def("top_p_attend(Tensor scores, Tensor cand, Tensor counts, float p, float scale, Tensor q, Tensor k, "
+        "Tensor v) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("quest_page_scores(Tensor q, Tensor bounds, Tensor start, SymInt n_pages, int page_size, SymInt length) "
+        "-> Tensor");
+  m.def("int4_scores(Tensor q, Tensor packed, Tensor qparams, Tensor cand, Tensor counts, int block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(twilight_cpu, CPU, m) {
+  m.impl("update_token", &update_token);
+  m.impl("top_p_attend", &top_p_attend);
+  m.impl("quest_page_scores", &quest_page_scores);
+  m.impl("int4_scores", &int4_scores);
 }
