@@ -12,6 +12,10 @@
   backends attend the same tokens and give the same outputs; the cpu backend's Quest pages are the top pages of
   the float64 scores (up to rounding); with the int4 estimator its budgets are those of the float32 int4
   estimate (the torch backend rounds ``q`` and the scales to bf16 in PyTorch's GEMV: its budgets differ slightly).
+- As torch operators (``torch.ops.twilight_cpu``): the schemas mark exactly ``update_token``'s three buffers as
+  written; ``torch.library.opcheck`` (schema, fake implementation, AOT dispatch) passes for each; the backend calls
+  them, and ``torch.compile(fullgraph=True)`` of its calls makes one graph whose results equal eager's.
+- A failed build raises ``BackendUnavailableError`` saying why.
 """
 from __future__ import annotations
 
@@ -236,3 +240,163 @@ def test_cpu_backend_int4_budgets_follow_the_float32_estimate(ops, top_p_oracle,
     sure = top_p_margin(logits, p) > 1e-5  # p not on a float boundary of the float64 estimate
     assert sure.float().mean() > 0.5
     assert torch.equal(q_counts[sure], top_p_oracle(logits, p).sum(-1, dtype=torch.int32)[sure])
+
+
+# The operators: registered with torch (torch.ops.twilight_cpu), with exact mutation annotations and fake
+# implementations, and what the backend calls, so that torch.compile captures the step without a graph break.
+
+# opcheck's checks that apply: the schema (what is mutated, no aliasing of outputs to inputs), the fake
+# implementation against the real one, and AOT dispatch (functionalization of the in-place update). Not
+# test_autograd_registration: the ops are not differentiable (positions, counts, estimates) and the decode step
+# runs them on tensors that do not require grad.
+_OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _small_cache(bounds_dtype=torch.float32, block=32, L=100):
+    torch.manual_seed(5)
+    B, H, D = 2, 2, 32
+    cache = LayerCache(B, H, D, page_size=16, start=torch.tensor([0, 9]), int4_block=block, bounds_dtype=bounds_dtype,
+                       lazy_derived=True)  # a token appended later waits for its update
+    cache.append(torch.randn(B, H, L, D) * 2, torch.randn(B, H, L, D))
+    cache.update_derived()
+    return cache
+
+
+def _candidates(cache, K=40):
+    B, H, L = cache.k.shape[0], cache.k.shape[1], cache.length
+    cand = torch.stack([torch.stack([torch.randperm(L)[:K] for _ in range(H)]) for _ in range(B)]).int()
+    return cand, torch.tensor([[K, 17], [3, 0]], dtype=torch.int32)
+
+
+def test_the_schemas_say_exactly_what_each_op_writes(ops):
+    written = {name: {a.name for a in getattr(ops, name).default._schema.arguments
+                      if a.alias_info is not None and a.alias_info.is_write}
+               for name in ("update_token", "quest_page_scores", "int4_scores", "top_p_attend")}
+    assert written == {"update_token": {"k_int4", "k_qparams", "page_bounds"}, "quest_page_scores": set(),
+                       "int4_scores": set(), "top_p_attend": set()}
+    assert all(getattr(ops, name).default._schema.returns == [] or all(
+        r.alias_info is None for r in getattr(ops, name).default._schema.returns) for name in written)
+
+
+@pytest.mark.parametrize("bounds_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_quest_page_scores(ops, bounds_dtype):
+    cache = _small_cache(bounds_dtype)
+    q = torch.randn(2, 6, 32)
+    torch.library.opcheck(ops.quest_page_scores.default, (q, cache.page_bounds, cache.start, cache.num_pages,
+                                                          cache.page_size, cache.length), test_utils=_OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_opcheck_int4_scores(ops, block):
+    cache = _small_cache(block=block)
+    cand, counts = _candidates(cache)
+    q = torch.randn(2, 6, 32)
+    torch.library.opcheck(ops.int4_scores.default, (q, cache.k_int4, cache.k_qparams, cand, counts, block),
+                          test_utils=_OPCHECK_UTILS)
+
+
+def test_opcheck_top_p_attend(ops):
+    cache = _small_cache()
+    cand, counts = _candidates(cache)
+    q = torch.randn(2, 6, 32)
+    scores = ops.int4_scores(q, cache.k_int4, cache.k_qparams, cand, counts, 32)
+    torch.library.opcheck(ops.top_p_attend.default, (scores, cand, counts, 0.9, 32 ** -0.5, q, cache.k, cache.v),
+                          test_utils=_OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("buffers", ["all", "bounds only", "int4 only"])
+def test_opcheck_update_token(ops, buffers):
+    cache = _small_cache(torch.bfloat16 if buffers == "bounds only" else torch.float32)
+    cache.append(torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32))  # a decode token, not yet derived
+    quant, bounds = buffers != "bounds only", buffers != "int4 only"
+    args = (cache.k, cache.k_int4 if quant else None, cache.k_qparams if quant else None,
+            cache.page_bounds if bounds else None, cache.start, cache.length - 1, cache.page_size, cache.int4_block)
+    torch.library.opcheck(ops.update_token.default, args, test_utils=_OPCHECK_UTILS)
+
+
+def test_the_backend_calls_the_registered_ops(ops):
+    from twilight.kernels.cpu import CpuBackend
+
+    backend = CpuBackend()
+    for name in ("update_token", "quest_page_scores", "int4_scores", "top_p_attend"):
+        assert getattr(backend, "_" + name) is getattr(torch.ops.twilight_cpu, name).default
+
+
+def test_compiled_quest_scores_and_int4_estimate_have_no_graph_break(ops):
+    """torch.compile(fullgraph=True) of the backend's Quest page scores and int4 estimate on a cache: one graph
+    holding the two operators (traced with their fake implementations, functionalized by AOT), equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from twilight.kernels.cpu import CpuBackend
+
+    backend = CpuBackend()
+    cache = _small_cache()
+    cand, counts = _candidates(cache)
+    sel = Selection(cand, counts)
+    q = torch.randn(2, 6, 32)
+
+    def step(q, cache, sel):
+        return backend.quest_page_scores(q, cache), backend.estimate(q, cache, sel, "int4")
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)  # a graph break raises
+    for got, want in zip(compiled(q, cache, sel), step(q, cache, sel), strict=True):
+        assert torch.equal(got, want)
+    assert counter.frame_count == 1
+    called = {n.target for n in counter.graphs[0].graph.nodes if n.op == "call_function"}
+    assert {torch.ops.twilight_cpu.quest_page_scores.default, torch.ops.twilight_cpu.int4_scores.default} <= called
+    torch._dynamo.reset()
+
+
+def test_compiled_token_update_and_top_p_attend_match_eager(ops):
+    """The in-place token update and top-p + attention (its union's width known only at run time) compiled whole:
+    the cache's buffers written as eagerly, the same outputs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from twilight.kernels.cpu import CpuBackend
+
+    backend = CpuBackend()
+    caches = [_small_cache() for _ in range(2)]  # identical
+    k, v = torch.randn(2, 2, 1, 32) * 3, torch.randn(2, 2, 1, 32)
+    for c in caches:
+        c.append(k, v)
+    compiled_cache, eager_cache = caches
+    before = compiled_cache.k_qparams.clone(), compiled_cache.page_bounds.clone()
+    update = backend.token_updater(compiled_cache)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compile(update, backend=counter, fullgraph=True)(compiled_cache, compiled_cache.length - 1)
+    backend.token_updater(eager_cache)(eager_cache, eager_cache.length - 1)
+    assert counter.frame_count == 1
+    assert not torch.equal(compiled_cache.k_qparams, before[0])  # written by the compiled graph...
+    assert not torch.equal(compiled_cache.page_bounds, before[1])
+    for name in ("k_int4", "k_qparams", "page_bounds"):  # ... as eagerly
+        assert torch.equal(getattr(compiled_cache, name), getattr(eager_cache, name)), name
+
+    cache = eager_cache
+    cand, counts = _candidates(cache)
+    q = torch.randn(2, 6, 32)
+    scores = ops.int4_scores(q, cache.k_int4, cache.k_qparams, cand, counts, 32)
+
+    def attend(scores, cand, counts, q, k, v):
+        return backend._top_p_attend(scores, cand, counts, 0.85, 32 ** -0.5, q, k, v)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    got = torch.compile(attend, backend=counter, fullgraph=True)(scores, cand, counts, q, cache.k, cache.v)
+    want = attend(scores, cand, counts, q, cache.k, cache.v)
+    assert counter.frame_count == 1
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    torch._dynamo.reset()
+
+
+def test_a_failed_build_raises_backend_unavailable_with_the_reason(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'twilight_cpu_kernels': no c++ here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.raises(BackendUnavailableError, match="building the cpu kernels .* failed: .*no c\\+\\+ here"):
+        cpu_kernels.load.__wrapped__()  # the uncached body
