@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -72,7 +73,17 @@ def decode_steps(model):
     return twilight.budget_stats(model).as_dict()["decode_steps"]
 
 
+def skip_unless_models_pickle():
+    """Skip where this transformers release cannot pickle even an unpatched model (5.0.0 with the optional
+    ``kernels`` package installed: its hub functions are local classes), which no patch can change."""
+    try:
+        torch.save(tiny_llama(), io.BytesIO())
+    except (AttributeError, TypeError, pickle.PicklingError) as err:
+        pytest.skip(f"this transformers release cannot pickle an unpatched model either: {err}")
+
+
 def torch_round_trip(model):
+    skip_unless_models_pickle()
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -159,6 +170,7 @@ def test_unpickled_model_registers_its_attention_implementation(monkeypatch):
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
+    skip_unless_models_pickle()
     ids = prompt()
     original = twilight.patch(tiny_llama(), TOP_P)
     expected = run(original, ids)
