@@ -29,7 +29,8 @@ class TwilightLayer(CacheLayerMixin):
 
     def __init__(self, pipeline: TwilightPipeline, layer_idx: int, max_cache_len: int | None = None):
         # CacheLayerMixin.__init__ would assign keys/values, which are read-only views here.
-        self.pipeline, self.layer_idx, self.max_cache_len = pipeline, layer_idx, max_cache_len
+        # (not ``max_cache_len``: transformers 5.0's Cache reads that of its layers, as a number)
+        self.pipeline, self.layer_idx, self.final_length = pipeline, layer_idx, max_cache_len
         self.cache: LayerCache | None = None
         self.start: torch.Tensor | None = None  # [B] left-padding counts, applied when the cache is built
         self.is_initialized = False
@@ -49,7 +50,7 @@ class TwilightLayer(CacheLayerMixin):
         B, H, _, D = key_states.shape
         self.cache = self.pipeline.new_cache(self.layer_idx, B, H, D, dtype=key_states.dtype,
                                              device=key_states.device, start=self.start,
-                                             capacity=self.max_cache_len or 0)
+                                             capacity=self.final_length or 0)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -122,7 +123,8 @@ class TwilightCache(Cache):
 
     def __init__(self, pipeline: TwilightPipeline, num_layers: int, max_cache_len: int | None = None):
         super().__init__(layers=[TwilightLayer(pipeline, i, max_cache_len) for i in range(num_layers)])
-        self.pipeline, self.max_cache_len = pipeline, max_cache_len
+        # the length asked for (``max_cache_len`` is a read-only property of transformers 5.0's Cache)
+        self.pipeline, self.final_length = pipeline, max_cache_len
         self.start: torch.Tensor | None = None  # [B] int32 left padding, None = no padding
         self._start_list: list[int] | None = None
         self.padding_error: str | None = None  # set when the mask is not left padding: decoding then refuses

@@ -282,15 +282,19 @@ class _PrepareCache(_Wrapper):
         if model_kwargs is None or users_cache is not None:
             return result  # the user's own cache: the forward wrapper warns if it is not a Twilight cache
         name, cache = compat.find_cache(model_kwargs)
-        if cache is None or isinstance(cache, TwilightCache):
+        if isinstance(cache, TwilightCache):
             return result
-        if compat.is_plain_dynamic_cache(cache):
-            model_kwargs[name] = self.patch_state().new_cache(self._final_length(bound, generation_config, static))
-            return result
-        raise ValueError(f"twilight.patch manages its own cache; generate(cache_implementation={impl!r}) "
-                         f"created a {type(cache).__name__}, which Twilight cannot decode with. Leave "
-                         "cache_implementation unset, or use 'dynamic' or 'static' (both give Twilight's cache, "
-                         "allocated once at the final length).")
+        if cache is None:
+            if getattr(generation_config, "use_cache", True) is False:
+                return result  # no cache asked for
+            name = self.patch_state().cache_name  # some releases (5.0) leave the default cache to the model's forward
+        elif not compat.is_plain_dynamic_cache(cache):
+            raise ValueError(f"twilight.patch manages its own cache; generate(cache_implementation={impl!r}) "
+                             f"created a {type(cache).__name__}, which Twilight cannot decode with. Leave "
+                             "cache_implementation unset, or use 'dynamic' or 'static' (both give Twilight's cache, "
+                             "allocated once at the final length).")
+        model_kwargs[name] = self.patch_state().new_cache(self._final_length(bound, generation_config, static))
+        return result
 
     @staticmethod
     def _final_length(bound: dict, generation_config, static: bool) -> int | None:
@@ -465,7 +469,7 @@ def fork_cache(model, cache: TwilightCache) -> TwilightCache:
     """
     if not isinstance(cache, TwilightCache):
         raise TypeError(f"cache must be a TwilightCache, got {type(cache).__name__}")
-    new = make_cache(model, cache.max_cache_len)
+    new = make_cache(model, cache.final_length)
     if len(new.layers) != len(cache.layers):
         raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(new.layers)}")
     new.start, new._start_list, new.padding_error = cache.start, cache._start_list, cache.padding_error
