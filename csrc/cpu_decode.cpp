@@ -529,8 +529,10 @@ void update_token(const at::Tensor& k, const std::optional<at::Tensor>& k_int4_o
 // first kept position or 0) and kv_counts [B, H] i32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_attend(
     const at::Tensor& scores, const at::Tensor& cand, const at::Tensor& counts, double p, double scale,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::optional<int64_t> kept_width) {
   TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous(), "scores must be contiguous float32");
+  TORCH_CHECK(!kept_width.has_value() || *kept_width >= cand.size(2),
+              "kept_width must be at least the candidates' width (a union never holds more)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k, v must be float32");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
@@ -651,8 +653,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_attend(
       for (int64_t d = 0; d < D; ++d) og[g * D + d] *= inv;
     }
   }
+  // The kept positions' width: the widest union (at least 1), or kept_width when given (a shape known before the
+  // call: a compiled step's).
   int64_t width = 1;
   for (const auto& row : kept_rows) width = std::max<int64_t>(width, static_cast<int64_t>(row.size()));
+  if (kept_width.has_value()) width = *kept_width;
   auto kept = at::zeros({B, H, width}, counts.options());
   int32_t* kp_out = kept.data_ptr<int32_t>();
   for (int64_t r = 0; r < B * H; ++r) {
@@ -673,7 +678,7 @@ TORCH_LIBRARY(twilight_cpu, m) {
   m.def("update_token(Tensor k, Tensor(a!)? k_int4, Tensor(b!)? k_qparams, Tensor(c!)? page_bounds, Tensor start, "
         "SymInt pos, int page_size, int block) -> ()");
   m.def("top_p_attend(Tensor scores, Tensor cand, Tensor counts, float p, float scale, Tensor q, Tensor k, "
-        "Tensor v) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor v, SymInt? kept_width=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("quest_page_scores(Tensor q, Tensor bounds, Tensor start, SymInt n_pages, int page_size, SymInt length) "
         "-> Tensor");
   m.def("int4_scores(Tensor q, Tensor packed, Tensor qparams, Tensor cand, Tensor counts, int block) -> Tensor");

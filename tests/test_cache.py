@@ -160,10 +160,10 @@ def test_growth_keeps_old_data_and_is_amortised():
         caps.append(cache.capacity)
     check_cache(cache, torch.cat(ks, 2), torch.cat(vs, 2), torch.zeros(1, dtype=torch.int32))
     # capacity grows geometrically, by a quarter (whole int4 tiles and pages): few reallocations for many one-token
-    # appends, and never more than a quarter of the storage spare
+    # appends, and never more than a quarter of the storage spare (plus rounding and one spare granule)
     steps = sorted(set(caps))
     assert len(steps) <= 6
-    assert all(1.25 * a <= b <= 1.25 * a + 64 for a, b in zip(steps, steps[1:], strict=False))
+    assert all(1.25 * a <= b <= 1.25 * a + 2 * 64 for a, b in zip(steps, steps[1:], strict=False))
 
 
 @pytest.mark.parametrize("quant", [4, 8])

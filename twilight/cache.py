@@ -16,13 +16,14 @@ Kept in sync on every append (prefill in bulk, decode one token at a time):
 
 Storage. When the final length is known (``initial_capacity``: ``generate()`` says it, ``make_cache(model,
 max_cache_len=...)`` too) every buffer is allocated once at that capacity, rounded up to whole int4 tiles and
-pages, and never again: memory is the plain K/V plus its compressed copy, nothing more. A cache that outgrows its
-capacity (a manual loop that never said its length) grows by a quarter at a time (rounded to whole tiles and
-pages), so appends cost amortised O(new tokens) and at most ~25% of the storage is spare; the cache never
-concatenates the whole K/V per step. With ``lazy_derived`` the derived structures are brought
-up to date by ``update_derived()`` (the pipeline calls it when a sparse step needs them) instead of on every
-append: a context that stays below the dense crossover never pays for them, and a one-token update writes
-one token's nibbles and widens one page's bounds (a few elementwise ops, no repacking).
+pages, plus one such granule spare (so that a view of the held positions is never a whole buffer: a compiled
+decode step keeps one shape to its last token), and never again: memory is the plain K/V plus its compressed
+copy, nothing more. A cache that outgrows its capacity (a manual loop that never said its length) grows by a
+quarter at a time (rounded to whole tiles and pages), so appends cost amortised O(new tokens) and at most ~25%
+of the storage is spare; the cache never concatenates the whole K/V per step. With ``lazy_derived`` the derived
+structures are brought up to date by ``update_derived()`` (the pipeline calls it when a sparse step needs
+them) instead of on every append: a context that stays below the dense crossover never pays for them, and a
+one-token update writes one token's nibbles and widens one page's bounds (a few elementwise ops, no repacking).
 
 Batches: every sequence appends the same number of positions (as Hugging Face models do); sequence
 ``b`` is valid on ``[start[b], length)``, where ``start`` counts its left padding. Padding positions are
@@ -134,7 +135,10 @@ class LayerCache:
             raise ValueError(f"int4_block={int4_block!r} is invalid: must be one of {INT4_BLOCKS}")
         self.int4_block = int4_block
         self.lazy_derived = lazy_derived
-        self.derived_length = 0  # positions [0, derived_length) have up-to-date derived structures
+        # positions [0, length - _underived) have up-to-date derived structures. Kept as the count behind (1 in every
+        # decode step) rather than as a second position: a compiled step then branches on a constant, not on a
+        # comparison of two positions (which specialises the dynamic length: one recompile per step).
+        self._underived = 0
         #: Updates one decode token's derived structures (``LayerCache._update_one`` by default); a backend with a
         #: fused kernel for it sets its own (``twilight.kernels.triton.append.update_token``).
         self.token_updater = None
@@ -191,9 +195,12 @@ class LayerCache:
 
     def _alloc(self, needed: int) -> None:
         """Storage for ``needed`` positions: exactly that (rounded up to the granule) the first time, else at least a
-        quarter more than now, so that a cache growing token by token reallocates O(log) times."""
+        quarter more than now, so that a cache growing token by token reallocates O(log) times; plus one spare
+        granule, so that ``length < capacity`` always holds: a view of the held positions (``keys()``, the pages or
+        int4 tiles they touch) never spans a whole buffer, and a compiled decode step never meets the contiguous
+        special case (one more graph) on its last tokens."""
         grown = math.ceil(_GROWTH * self.capacity) if self.capacity else 0
-        new_cap = self._round_up(max(needed, grown, 1))
+        new_cap = self._round_up(max(needed, grown, 1)) + self._granule
         B, H, D = self.batch, self.num_kv_heads, self.head_dim
         dev = self.device
 
@@ -280,13 +287,18 @@ class LayerCache:
         if T == 0:
             return
         L0, L1 = self.length, self.length + T
-        if L1 > self.capacity:
+        if L1 >= self.capacity:  # keep a spare position (``_alloc``)
             self._alloc(L1)
         self.k[:, :, L0:L1].copy_(k)
         self.v[:, :, L0:L1].copy_(v)
         self.length = L1
+        self._underived += T
         if not self.lazy_derived:
             self.update_derived()
+
+    @property
+    def derived_length(self) -> int:
+        return self.length - self._underived
 
     @property
     def has_derived(self) -> bool:
@@ -294,13 +306,15 @@ class LayerCache:
 
     def update_derived(self) -> None:
         """Bring the derived structures up to date with positions ``[derived_length, length)``."""
-        L0, L1 = self.derived_length, self.length
-        if L0 == L1:
+        n = self._underived
+        if n == 0:
             return
-        self.derived_length = L1
+        L1 = self.length
+        L0 = L1 - n
+        self._underived = 0
         if not self.has_derived:
             return
-        if L1 - L0 == 1 and L0 >= self.max_start:  # a decode step's token: update in place
+        if n == 1 and L0 >= self.max_start:  # a decode step's token: update in place
             (self.token_updater or LayerCache._update_one)(self, L0)
             return
         # Bulk updates go a granule-aligned chunk at a time: small temporaries stay in cache and are reused by
@@ -313,20 +327,24 @@ class LayerCache:
 
     def _update_one(self, pos: int) -> None:
         """Derived structures of the single (valid) position ``pos``."""
-        x = self.k[:, :, pos]  # [B, H, D]
+        # Slices, not integer indices: indexing with a symbolic position specialises it under torch.compile.
+        x = self.k.narrow(2, pos, 1).squeeze(2)  # [B, H, D]
         if self.quant_bits == 4:
             qp = int4_params(x)
-            self.k_qparams[:, :, pos].copy_(qp)
+            self.k_qparams.narrow(2, pos, 1).copy_(qp.unsqueeze(2))
             codes = int4_codes(x, qp)  # [B, H, D]
-            blk = self.int4_block
+            blk, D = self.int4_block, self.head_dim
             half = blk // 2
-            tile = self.k_int4[:, :, pos - pos % blk:pos - pos % blk + blk].view(self.batch, self.num_kv_heads,
-                                                                                self.head_dim, half)
-            byte = tile[..., pos % half]  # [B, H, D]: this token's bytes; it owns the low or the high nibble
-            if pos % blk < half:
-                byte.copy_(codes)  # the high nibble belongs to a later position, not written yet
-            else:
-                byte.bitwise_or_(codes << 4)
+            # The tile of pos, [blk, D / 2] bytes, is read as [D, blk / 2]: channel d of pos is byte
+            # d * half + pos % half of it. Gathered by a tensor index, not a view at a symbolic offset (which a
+            # compiled step would specialise on whether it is 0: one more graph every half tile).
+            flat = self.k_int4.view(self.batch, self.num_kv_heads, -1)  # [B, H, capacity * D / 2]
+            index = torch.arange(D, device=self.device) * half + ((pos - pos % blk) * (D // 2) + pos % half)
+            byte = flat.index_select(2, index)  # [B, H, D]: this token's bytes
+            # It owns the low nibble (the high one belongs to a later position, not written yet: cleared) or the
+            # high one (the low one kept). Branch-free: the position is symbolic under torch.compile.
+            high = (pos % blk) // half  # 0 or 1
+            flat.index_copy_(2, index, (byte & (0x0F * high)) | (codes << (4 * high)))
         elif self.quant_bits == 8:
             codes, qp = quantize_int8(x)
             self.k_int8[:, :, pos].copy_(codes)
@@ -334,9 +352,9 @@ class LayerCache:
         if self.keep_page_bounds:
             lo, hi = round_outward(x, x, self.bounds_dtype)
             if self.pages_aligned:
-                page = self.page_bounds[:, :, pos // self.page_size]  # [B, H, 2, D], a view: widened in place
-                torch.maximum(page[:, :, 0], hi, out=page[:, :, 0])
-                torch.minimum(page[:, :, 1], lo, out=page[:, :, 1])
+                page = self.page_bounds.narrow(2, pos // self.page_size, 1).squeeze(2)  # [B, H, 2, D], a view
+                page[:, :, 0].copy_(torch.maximum(page[:, :, 0], hi))  # out= a strided view: a graph break
+                page[:, :, 1].copy_(torch.minimum(page[:, :, 1], lo))
             else:  # each sequence's own page of pos (pos >= max_start >= page_offset)
                 rows = torch.arange(self.batch, device=self.device)
                 idx = (pos - self.page_offset).div(self.page_size, rounding_mode="floor").long()

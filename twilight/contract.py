@@ -55,6 +55,8 @@ class StepPlan:
     min_start, max_start: extremes of the sequences' first valid positions (left padding).
     dense: the step is below the config's crossover (``dense_below``): every layer attends densely.
     host_reads: backends may read counts from tensors to size their work (CPU tensors only).
+    traced: ``torch.compile`` is capturing this step (``host_reads`` is then false): no host reads and no Python
+        branch on tensor values, but registered operators (``torch.ops.*``) are fine, whatever ``host_reads`` says.
     scale: the attention's softmax scale (selectors that weigh tokens by attention read it; ``None``: 1/sqrt(D)).
     shared: what one layer's selector hands to later layers of the same step (tidal's re-selected tokens); the
         one mutable part of the plan, which is why every layer of a step must get the same plan.
@@ -65,6 +67,7 @@ class StepPlan:
     max_start: int = 0
     dense: bool = False
     host_reads: bool = False
+    traced: bool = False
     scale: float | None = None
     shared: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -78,6 +81,9 @@ class Backend(abc.ABC):
     """What a backend provides. Subclass ``TorchBackend`` and override what you accelerate."""
 
     name: str = "abstract"
+    #: Device types on which a whole decode step of this backend is known to compile (``torch.compile``, 0 graph
+    #: breaks): a ``TwilightCache`` says it is compileable there, so ``generate()`` may compile its decode step.
+    compile_devices: tuple[str, ...] = ()
 
     def int4_block(self, device: torch.device) -> int:
         """Tokens per tile of the int4 key layout this backend reads (the cache is built with it)."""
@@ -144,6 +150,10 @@ class TorchBackend(Backend):
     """The reference: every stage in PyTorch, on any device."""
 
     name = "torch"
+    # On the CPU the step compiles with symbolic lengths. Not on CUDA yet: there generate() compiles by itself with
+    # CUDA graphs, which record one graph per distinct length unless lengths are device tensors and every shape is
+    # fixed by capacity and budget (docs/design/compiled-decode.md).
+    compile_devices = ("cpu",)
 
     def int4_block(self, device: torch.device) -> int:
         # On the CPU the cache keeps PyTorch's own int4 GEMV layout (32- or 64-token blocks by CPU), so keys

@@ -109,11 +109,22 @@ class TwilightPipeline:
         ``False`` keeps every shape host-known, as on a GPU (no synchronisation). ``scale``: the attention's
         softmax scale (``decode`` fills it in when omitted).
         """
-        if host_reads is None:
+        traced = torch.compiler.is_compiling()
+        if traced:  # a traced step reads nothing back: a host read is a graph break
+            host_reads = False
+        elif host_reads is None:
             host_reads = self.host_reads if self.host_reads is not None else cache.device.type == "cpu"
         longest = cache.length - cache.min_start
         return StepPlan(cache.length, cache.min_start, cache.max_start,
-                        dense=longest < self.config.crossover(cache.device), host_reads=host_reads, scale=scale)
+                        dense=longest < self.config.crossover(cache.device), host_reads=host_reads, traced=traced,
+                        scale=scale)
+
+    def compileable(self, device: torch.device | str) -> bool:
+        """Does a whole decode step of this pipeline compile on ``device`` (``torch.compile``, no graph break)? True
+        where the config's backend says so (``Backend.compile_devices``: the ``torch`` and ``cpu`` backends on a
+        CPU)."""
+        device = torch.device(device)
+        return device.type in self.backend(device).compile_devices
 
     def observe(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float) -> None:
         """Show the selector of ``layer_idx`` the queries ``q [B, Hq, T, D]`` of a multi-token forward (prefill or a

@@ -4,7 +4,8 @@ The pipeline records every decode step of every layer: per query head the size o
 (after pruning; the candidate count when nothing prunes), per kv-head the tokens actually read (the union
 over its query heads), and the context length. Recording only keeps references to the step's count tensors;
 they are reduced in batches (every ``_FOLD_EVERY`` steps of a layer, and when read), so a decode step pays
-no tensor op and no synchronisation for its statistics.
+no tensor op and no synchronisation for its statistics. A step that ``torch.compile`` captures adds into running
+sums of fixed shape instead, in place (a few elementwise ops, no host read); reading merges both.
 
 ``as_dict()`` keys:
 
@@ -40,17 +41,51 @@ class BudgetStats:
         self._rows: dict[int, int] = {}
         self._dense: dict[int, bool] = {}
         self._pending: dict[int, list] = {}
+        # Running sums that a compiled decode step adds to in place (a list that grows would be a guard on its
+        # length: one recompilation per step); ``_fold`` merges them. Scalars are 1-element tensors: inductor (torch
+        # 2.13, CPU) loses in-place updates of 0-dim float64 tensors.
+        self._live = {layer: self._new_live() for layer in range(self.num_layers)}
+
+    def _new_live(self) -> dict[str, torch.Tensor]:
+        f64 = torch.float64
+        return {"q_sum": torch.zeros(self.num_q_heads, dtype=f64), "kv_sum": torch.zeros(self.num_kv_heads, dtype=f64),
+                "q_min": torch.full((self.num_q_heads,), float("inf"), dtype=f64),
+                "q_max": torch.full((self.num_q_heads,), float("-inf"), dtype=f64),
+                "ctx_sum": torch.zeros(1, dtype=f64), "rows": torch.zeros(1, dtype=torch.int64)}
 
     def record(self, layer: int, q_counts: torch.Tensor | None, kv_counts: torch.Tensor,
                context: "torch.Tensor | tuple[int, torch.Tensor]", dense: bool) -> None:
         """One decode step of ``layer``: ``q_counts [B, Hq]`` (``None``: each query head kept its kv-head's
         candidates), ``kv_counts [B, Hkv]``, ``context [B]`` valid tokens or ``(length, start [B])``."""
+        if torch.compiler.is_compiling():
+            self._record_in_place(layer, q_counts, kv_counts, context, dense)
+            return
         self._pending.setdefault(layer, []).append((q_counts, kv_counts, context))
         self._dense[layer] = dense
         if len(self._pending[layer]) >= _FOLD_EVERY:
             self._fold(layer)
 
+    def _record_in_place(self, layer, q_counts, kv_counts, context, dense) -> None:
+        """``record`` inside a compiled step: into the layer's running sums, in place."""
+        acc = self._live[layer]
+        group = self.num_q_heads // self.num_kv_heads
+        q = (kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts).to(torch.float64)
+        ctx = (context[0] - context[1]).clamp_min(0) if isinstance(context, tuple) else context
+        acc["q_sum"].add_(q.sum(0))
+        acc["kv_sum"].add_(kv_counts.to(torch.float64).sum(0))
+        torch.minimum(acc["q_min"], q.amin(0), out=acc["q_min"])
+        torch.maximum(acc["q_max"], q.amax(0), out=acc["q_max"])
+        acc["ctx_sum"].add_(ctx.to(torch.float64).sum().view(1))
+        acc["rows"].add_(q.shape[0])
+        self._dense[layer] = dense
+
     def _fold(self, layer: int) -> None:
+        acc = self._live.get(layer)
+        if acc is not None and int(acc["rows"]):  # what compiled steps added in place, merged as one more entry
+            self._merge(layer, acc["q_sum"], acc["kv_sum"], acc["q_min"], acc["q_max"], acc["ctx_sum"][0],
+                        int(acc["rows"]))
+            for name, value in self._new_live().items():
+                acc[name].copy_(value)
         pending = self._pending.pop(layer, None)
         if not pending:
             return
@@ -61,23 +96,23 @@ class BudgetStats:
                        for q_counts, kv_counts, _ in pending]).to(torch.float64)  # [rows, Hq]
         ctx = torch.cat([(c[0] - c[1]).clamp_min(0) if isinstance(c, tuple) else c
                          for _, _, c in pending]).to(torch.float64)  # [rows]
+        self._merge(layer, q.sum(0), kv.sum(0), q.amin(0), q.amax(0), ctx.sum(), q.shape[0])
+
+    def _merge(self, layer: int, q_sum, kv_sum, q_min, q_max, ctx_sum, rows: int) -> None:
         if layer not in self._q_sum:
-            self._q_sum[layer] = q.sum(0)
-            self._kv_sum[layer] = kv.sum(0)
-            self._q_min[layer] = q.amin(0)
-            self._q_max[layer] = q.amax(0)
-            self._ctx_sum[layer] = ctx.sum()
-            self._rows[layer] = q.shape[0]
+            self._q_sum[layer], self._kv_sum[layer] = q_sum.clone(), kv_sum.clone()
+            self._q_min[layer], self._q_max[layer] = q_min.clone(), q_max.clone()
+            self._ctx_sum[layer], self._rows[layer] = ctx_sum.clone(), rows
         else:  # out of place: the sums may be inference tensors folded into outside inference mode, or vice versa
-            self._q_sum[layer] = self._q_sum[layer] + q.sum(0)
-            self._kv_sum[layer] = self._kv_sum[layer] + kv.sum(0)
-            self._q_min[layer] = torch.minimum(self._q_min[layer], q.amin(0))
-            self._q_max[layer] = torch.maximum(self._q_max[layer], q.amax(0))
-            self._ctx_sum[layer] = self._ctx_sum[layer] + ctx.sum()
-            self._rows[layer] += q.shape[0]
+            self._q_sum[layer] = self._q_sum[layer] + q_sum
+            self._kv_sum[layer] = self._kv_sum[layer] + kv_sum
+            self._q_min[layer] = torch.minimum(self._q_min[layer], q_min)
+            self._q_max[layer] = torch.maximum(self._q_max[layer], q_max)
+            self._ctx_sum[layer] = self._ctx_sum[layer] + ctx_sum
+            self._rows[layer] += rows
 
     def _fold_all(self) -> None:
-        for layer in list(self._pending):
+        for layer in set(self._pending) | set(self._live):
             self._fold(layer)
 
     @classmethod

@@ -198,8 +198,9 @@ def estimate_scores(q: torch.Tensor, cache: LayerCache, sel: Selection, kind: st
         raise ValueError(f"estimator.type={kind!r} is invalid: must be one of {', '.join(ESTIMATOR_TYPES)}")
     B, H, G, K = scores.shape
     if sel.uniform_count is not None:  # padding slots, if any, are the tail of every row
-        if sel.uniform_count < K:
-            scores[..., sel.uniform_count:] = float("-inf")
+        # no branch on the count (symbolic under torch.compile: a branch is a guard, two graphs)
+        tail = torch.arange(K, device=scores.device) >= sel.uniform_count
+        scores = scores.masked_fill(tail, float("-inf"))
     else:
         scores = scores.masked_fill(~sel.valid().unsqueeze(2), float("-inf"))
     return scores.reshape(B, H * G, K)

@@ -42,8 +42,33 @@ class DecoderForward:
     plan: object = None  # this step's StepPlan, made by the first layer that decodes and shared by the others
 
 
-ACTIVE_FORWARD: contextvars.ContextVar[DecoderForward | None] = contextvars.ContextVar("twilight_forward",
-                                                                                     default=None)
+class _ActiveForward:
+    """The ``DecoderForward`` of the running call: a ``ContextVar`` in eager mode (each thread and task sees its
+    own), a plain attribute while ``torch.compile`` traces a step (dynamo cannot trace a ``ContextVar``: a graph
+    break). ``set`` returns a token for ``reset``, as ``ContextVar.set`` does."""
+
+    def __init__(self):
+        self._var: contextvars.ContextVar[DecoderForward | None] = contextvars.ContextVar("twilight_forward",
+                                                                                           default=None)
+        self._traced: DecoderForward | None = None
+
+    def get(self) -> DecoderForward | None:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: DecoderForward | None):
+        if torch.compiler.is_compiling():
+            previous, self._traced = self._traced, value
+            return previous
+        return self._var.set(value)
+
+    def reset(self, token) -> None:
+        if torch.compiler.is_compiling():
+            self._traced = token
+        else:
+            self._var.reset(token)
+
+
+ACTIVE_FORWARD = _ActiveForward()
 
 
 def attention_name(delegate: str) -> str:
@@ -62,7 +87,8 @@ def _make_attention_function(delegate: str):
                     f"does not recognise (checked releases: {', '.join(CHECKED_RELEASES)})")
             if forward.cache is not None:
                 layer_cache = forward.cache.layer_cache(module.layer_idx)
-                if layer_cache is None or key.data_ptr() != layer_cache.k.data_ptr():
+                # identity with the view the cache's update returned (data_ptr() is not traceable)
+                if layer_cache is None or key is not forward.cache.returned_keys(module.layer_idx):
                     raise TwilightNotEngagedError(
                         f"layer {module.layer_idx} attends to K/V that are not its TwilightCache's own (the cache "
                         "was not updated through TwilightCache.update): Twilight cannot decode this step")
@@ -75,7 +101,7 @@ def _make_attention_function(delegate: str):
             forward = ACTIVE_FORWARD.get()
             if forward is not None and forward.cache is not None:
                 layer_cache = forward.cache.layer_cache(module.layer_idx)
-                if layer_cache is not None and key.data_ptr() == layer_cache.k.data_ptr():
+                if layer_cache is not None and key is forward.cache.returned_keys(module.layer_idx):
                     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
                     forward.cache.pipeline.observe(module.layer_idx, query, layer_cache, scale)
         return attention_function(delegate, module)(module, query, key, value, attention_mask, scaling=scaling,

@@ -24,19 +24,28 @@ class TwilightLayer(CacheLayerMixin):
     """
 
     is_sliding = False  # keeps every token; a model's sliding window is applied by the attention function
-    is_compileable = False
     is_croppable = False
 
-    def __init__(self, pipeline: TwilightPipeline, layer_idx: int, max_cache_len: int | None = None):
+    def __init__(self, pipeline: TwilightPipeline, layer_idx: int, max_cache_len: int | None = None,
+                 device: torch.device | str | None = None):
         # CacheLayerMixin.__init__ would assign keys/values, which are read-only views here.
         # (not ``max_cache_len``: transformers 5.0's Cache reads that of its layers, as a number)
         self.pipeline, self.layer_idx, self.final_length = pipeline, layer_idx, max_cache_len
+        self.planned_device = None if device is None else torch.device(device)
+        self.returned: torch.Tensor | None = None  # the keys view the latest update returned
         self.cache: LayerCache | None = None
         self.start: torch.Tensor | None = None  # [B] left-padding counts, applied when the cache is built
         self.is_initialized = False
 
     def __repr__(self):
         return f"TwilightLayer(layer={self.layer_idx}, length={self.get_seq_length()})"
+
+    @property
+    def is_compileable(self) -> bool:
+        """True when the buffers are allocated once (the final length is known) on a device where the pipeline's
+        decode step compiles (``TwilightPipeline.compileable``): ``generate()`` then compiles the decode step."""
+        device = self.device if self.is_initialized else self.planned_device
+        return self.final_length is not None and device is not None and self.pipeline.compileable(device)
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -58,7 +67,9 @@ class TwilightLayer(CacheLayerMixin):
         if self.cache is None:
             self.lazy_initialization(key_states, value_states)
         self.cache.append(key_states, value_states)
-        return self.cache.keys(), self.cache.values()
+        # The attention function checks that it attends to this very view (identity: data_ptr() is not traceable).
+        self.returned = self.cache.keys()
+        return self.returned, self.cache.values()
 
     def set_start(self, start: torch.Tensor | None) -> None:
         self.start = start
@@ -80,7 +91,7 @@ class TwilightLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # transformers 5.0's name for it
 
     def reset(self) -> None:
-        self.cache = None
+        self.cache = self.returned = None
         self.is_initialized = False
 
     def _select(self, index: torch.Tensor) -> None:
@@ -118,11 +129,15 @@ class TwilightCache(Cache):
     Built by ``make_cache(model)`` (or automatically by a patched model); ``pipeline`` is the one of the
     config the model was patched with at that time, and it keeps that config for its whole life.
     ``max_cache_len``: the most positions it will hold, when known (``generate()`` knows it): each layer's buffers
-    are then allocated once, at that length; without it they grow by a quarter when full.
+    are then allocated once, at that length; without it they grow by a quarter when full. ``device``: where the
+    model runs, when known before the first update. A cache with both is compileable (``is_compileable``) where
+    the pipeline's backend compiles its decode step: ``generate()`` with a ``CompileConfig`` (on a CPU, one
+    that compiles on every device) then compiles the decode step, as it does for transformers' static cache.
     """
 
-    def __init__(self, pipeline: TwilightPipeline, num_layers: int, max_cache_len: int | None = None):
-        super().__init__(layers=[TwilightLayer(pipeline, i, max_cache_len) for i in range(num_layers)])
+    def __init__(self, pipeline: TwilightPipeline, num_layers: int, max_cache_len: int | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__(layers=[TwilightLayer(pipeline, i, max_cache_len, device) for i in range(num_layers)])
         # the length asked for (``max_cache_len`` is a read-only property of transformers 5.0's Cache)
         self.pipeline, self.final_length = pipeline, max_cache_len
         self.start: torch.Tensor | None = None  # [B] int32 left padding, None = no padding
@@ -132,14 +147,28 @@ class TwilightCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states)
 
+    def prepare_decode(self) -> None:
+        """Bring every sparse layer's derived structures (int4 keys, page bounds) up to date after a prefill (the
+        patched forward calls it), so that each decode step derives exactly its one new token: the step then has
+        one shape whatever the prompt, and a compiled step one graph for all steps."""
+        for i, layer in enumerate(self.layers):
+            c = layer.cache
+            if c is not None and not self.pipeline.is_dense(i) and c.length - c.min_start >= \
+                    self.pipeline.config.crossover(c.device):
+                c.update_derived()
+
+    def returned_keys(self, layer_idx: int) -> torch.Tensor | None:
+        """The keys view ``update`` last returned for ``layer_idx`` (what a decode step must attend to)."""
+        return self.layers[layer_idx].returned
+
     def layer_cache(self, layer_idx: int) -> LayerCache | None:
         """The ``LayerCache`` of ``layer_idx`` (``None`` before its first update)."""
         return self.layers[layer_idx].cache
 
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Read each sequence's left padding from a 2-D ``attention_mask [B, seen + new]`` (1 = token)."""
-        if attention_mask is None or attention_mask.dim() != 2:
-            return
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return  # (generate() with a compileable cache hands the model 4-D masks: it read the 2-D one before)
         mask = attention_mask != 0
         S = mask.shape[1]
         has_token = mask.any(1)

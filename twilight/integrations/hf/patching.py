@@ -64,17 +64,26 @@ class _PatchState:
     configs: list = field(default_factory=list)  # [(config, original _attn_implementation_internal)]
     methods: list = field(default_factory=list)  # [(object, attribute, previous instance value or _MISSING)]
     warned: set = field(default_factory=set)
-    decode_forwards: int = 0  # single-token forwards over a non-empty cache, whatever the cache
-    twilight_forwards: int = 0  # those in which Twilight ran the attention
+    # [decode forwards, twilight forwards]: a tensor counted in place, so that a compiled decode step counts too
+    # (a Python int reached through the model is a constant to dynamo: one recompilation per step)
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
     dense_cause: str | None = None  # why the latest decode forward ran without Twilight
+
+    @property
+    def decode_forwards(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def twilight_forwards(self) -> int:
+        return int(self.counts[1])
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def new_cache(self, max_cache_len: int | None = None) -> TwilightCache:
-        return TwilightCache(self.pipeline, self.num_layers, max_cache_len=max_cache_len)
+    def new_cache(self, max_cache_len: int | None = None, device=None) -> TwilightCache:
+        return TwilightCache(self.pipeline, self.num_layers, max_cache_len=max_cache_len, device=device)
 
     # copy.deepcopy and pickle of a patched model copy its state through these: the copy gets a pipeline of its own
     # (the same config, a copy of the stats; backends and selectors are rebuilt when it first decodes), its own
@@ -255,9 +264,10 @@ class _DecoderForward(_Wrapper):
             out = original(*args, **kwargs)
         finally:
             ACTIVE_FORWARD.reset(token)
+        if new > 1 and isinstance(cache, TwilightCache) and not torch.compiler.is_compiling():
+            cache.prepare_decode()  # derived structures built now, eagerly: every decode step derives one token
         if decoding:
-            st.decode_forwards += 1
-            st.twilight_forwards += record.served > 0
+            st.counts.add_(torch.tensor([1, int(record.served > 0)]))
         return out
 
 
@@ -279,10 +289,15 @@ class _PrepareCache(_Wrapper):
         finally:
             if static:
                 generation_config.cache_implementation = impl
-        if model_kwargs is None or users_cache is not None:
-            return result  # the user's own cache: the forward wrapper warns if it is not a Twilight cache
+        if model_kwargs is None:
+            return result
+        if users_cache is not None:  # the user's own: the forward wrapper warns if it is not a Twilight cache
+            if isinstance(users_cache, TwilightCache):
+                self._ready(users_cache, model_kwargs, generation_config)
+            return result
         name, cache = compat.find_cache(model_kwargs)
         if isinstance(cache, TwilightCache):
+            self._ready(cache, model_kwargs, generation_config)
             return result
         if cache is None:
             if getattr(generation_config, "use_cache", True) is False:
@@ -293,8 +308,21 @@ class _PrepareCache(_Wrapper):
                              f"created a {type(cache).__name__}, which Twilight cannot decode with. Leave "
                              "cache_implementation unset, or use 'dynamic' or 'static' (both give Twilight's cache, "
                              "allocated once at the final length).")
-        model_kwargs[name] = self.patch_state().new_cache(self._final_length(bound, generation_config, static))
+        cache = model_kwargs[name] = self.patch_state().new_cache(self._final_length(bound, generation_config, static),
+                                                                  getattr(self.model, "device", None))
+        self._ready(cache, model_kwargs, generation_config)
         return result
+
+    @staticmethod
+    def _ready(cache: TwilightCache, model_kwargs: dict, generation_config) -> None:
+        """Read the left padding from ``generate()``'s 2-D mask now (with a compileable cache the model only ever
+        sees 4-D masks), and refuse a compile config that would recompile every step."""
+        cache.set_padding(model_kwargs.get("attention_mask"))
+        compile_config = getattr(generation_config, "compile_config", None)
+        if cache.is_compileable and compile_config is not None and compile_config.dynamic is False:
+            raise ValueError("generate(compile_config=CompileConfig(dynamic=False)) cannot compile Twilight's decode "
+                             "step: its cache grows by one position per step, which dynamic=False turns into one "
+                             "recompilation per step. Use dynamic=None (the default) or dynamic=True.")
 
     @staticmethod
     def _final_length(bound: dict, generation_config, static: bool) -> int | None:
@@ -448,7 +476,7 @@ def make_cache(model, max_cache_len: int | None = None) -> TwilightCache:
     buffers are then allocated once at that length (rounded up to whole int4 tiles and pages) and hold nothing
     spare. Without it (or past it) the cache grows by a quarter at a time. ``generate()`` passes its own length.
     """
-    return _state(model).new_cache(max_cache_len)
+    return _state(model).new_cache(max_cache_len, getattr(model, "device", None))
 
 
 def fork_cache(model, cache: TwilightCache) -> TwilightCache:

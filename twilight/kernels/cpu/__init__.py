@@ -91,10 +91,11 @@ def _register_fakes() -> None:
         return q.new_empty((packed.shape[0], H * (q.shape[1] // H), cand.shape[2]))  # [B, Hq, K] float32
 
     @register("twilight_cpu::top_p_attend")
-    def _top_p_attend(scores, cand, counts, p, scale, q, k, v):
+    def _top_p_attend(scores, cand, counts, p, scale, q, k, v, kept_width=None):
         torch._check(scores.dtype == torch.float32, lambda: "scores must be contiguous float32")
         B, Hq, H = scores.shape[0], scores.shape[1], cand.shape[1]
-        width = torch.library.get_ctx().new_dynamic_size(min=1)  # the widest row's union (at least 1)
+        # the widest row's union (at least 1), unless the caller fixes the width
+        width = torch.library.get_ctx().new_dynamic_size(min=1) if kept_width is None else kept_width
         return (q.new_empty((B, Hq, k.shape[3])), counts.new_empty((B, Hq)), counts.new_empty((B, H, width)),
                 counts.new_empty((B, H)))
 
@@ -155,10 +156,11 @@ class CpuBackend(TorchBackend):
     def prune_attend(self, q, cache, sel, config, scale, plan):
         pruner = config.pruner
         if (pruner.type != "top_p" or isinstance(pruner.p, torch.Tensor) or q.dtype != torch.float32
-                or cache.dtype != torch.float32 or q.device.type != "cpu" or not plan.host_reads):
+                or cache.dtype != torch.float32 or q.device.type != "cpu" or not (plan.host_reads or plan.traced)):
             return super().prune_attend(q, cache, sel, config, scale, plan)
         scores = self.estimate(q, cache, sel, config.estimator.type, plan)  # [B, Hq, K] raw q·k
+        # A traced step fixes the kept positions' width at the candidates' (a shape that depends on no count).
         out, q_counts, kept, kv_counts = self._top_p_attend(
             scores.contiguous(), sel.indices, sel.counts, float(pruner.p), float(scale), q.contiguous(),
-            cache.k, cache.v)
+            cache.k, cache.v, sel.k_max if plan.traced else None)
         return out, Selection(kept, kv_counts), q_counts

@@ -216,6 +216,7 @@ class CudaBackend(_Base):
     """csrc/ kernels for int4 estimation and top-p pruning; Quest and attention from the Triton backend."""
 
     name = "cuda"
+    compile_devices = ()  # its extension's calls are not registered operators yet
 
     def __init__(self) -> None:
         if torch.cuda.is_available():

@@ -129,6 +129,7 @@ class FlashInferBackend(TorchBackend):
     """FlashInfer's top-p and paged decode attention; Quest and int4 estimation from Triton (else torch)."""
 
     name = "flashinfer"
+    compile_devices = ()  # FlashInfer's planned wrappers are not traceable
 
     def __init__(self) -> None:
         _flashinfer()  # fail now (ImportError) if FlashInfer is missing

@@ -39,6 +39,7 @@ class TritonBackend(TorchBackend):
     """Triton kernels for Quest scoring/selection, int4 estimation, top-p pruning and sparse attention."""
 
     name = "triton"
+    compile_devices = ()  # its launches are not registered operators yet (torch.library.triton_op)
 
     def int4_block(self, device) -> int:
         return INT4_TILE  # the kernels address 64-token tiles
