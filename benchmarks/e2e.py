@@ -14,6 +14,14 @@ tokens greedily. Variants:
   layer decodes densely. The ratio to ``dense`` is the gain from sparsity.
 - ``quest-twilight-sparse``: quest-twilight with ``dense_below=0``, sparse at every context: what the sparse step
   costs where the crossover would not use it (the crossover is where it starts to beat ``dense``).
+- ``<variant>-compiled`` (not run by default; ``--variants`` or ``--compiled``): the same through ``generate()``'s
+  own compilation of the decode step (``compile_config=CompileConfig()``: inductor, ``dynamic=None``; on a CPU
+  with transformers' switch to compile on every device): ``hf-static-compiled`` is what a transformers user
+  already has; ``dense-compiled``, ``quest-compiled``, ``quest-twilight-compiled`` and
+  ``quest-twilight-sparse-compiled`` compile where the cache says it can (``TwilightCache.is_compileable``:
+  the ``torch`` and ``cpu`` backends on a CPU); elsewhere they run eagerly and say so (``compile.graphs`` 0).
+  Each compiled run first generates a few tokens untimed (``compile.warmup_s``), so the timed tokens reuse the
+  compiled graphs; ``compile.graphs`` and ``compile.graph_breaks`` are dynamo's counters over the run.
 
 The per-token latency is the median (and IQR) of the intervals between consecutive tokens reported by a
 streamer, excluding the first new token, pooled over ``--rounds`` runs of every variant in alternating
@@ -46,6 +54,12 @@ MODELS = ("smollm2", "llama3-8b-random")
 UNPATCHED = ("hf-dynamic", "hf-static")
 PATCHED = ("dense", "quest", "quest-twilight", "quest-twilight-sparse", "twilight")
 SPARSE_SUFFIX = "-sparse"  # the preset with dense_below=0: sparse from the first step, whatever the crossover
+COMPILED_SUFFIX = "-compiled"  # generate() compiles the decode step (CompileConfig)
+UNPATCHED_COMPILED = ("hf-static-compiled",)
+PATCHED_COMPILED = ("dense-compiled", "quest-compiled", "quest-twilight-compiled", "quest-twilight-sparse-compiled")
+ALL_UNPATCHED = UNPATCHED + UNPATCHED_COMPILED
+ALL_PATCHED = PATCHED + PATCHED_COMPILED
+WARMUP_TOKENS = 4  # untimed tokens a compiled run generates first: its graphs are compiled by then
 DEFAULT_CONTEXTS = {"smollm2": "1k,4k", "llama3-8b-random": "4k,16k"}
 
 
@@ -56,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--contexts", default=None,
                         help="prompt lengths for every model, e.g. 1k,4k (default: smollm2 1k,4k; "
                              "llama3-8b-random 4k,16k)")
-    parser.add_argument("--variants", default=",".join(UNPATCHED + PATCHED))
+    parser.add_argument("--variants", default=",".join(UNPATCHED + PATCHED),
+                        help=f"comma-separated, of {', '.join(ALL_UNPATCHED + ALL_PATCHED)}")
+    parser.add_argument("--compiled", action="store_true",
+                        help=f"also run the compiled variants ({', '.join(UNPATCHED_COMPILED + PATCHED_COMPILED)})")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (>= 3)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of every variant (alternating order); per-token samples are pooled")
@@ -120,9 +137,15 @@ def make_prompt(name: str, tokenizer, length: int, batch: int, vocab: int, devic
     return torch.randint(3, vocab, (batch, length), generator=gen).to(device)
 
 
+def base_variant(variant: str) -> str:
+    """``variant`` without its ``-compiled`` suffix."""
+    return variant[:-len(COMPILED_SUFFIX)] if variant.endswith(COMPILED_SUFFIX) else variant
+
+
 def spec_for(variant: str, args, overrides: dict) -> dict:
     from twilight.config import TwilightConfig
 
+    variant = base_variant(variant)
     always_sparse = variant.endswith(SPARSE_SUFFIX)
     cfg = TwilightConfig.load(variant[:-len(SPARSE_SUFFIX)] if always_sparse else variant).to_dict()
     cfg["backend"] = args.backend
@@ -176,6 +199,7 @@ def fresh_cache(variant: str, model, kv, max_len: int):
     """A new cache for ``variant`` holding a copy of the prefilled ``kv``."""
     from transformers import DynamicCache, StaticCache
 
+    variant = base_variant(variant)
     if variant == "hf-dynamic":
         cache = DynamicCache(config=model.config)
     elif variant == "hf-static":
@@ -191,7 +215,7 @@ def fresh_cache(variant: str, model, kv, max_len: int):
 
 def cache_memory(variant: str, cache, plain_bytes: int) -> dict:
     """Bytes the cache holds after generation, against plain K/V of the same tokens."""
-    if variant in PATCHED:
+    if variant in ALL_PATCHED:
         parts = [cache.layer_cache(i).memory_bytes() for i in range(len(cache.layers))
                  if cache.layer_cache(i) is not None]
         kv = sum(p["kv"] for p in parts)
@@ -208,18 +232,33 @@ def run_variant(variant: str, model, ids: torch.Tensor, kv, args, overrides: dic
     import twilight
 
     n = args.new_tokens
-    if variant in PATCHED:
+    patched = variant in ALL_PATCHED
+    compiled = variant.endswith(COMPILED_SUFFIX)
+    if patched:
         twilight.patch(model, spec_for(variant, args, overrides))
     try:
+        extra = {}
+        if compiled:
+            extra["compile_config"] = compile_config(device)
+            # from scratch: graphs of earlier runs (other patches, other models) would count against dynamo's
+            # recompile limit, past which it silently runs the step eagerly
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            t0 = time.perf_counter()  # the first tokens compile the step (and recompile it once the length moves)
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           past_key_values=fresh_cache(variant, model, kv, ids.shape[1] + n + 1),
+                           max_new_tokens=WARMUP_TOKENS, min_new_tokens=WARMUP_TOKENS, do_sample=False,
+                           pad_token_id=model.generation_config.pad_token_id, **extra)
+            warmup_s = time.perf_counter() - t0
         cache = fresh_cache(variant, model, kv, ids.shape[1] + n + 1)
-        if variant in PATCHED:
+        if patched:
             twilight.budget_stats(model).reset()
         timer = TokenTimer(device)
         common.synchronize(device)
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=timer,
-                             return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id)
+                             return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id, **extra)
         common.synchronize(device)
         total = time.perf_counter() - t0
         iv = timer.intervals_ms()
@@ -227,6 +266,10 @@ def run_variant(variant: str, model, ids: torch.Tensor, kv, args, overrides: dic
                "total_s": total,
                "new_tokens": out.sequences.shape[1] - ids.shape[1],
                "tokens": out.sequences[0, ids.shape[1]:].tolist()}
+        if compiled:
+            counters = torch._dynamo.utils.counters
+            rec["compile"] = {"graphs": counters["stats"]["unique_graphs"],
+                              "graph_breaks": sum(counters["graph_break"].values()), "warmup_s": warmup_s}
         B, L = ids.shape
         cfg = model.config
         hkv = cfg.num_key_value_heads
@@ -234,20 +277,36 @@ def run_variant(variant: str, model, ids: torch.Tensor, kv, args, overrides: dic
         elt = torch.empty(0, dtype=model.dtype).element_size()
         plain = 2 * B * hkv * (L + n - 1) * d * elt * cfg.num_hidden_layers
         rec["memory"] = cache_memory(variant, out.past_key_values, plain)
-        if variant in PATCHED:
+        if patched:
             st = twilight.budget_stats(model).as_dict()
             rec["budget"] = {k: st[k] for k in ("mean_attended_tokens", "min_attended_tokens", "max_attended_tokens",
                                                 "mean_kv_tokens_read", "mean_context_tokens", "attended_fraction")}
         return rec
     finally:
-        if variant in PATCHED:
+        if patched:
             twilight.unpatch(model)
+
+
+def compile_config(device: torch.device):
+    """What a compiled variant passes to ``generate()``: transformers' defaults (inductor, ``dynamic=None``), on a
+    CPU with its switch to compile on every device (``generate()`` compiles on CUDA only unless told so)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    if device.type == "cpu":
+        config._compile_all_devices = True  # transformers' own switch (a private attribute, no public setter)
+    return config
 
 
 def bench_model(name: str, args, dtype, device, say) -> list[dict]:
     model, tok, overrides = load_model(name, args, dtype, device)
     contexts = common.parse_sizes(args.contexts or DEFAULT_CONTEXTS[name])
     variants = common.parse_list(args.variants)
+    if args.compiled:
+        variants += [v for v in UNPATCHED_COMPILED + PATCHED_COMPILED if v not in variants]
+    unknown = [v for v in variants if v not in ALL_UNPATCHED + ALL_PATCHED]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(ALL_UNPATCHED + ALL_PATCHED)}")
     rows = []
     cfg = model.config
     for length in contexts:
@@ -294,11 +353,11 @@ def _derive(row: dict) -> None:
     """Speed-ups: cache handling (dense vs unpatched) and sparsity (sparse presets vs dense)."""
     runs = row["runs"]
     ms = {v: r["per_token"]["median_ms"] for v, r in runs.items()}
-    unpatched = [v for v in UNPATCHED if v in ms]
+    unpatched = [v for v in ALL_UNPATCHED if v in ms]
     best = min(unpatched, key=ms.get) if unpatched else None
     row["best_unpatched"] = best
     s = {}
-    for v in PATCHED:
+    for v in ALL_PATCHED:
         if v not in ms:
             continue
         s[v] = {}
@@ -325,7 +384,7 @@ def _attended(budget: dict) -> str:
 
 def markdown_report(result: dict) -> str:
     env, rows = result["env"], result["rows"]
-    variants = [v for v in (*UNPATCHED, *PATCHED) if any(v in r["runs"] for r in rows)]
+    variants = [v for v in (*ALL_UNPATCHED, *ALL_PATCHED) if any(v in r["runs"] for r in rows)]
     lines = ["# End-to-end decode latency: model.generate(), patched vs unpatched", "",
              common.environment_markdown(env), "",
              f"{result['args']['new_tokens']} new tokens, greedy, batch {result['args']['batch']}; every variant "
@@ -359,6 +418,21 @@ def markdown_report(result: dict) -> str:
     body = []
     for r in rows:
         for v, run in r["runs"].items():
+            if "compile" in run:
+                c, best = run["compile"], r.get("best_unpatched")
+                vs = r["speedup"].get(v, {}).get("vs_best_unpatched")
+                body.append([r["model"], r["context"], v, c["graphs"], c["graph_breaks"], f"{c['warmup_s']:.1f}",
+                             fmt_ms(run["per_token"]), f"**{vs:.2f}x** vs {best}" if vs else "—"])
+    if body:
+        lines += ["## Compiled variants", "",
+                  "generate() compiled the decode step itself (CompileConfig(): inductor, dynamic=None). *graphs*, "
+                  "*breaks*: dynamo's counters over the run (0 graphs: the cache was not compileable there and the "
+                  "step ran eagerly); *warm-up*: seconds of the untimed first tokens, which compile.", "",
+                  markdown_table(["model", "ctx", "variant", "graphs", "breaks", "warm-up s", "ms/token",
+                                  "vs best unpatched"], body), ""]
+    body = []
+    for r in rows:
+        for v, run in r["runs"].items():
             m = run["memory"]
             b = run.get("budget")
             body.append([r["model"], r["context"], v, f"{m['total_bytes'] / 2**20:.1f}",
@@ -381,7 +455,7 @@ def plot(result: dict, path: str) -> str | None:
     rows = result["rows"]
     if not rows:
         return None
-    variants = [v for v in (*UNPATCHED, *PATCHED) if any(v in r["runs"] for r in rows)]
+    variants = [v for v in (*ALL_UNPATCHED, *ALL_PATCHED) if any(v in r["runs"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4))
     width = 0.8 / len(variants)
     colors = {"hf-dynamic": "grey", "hf-static": "black", "dense": "tab:purple", "quest": "tab:blue",

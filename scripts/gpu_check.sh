@@ -174,7 +174,7 @@ bad = [m for m in common.parse_list(e.models) if m not in e2e.MODELS]
 assert not bad, f"unknown e2e models {bad}"
 assert e.dtype in common.DTYPES, e.dtype
 assert common.parse_sizes(e.contexts) and e.new_tokens >= 3 and e.llama_layers >= 1
-bad = [v for v in common.parse_list(e.variants) if v not in e2e.UNPATCHED + e2e.PATCHED]
+bad = [v for v in common.parse_list(e.variants) if v not in e2e.ALL_UNPATCHED + e2e.ALL_PATCHED]
 assert not bad, f"unknown e2e variants {bad}"
 print(f"kernels: contexts {k.contexts}, batches {k.batches}, dtypes {k.dtypes}, shapes {k.shapes}, "
       f"backend {k.backend}, repeats {k.repeats}")
