@@ -73,6 +73,8 @@ def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int, plan=None
     ``head_mask``."""
     if budget >= cache.length:
         return _full(None, cache)
+    if scores.dim() == 4 and scores.shape[2] == 1:  # one query head per kv-head: both modes are the same selection
+        scores = scores.squeeze(2)
     if scores.dim() == 4:
         top = torch.topk(scores, budget, dim=-1, sorted=False)
         mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -141,7 +143,7 @@ class _Quest:
             return _full(q, cache)
         ps = self.page_size
         n_pages = min(-(-self.budget // ps), cache.num_pages)
-        if self.gqa == "head":
+        if self.gqa == "head" and q.shape[1] > cache.num_kv_heads:  # (one query head per kv-head: the same)
             return self._per_head(q, cache, n_pages, plan)
         tile = torch.arange(ps, device=q.device, dtype=torch.int32)
         if cache.max_start == 0:  # no padding: pages at multiples of ps, the valid tokens a prefix of the row

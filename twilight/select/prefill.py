@@ -112,8 +112,8 @@ class SnapKV:
         B, H, dev = cache.batch, cache.num_kv_heads, cache.device
         W = qw.shape[2]
         window = torch.arange(P - W, P, device=dev).expand(B, H, W)
-        per_head = self.gqa == "head"
         G = qw.shape[1] // H
+        per_head = self.gqa == "head" and G > 1  # (one query head per kv-head: both modes are the same)
         if P - cache.min_start <= self.budget or P - W <= 0:  # every prompt token fits
             prompt = torch.arange(P, device=dev).expand(B, H, P)
             valid = valid_positions(cache, prompt)
