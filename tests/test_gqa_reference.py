@@ -437,3 +437,26 @@ def test_patched_gqa_model_under_head_decodes_as_the_model_with_repeated_kv(sele
     assert head_stats["mean_kv_tokens_read"] >= head_stats["mean_attended_tokens"]
     # and "group" is another semantics on this model
     assert not torch.allclose(results["head"][1], results["group"][1], atol=1e-3)
+
+
+@pytest.mark.parametrize("selector", [{"type": "quest", "token_budget": 50, "page_size": PS},
+                                      {"type": "sparq", "token_budget": 40, "num_channels": 8},
+                                      {"type": "oracle_topk", "token_budget": 40}])
+def test_fixed_shape_head_step_makes_no_host_sync(selector):
+    """What a GPU runs (``host_reads`` false: every shape host-known): a "head" step synchronises nowhere either."""
+    from twilight.diagnostics import count_ops
+
+    G = 4
+    q, k, v = _inputs(G, seed=8)
+    pipe = _pipeline(dict(selector, gqa="head"), G, pruner={"type": "top_p", "p": 0.9})
+    pipe.host_reads = False
+    cache = pipe.new_cache(0, B, HKV, D, start=torch.tensor(START))
+    cache.append(k.float(), v.float())
+    pipe.decode(0, q.float(), cache, SCALE)  # warm up: derived structures built
+    with count_ops() as c:
+        out = pipe.decode(0, q.float(), cache, SCALE, pipe.plan(cache))
+    assert c.syncs == 0, c.summary()
+    reads = _pipeline(dict(selector, gqa="head"), G, pruner={"type": "top_p", "p": 0.9})
+    cache2 = reads.new_cache(0, B, HKV, D, start=torch.tensor(START))
+    cache2.append(k.float(), v.float())
+    torch.testing.assert_close(out, reads.decode(0, q.float(), cache2, SCALE), atol=1e-5, rtol=1e-5)  # CPU's path
