@@ -109,7 +109,8 @@ def test_original_twilight_format():
               "weight_estimator": {"type": "min_max_quant", "quant_bit": 4},
               "weight_pruner": {"type": "top_p", "top_p": 0.85}, "skip_first_two_layers": True}
     cfg = TwilightConfig.load(legacy)
-    assert cfg.selector == SelectorConfig(type="quest", token_budget=8192, page_size=16)
+    # the original code selects per query head (it repeats K/V before every selector): gqa="head"
+    assert cfg.selector == SelectorConfig(type="quest", token_budget=8192, page_size=16, gqa="head")
     assert cfg.estimator.type == "int4"
     assert cfg.pruner.type == "top_p" and cfg.pruner.p == pytest.approx(0.85)
     assert cfg.dense_layers == [0, 1]
@@ -338,6 +339,7 @@ def test_every_original_benchmark_config_loads(tmp_path, name):
     assert cfg.name == name and cfg.dense_layers == [0, 1] and cfg.backend == "auto"
     budget = 1024 if name.endswith("1024") else 8192
     assert cfg.selector.token_budget == budget
+    assert cfg.selector.gqa == "head"  # what the original code's selectors do: each query head its own tokens
     if name.startswith("config_quest"):
         assert cfg.selector.type == "quest" and cfg.selector.page_size == 16
     else:

@@ -3,7 +3,8 @@
 - checks: ``check_q``, ``group_queries``, ``check_selection``, ``check_p``. Every mistake is a ``ValueError``
   that names the argument; the kernel wrappers add device and layout checks (``twilight.kernels._validate``).
 - data movement: ``gather_tokens`` (rows of a per-(batch, kv-head) store), ``compact`` (kept entries to the
-  front of each row, without sorting), ``valid_positions`` (inside each sequence's ``[start, length)``).
+  front of each row, without sorting), ``compact_heads`` (the same for per-query-head selections: the union per
+  kv-head, with each query head's own entries), ``valid_positions`` (inside each sequence's ``[start, length)``).
 
 This module imports no stage, so stages and backends depend on it and never on each other's privates.
 """
@@ -90,6 +91,27 @@ def compact(values: torch.Tensor, keep: torch.Tensor, width: int | None = None) 
     pad = torch.arange(width, device=values.device) >= counts.unsqueeze(-1)
     out = torch.where(pad, out[..., :1], out)
     return out.contiguous(), counts
+
+
+def compact_heads(indices: torch.Tensor, keep: torch.Tensor, width: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`compact` for per-query-head selections (``selector.gqa="head"``): each kv-head keeps the union of its query
+    heads' entries, and each query head's own entries are carried along.
+
+    Args:
+        indices: ``[B, H, K]`` int positions; keep: ``[B, H, G, K]`` bool, which entries each of the ``G`` query
+            heads of a kv-head keeps. width: as in `compact` (``None``: read from the counts; a host read).
+    Returns:
+        ``(out [B, H, width] int32, counts [B, H] int32, head_mask [B, H, G, width] bool)``: the union compacted
+        in order (padding as in `compact`), and which of its slots each query head kept (False at padding).
+    """
+    B, H, G, K = keep.shape
+    slots, counts = compact(torch.arange(K, device=keep.device).expand(B, H, K), keep.any(2), width=width)
+    slots = slots.to(INDEX_DTYPE)
+    out = indices.gather(-1, slots).to(torch.int32).contiguous()
+    inside = torch.arange(slots.shape[-1], device=keep.device) < counts.unsqueeze(-1)  # [B, H, width]
+    head_mask = keep.gather(-1, slots.unsqueeze(2).expand(B, H, G, -1)) & inside.unsqueeze(2)
+    return out, counts, head_mask
 
 
 def valid_positions(cache: LayerCache, positions: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 SELECTOR_TYPES = ("full", "quest", "streaming", "double_sparse", "oracle_topk", "sparq", "tidal", "snapkv", "h2o")
+#: How a selector chooses under GQA (``SelectorConfig.gqa``): ``"group"``, one set per kv-head shared by its query
+#: heads (scored by the group's largest score); ``"head"``, each query head its own ``token_budget`` tokens, as the
+#: original Twilight code selects (it repeats K/V per query head before every selector).
+GQA_MODES = ("group", "head")
+#: Selectors that score per query head and implement both modes; ``full`` and ``streaming`` score nothing (their
+#: selection is the same for every query head, so both modes are equal); ``h2o`` implements ``"group"`` only.
+GQA_HEAD_SELECTORS = ("quest", "double_sparse", "oracle_topk", "sparq", "tidal", "snapkv")
 POOLINGS = ("avgpool", "maxpool")  # how snapkv smooths its prompt votes
 ESTIMATOR_TYPES = ("exact", "int8", "int4")
 PRUNER_TYPES = ("none", "top_p", "top_k", "threshold")
@@ -62,8 +69,16 @@ class SelectorConfig:
     """Coarse candidate selection.
 
     type: one of ``full | quest | streaming | double_sparse | oracle_topk | sparq | tidal | snapkv | h2o``.
-    token_budget: candidates kept per kv-head (quest, double_sparse, oracle_topk, sparq, tidal; snapkv: prompt
-        tokens kept, observation window included; h2o: heavy hitters plus recent tokens).
+    token_budget: candidates kept per kv-head under ``gqa="group"``, per query head under ``gqa="head"`` (quest,
+        double_sparse, oracle_topk, sparq, tidal; snapkv: prompt tokens kept, observation window included; h2o:
+        heavy hitters plus recent tokens).
+    gqa: how the selection is shared under GQA (``GQA_MODES``). ``"group"`` (default, our presets): one set per
+        kv-head, a token scored by the largest score any query head of its group gives it, and every query head
+        of the group attends to that set. ``"head"`` (what the original Twilight code does, and what its config
+        files load as): each query head selects its own ``token_budget`` tokens and attends only to them (with a
+        pruner, each head prunes its own candidates); the kv-head reads the union. Both modes are equal for
+        ``full`` and ``streaming`` (they score nothing) and with one query head per kv-head; ``h2o`` implements
+        ``"group"`` only.
     page_size: tokens per Quest page.
     sink_tokens / window: streaming's always-kept first tokens and recent window.
     channels_path: double_sparse's label-channel JSON: one written by
@@ -89,6 +104,7 @@ class SelectorConfig:
 
     type: str = "full"
     token_budget: int = 8192
+    gqa: str = "group"
     page_size: int = 16
     sink_tokens: int = 4
     window: int = 1024
@@ -106,6 +122,12 @@ class SelectorConfig:
         if self.type not in SELECTOR_TYPES:
             _fail("selector.type", self.type, f"must be one of {', '.join(SELECTOR_TYPES)}")
         _check_int("selector.token_budget", self.token_budget, 1)
+        if self.gqa not in GQA_MODES:
+            _fail("selector.gqa", self.gqa, f"must be one of {', '.join(GQA_MODES)} (group: one selection per "
+                  "kv-head shared by its query heads; head: each query head its own)")
+        if self.gqa == "head" and self.type not in GQA_HEAD_SELECTORS + ("full", "streaming"):
+            _fail("selector.gqa", self.gqa, f"selector.type={self.type!r} implements gqa='group' only; gqa='head' "
+                  f"is implemented by {', '.join(GQA_HEAD_SELECTORS)} (and equals 'group' for full and streaming)")
         _check_int("selector.page_size", self.page_size, 1)
         _check_int("selector.sink_tokens", self.sink_tokens, 0)
         _check_int("selector.window", self.window, 1)
@@ -409,6 +431,8 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     - ``weight_pruner``: ``top_p`` (its ``threshold`` is p; ``top_p``/``p`` are accepted too),
       ``threshold``, ``top_k``, ``none``; no pruner means no pruning.
     - ``skip_first_two_layers`` (default true, as in the original code) -> ``dense_layers`` ``[0, 1]``.
+    - ``selector.gqa``: ``head`` unless the file says otherwise: the original code repeats K/V per query head
+      (``repeat_kv``) before every selector, so each query head selects its own ``token_budget`` tokens.
 
     Every other key, anywhere, is a ``ConfigError`` naming it.
     """
@@ -496,6 +520,9 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
             if sel.setdefault("channels_key", key) != key:
                 raise ConfigError(f"selector.selected_channel={key!r} and selector.channels_key="
                                   f"{sel['channels_key']!r} disagree: they name the same setting; give one")
+    # The original code repeats K/V per query head before every selector: each query head selects its own tokens.
+    if sel.setdefault("gqa", "head") not in GQA_MODES:
+        _fail("selector.gqa", sel["gqa"], f"must be one of {', '.join(GQA_MODES)}")
     out["selector"] = sel
 
     est = _legacy_section(data, "weight_estimator")
@@ -550,20 +577,22 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Every preset selects per kv-head (``gqa="group"``: one set per kv-head, shared by its query heads); the original
+#: Twilight code's config files load with ``gqa="head"`` (see ``_from_legacy``).
 PRESETS: dict[str, dict[str, Any]] = {
     # Full selector and no pruner: every decode step equals dense attention.
-    "dense": {"selector": {"type": "full"}, "estimator": {"type": "exact"}, "pruner": {"type": "none"},
-              "dense_layers": []},
+    "dense": {"selector": {"type": "full", "gqa": "group"}, "estimator": {"type": "exact"},
+              "pruner": {"type": "none"}, "dense_layers": []},
     # Quest alone: a fixed budget of top pages, no pruning.
-    "quest": {"selector": {"type": "quest", "token_budget": 8192, "page_size": 16}, "estimator": {"type": "exact"},
-              "pruner": {"type": "none"}, "dense_layers": [0, 1]},
+    "quest": {"selector": {"type": "quest", "token_budget": 8192, "page_size": 16, "gqa": "group"},
+              "estimator": {"type": "exact"}, "pruner": {"type": "none"}, "dense_layers": [0, 1]},
     # Twilight over every token: int4 estimates, top-p 0.85.
-    "twilight": {"selector": {"type": "full"}, "estimator": {"type": "int4"}, "pruner": {"type": "top_p", "p": 0.85},
-                 "dense_layers": [0, 1]},
+    "twilight": {"selector": {"type": "full", "gqa": "group"}, "estimator": {"type": "int4"},
+                 "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [0, 1]},
     # Quest as the coarse selector, then Twilight's pruning.
-    "quest-twilight": {"selector": {"type": "quest", "token_budget": 8192, "page_size": 16},
+    "quest-twilight": {"selector": {"type": "quest", "token_budget": 8192, "page_size": 16, "gqa": "group"},
                        "estimator": {"type": "int4"}, "pruner": {"type": "top_p", "p": 0.85}, "dense_layers": [0, 1]},
     # StreamingLLM: attention sinks plus a recent window.
-    "streaming": {"selector": {"type": "streaming", "sink_tokens": 4, "window": 1024}, "estimator": {"type": "exact"},
-                  "pruner": {"type": "none"}, "dense_layers": [0, 1]},
+    "streaming": {"selector": {"type": "streaming", "sink_tokens": 4, "window": 1024, "gqa": "group"},
+                  "estimator": {"type": "exact"}, "pruner": {"type": "none"}, "dense_layers": [0, 1]},
 }

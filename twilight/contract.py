@@ -7,6 +7,11 @@ A decode step of one layer is the same calls for every backend (``TwilightPipeli
    and keep, per query head, what the pruner keeps; the GQA group's union per kv-head, compacted;
 3. ``attend(q, cache, sel, scale) -> out``: decode attention over the pruned selection with the exact K/V.
 
+Under ``selector.gqa="head"`` the selection carries ``Selection.head_mask`` (each query head's own candidates):
+``prune`` masks every query head's scores to its own candidates and keeps the mask through the union, and
+``attend`` lets each query head attend to its own slots only. ``TorchBackend`` implements it; the kernel backends
+run those stages with it (their kernels implement ``"group"`` and refuse a ``head_mask`` by name).
+
 The pipeline calls 2 and 3 through ``prune_attend`` (by default: ``prune``, then ``attend``), which a backend
 that fuses them overrides (``cpu``). A dense step (dense layer, or below the crossover) calls ``attend`` only.
 
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from twilight._tensors import compact
+from twilight._tensors import compact, compact_heads
 from twilight.attention import sparse_decode_attention
 from twilight.cache import LayerCache
 from twilight.estimate import cpu_int4_block, estimate_scores
@@ -167,6 +172,8 @@ class TorchBackend(Backend):
 
     def prune(self, q, cache, sel, config, scale, plan):
         scores = self.estimate(q, cache, sel, config.estimator.type, plan)  # [B, Hq, K] raw q·k
+        if sel.head_mask is not None:  # gqa="head": each query head prunes its own candidates
+            return self.prune_heads(scores, sel, config.pruner, scale, plan)
         if config.pruner.type == "top_p":
             return self.prune_to_selection(scores, sel, config.pruner.p, scale, plan)
         keep = prune_mask(scores * scale, config.pruner)
@@ -183,6 +190,24 @@ class TorchBackend(Backend):
                 return _selection_from_kept(kept, sel, logits.shape[1])
         keep = top_p_mask(logits, p, host_reads=host_reads)
         return self._union_compact(keep, sel, sel.indices.shape[1], plan)
+
+    def prune_heads(self, scores: torch.Tensor, sel: Selection, pruner, scale: float = 1.0,
+                    plan: StepPlan | None = None) -> tuple[Selection, torch.Tensor]:
+        """``gqa="head"``: each query head's ``pruner`` over its own candidates (``sel.head_mask``; the others score
+        ``-inf``), the union per kv-head compacted, each query head's kept slots carried in the new ``head_mask``.
+        Always the torch reference (every backend), whatever the backend's kernels."""
+        B, Hq, K = scores.shape
+        H = sel.indices.shape[1]
+        G = Hq // H
+        logits = (scores * scale).masked_fill(~sel.head_valid(G).reshape(B, Hq, K), float("-inf"))
+        host_reads = plan.host_reads if plan is not None else scores.device.type == "cpu"
+        if pruner.type == "top_p":
+            keep = top_p_mask(logits, pruner.p, host_reads=host_reads)
+        else:
+            keep = prune_mask(logits, pruner)
+        indices, counts, head_mask = compact_heads(sel.indices, keep.view(B, H, G, K),
+                                                   width=None if host_reads else K)
+        return Selection(indices, counts, head_mask=head_mask), keep.sum(-1, dtype=torch.int32)
 
     @staticmethod
     def _union_compact(keep: torch.Tensor, sel: Selection, num_kv_heads: int, plan: StepPlan | None):

@@ -171,7 +171,8 @@ class TwilightPipeline:
         dense = self.is_dense(layer_idx) or plan.dense
         sel = self.select(layer_idx, q, cache, plan)
         if dense or self.config.pruner.type == "none":
-            q_counts = None
+            # each query head attends to its kv-head's selection, or (gqa="head") to its own part of it
+            q_counts = None if sel.head_mask is None else sel.head_mask.sum(-1, dtype=torch.int32).view(q.shape[:2])
             out = backend.attend(q, cache, sel, scale, plan)
         else:
             out, sel, q_counts = backend.prune_attend(q, cache, sel, self.config, scale, plan)

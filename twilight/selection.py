@@ -16,6 +16,11 @@ class Selection:
 
     Valid entries of a row are distinct; they need not be sorted.
 
+    head_mask: ``None`` (``selector.gqa="group"``): every query head of a kv-head's group attends to every valid
+        entry of its row. ``[B, Hkv, G, K_max]`` bool (``selector.gqa="head"``): the row is the union of its ``G``
+        query heads' own selections, and ``head_mask[b, h, g, s]`` says whether query head ``h * G + g`` selected
+        slot ``s`` (always False at padding slots); each query head attends only to its own slots.
+
     Example::
 
         >>> sel = Selection(torch.tensor([[[3, 0, 7]]], dtype=torch.int32), torch.tensor([[2]], dtype=torch.int32))
@@ -34,6 +39,8 @@ class Selection:
     page_size: int | None = None
     #: When set, every row holds exactly this many valid entries (known on the host: no read of ``counts``).
     uniform_count: int | None = None
+    #: ``[B, Hkv, G, K_max]`` bool: which slots each query head selected (``selector.gqa="head"``), see above.
+    head_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.indices.dim() != 3:
@@ -43,6 +50,15 @@ class Selection:
                              f"got {tuple(self.counts.shape)}")
         if self.indices.dtype != torch.int32 or self.counts.dtype != torch.int32:
             raise ValueError(f"Selection indices/counts must be int32, got {self.indices.dtype}/{self.counts.dtype}")
+        if self.head_mask is not None:
+            m = self.head_mask
+            if m.dtype != torch.bool or m.dim() != 4 or m.shape[:2] != self.indices.shape[:2] \
+                    or m.shape[3] != self.indices.shape[2]:
+                raise ValueError(f"Selection.head_mask must be bool [B, Hkv, G, K_max] with (B, Hkv, K_max) = "
+                                 f"{(*self.indices.shape[:2], self.indices.shape[2])}, got {m.dtype} "
+                                 f"{tuple(m.shape)}")
+            if self.is_full_range:
+                raise ValueError("a full-range Selection has no head_mask: every query head attends to every token")
 
     @property
     def k_max(self) -> int:
@@ -54,12 +70,32 @@ class Selection:
         return ar < self.counts.unsqueeze(-1)
 
     def to_mask(self, length: int) -> torch.Tensor:
-        """``[B, Hkv, length]`` bool mask of selected positions (for tests and debugging)."""
+        """``[B, Hkv, length]`` bool mask of selected positions (the union over query heads; for tests and
+        debugging)."""
         B, H, _ = self.indices.shape
         mask = torch.zeros(B, H, length + 1, dtype=torch.bool, device=self.indices.device)
         idx = torch.where(self.valid(), self.indices.long(), length)  # padding goes to a spill column
         mask.scatter_(-1, idx, True)
         return mask[..., :length]
+
+    def head_valid(self, group: int) -> torch.Tensor:
+        """``[B, Hkv, G, K_max]`` bool: which slots each of the ``group`` query heads of a kv-head attends to
+        (``head_mask``, or every valid slot for every head when there is none)."""
+        if self.head_mask is not None:
+            if self.head_mask.shape[2] != group:
+                raise ValueError(f"Selection.head_mask holds {self.head_mask.shape[2]} query heads per kv-head, "
+                                 f"not {group}")
+            return self.head_mask
+        B, H, K = self.indices.shape
+        return self.valid().unsqueeze(2).expand(B, H, group, K)
+
+    def to_head_mask(self, length: int, group: int) -> torch.Tensor:
+        """``[B, Hkv * group, length]`` bool mask of the positions each query head attends to."""
+        B, H, K = self.indices.shape
+        mask = torch.zeros(B, H, group, length + 1, dtype=torch.bool, device=self.indices.device)
+        idx = torch.where(self.head_valid(group), self.indices.long().unsqueeze(2), length)
+        mask.scatter_(-1, idx, True)
+        return mask[..., :length].reshape(B, H * group, length)
 
     def to_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indptr [B*Hkv + 1], indices [nnz])`` int32, rows ordered (batch, kv-head).

@@ -1,7 +1,8 @@
 """Attend: decode attention over a `Selection` with the exact K/V.
 
 ``sparse_decode_attention(q, cache, sel, scale)`` gathers each kv-head's selected keys and values once and
-lets every query head of its GQA group attend to them. A full-range selection (``Selection.full``) skips
+lets every query head of its GQA group attend to them (with ``sel.head_mask``, ``selector.gqa="head"``: each query
+head to its own slots only). A full-range selection (``Selection.full``) skips
 the gather and runs ``scaled_dot_product_attention`` on the cache in place, so the ``dense`` preset is
 plain dense attention.
 """
@@ -36,12 +37,13 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
     Args:
         q: ``[B, Hq, D]``, the cache's dtype; Hq a multiple of the cache's Hkv.
         cache: the layer's ``LayerCache`` (exact K/V are read only at selected positions).
-        sel: ``Selection`` with ``indices [B, Hkv, K_max]`` and ``counts [B, Hkv]``.
+        sel: ``Selection`` with ``indices [B, Hkv, K_max]`` and ``counts [B, Hkv]``; with ``head_mask``, each query
+            head attends only to the slots it selected.
         scale: softmax scale, usually ``D ** -0.5``.
         host_reads: on the CPU, attend to exactly the selected tokens (their positions are read from
             ``sel``); ``False`` keeps shapes fixed by ``sel``'s width (no read back, as on a GPU).
     Returns:
-        ``[B, Hq, D]`` in ``q``'s dtype; a row with an empty selection yields zeros.
+        ``[B, Hq, D]`` in ``q``'s dtype; a query head with an empty selection yields zeros.
 
     Example::
 
@@ -63,7 +65,8 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
     keys = gather_tokens(cache.k, sel.indices)  # [B, Hkv, K, D]
     values = gather_tokens(cache.v, sel.indices)
     logits = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, K]
-    logits = logits.masked_fill_(~sel.valid().unsqueeze(2), float("-inf"))
+    attended = sel.head_valid(qg.shape[2]) if sel.head_mask is not None else sel.valid().unsqueeze(2)
+    logits = logits.masked_fill_(~attended, float("-inf"))
     return _softmax_values(logits, values).reshape(B, Hq, D).to(q.dtype)
 
 
@@ -83,6 +86,7 @@ def _attend_rows(qg: torch.Tensor, cache: LayerCache, sel: Selection, scale: flo
     """
     B, H, G, D = qg.shape
     counts = sel.counts.tolist()
+    heads = sel.head_valid(G) if sel.head_mask is not None else None
     out = torch.zeros(B, H, G, D, dtype=torch.float32, device=qg.device)
     for b in range(B):
         for h in range(H):
@@ -93,5 +97,7 @@ def _attend_rows(qg: torch.Tensor, cache: LayerCache, sel: Selection, scale: flo
             keys = cache.k[b, h].index_select(0, idx)  # [n, D]
             values = cache.v[b, h].index_select(0, idx)
             logits = torch.matmul(qg[b, h].float(), keys.float().t()) * scale  # [G, n]
+            if heads is not None:  # gqa="head": each query head over its own slots
+                logits.masked_fill_(~heads[b, h, :, :n], float("-inf"))
             out[b, h] = _softmax_values(logits, values)
     return out

@@ -27,6 +27,15 @@ def check_selection(sel: Selection, cache: LayerCache) -> None:
         raise ValueError(f"selection is on {sel.indices.device} but the cache is on {cache.device}")
 
 
+def check_group_selection(sel: Selection, kernel: str) -> None:
+    """Refuse a per-query-head selection (``Selection.head_mask``, ``selector.gqa="head"``) in a kernel that lets every
+    query head of a kv-head attend to (or keep) the whole row: it would run the other GQA semantics."""
+    if sel.head_mask is not None:
+        raise ValueError(f"{kernel} implements selector.gqa='group' only (every query head of a kv-head shares its "
+                         "row), but this selection has a head_mask (selector.gqa='head', each query head its own "
+                         "tokens): run this stage with twilight.contract.TorchBackend (the backends do)")
+
+
 def check_contiguous(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not t.is_contiguous():
@@ -105,7 +114,9 @@ def as_float_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def check_prune_inputs(scores: torch.Tensor, sel: Selection) -> tuple[int, int, int, int, int]:
-    """``scores [B, Hq, K]`` against candidates ``sel [B, Hkv, K]``; returns ``(B, Hq, K, Hkv, G)``."""
+    """``scores [B, Hq, K]`` against candidates ``sel [B, Hkv, K]`` (no ``head_mask``: the fused union kernels keep
+    every query head's choice for the whole group); returns ``(B, Hq, K, Hkv, G)``."""
+    check_group_selection(sel, "the fused top-p + GQA union kernel (prune_to_selection)")
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, Hq, K], got shape {tuple(scores.shape)}")
     B, Hq, K = scores.shape

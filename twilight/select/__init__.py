@@ -3,8 +3,16 @@
 Every selector is a callable ``selector(q, cache, plan=None) -> Selection`` built by
 ``make_selector(cfg, layer_idx)``, with ``q [B, Hq, D]`` the step's queries, ``cache`` a ``LayerCache`` and
 ``plan`` the step's ``twilight.contract.StepPlan`` (``plan.host_reads`` false: output widths are host-known,
-no count is read back from the device). Selections are per kv-head:
-under GQA a token is a candidate for the whole group.
+no count is read back from the device). Selections are per kv-head (``Selection.indices [B, Hkv, K]``); how a
+kv-head's query heads share them is ``selector.gqa``:
+
+- ``"group"`` (default): a token is a candidate for the whole group, scored by the largest score any query head
+  of the group gives it, and ``token_budget`` counts tokens per kv-head.
+- ``"head"`` (the original Twilight code's semantics: it repeats K/V per query head before selecting): each query
+  head selects its own ``token_budget`` tokens by its own score; the ``Selection`` holds their union per kv-head
+  (K/V are read once per kv-head) and ``Selection.head_mask`` says which of them each query head selected, so that
+  each query head prunes and attends to its own selection only. ``full`` and ``streaming`` score nothing: their
+  selection is the same for every query head in both modes (no ``head_mask``); ``h2o`` is ``"group"`` only.
 
 - ``full``: every valid token.
 - ``quest``: the pages with the highest upper bound of ``q·k`` (Quest), ``token_budget`` tokens in all
@@ -23,20 +31,21 @@ under GQA a token is a candidate for the whole group.
 - ``snapkv``, ``h2o``: selectors that watch the prefill (``twilight.select.prefill``): SnapKV's prompt tokens
   voted by an observation window, H2O's heavy hitters by accumulated attention plus a recent window.
 
-Under GQA a token-level selector scores a token for a kv-head by the largest score any of its query heads
-gives it (``sparq``, ``tidal``, ``oracle_topk``, ``double_sparse``): each query head's channels are its own.
+Under ``gqa="group"`` a token-level selector scores a token for a kv-head by the largest score any of its query
+heads gives it (``sparq``, ``tidal``, ``oracle_topk``, ``double_sparse``): each query head's channels are its own.
+Under ``gqa="head"`` each query head takes the top ``token_budget`` tokens (Quest: the top pages) of its own scores.
 """
 from __future__ import annotations
 
 import torch
 
-from twilight._tensors import compact, group_queries, valid_positions
+from twilight._tensors import compact, compact_heads, group_queries, valid_positions
 from twilight.cache import LayerCache, quantize_labels
-from twilight.config import SELECTOR_TYPES, SelectorConfig
+from twilight.config import GQA_MODES, SELECTOR_TYPES, SelectorConfig
 from twilight.selection import Selection
 
 __all__ = ["make_selector", "quest_page_scores", "pages_with_tokens", "last_pages", "exact_group_scores",
-           "observation_key", "SELECTOR_TYPES"]
+           "exact_head_scores", "observation_key", "SELECTOR_TYPES"]
 
 
 def _width(plan, n: int) -> int | None:
@@ -49,18 +58,37 @@ def _full(q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
     return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=cache.device, start=start)
 
 
+def _head_selection(mask: torch.Tensor, plan, bound: int) -> Selection:
+    """Per-query-head selections ``mask [B, Hkv, G, L]`` (each query head's positions) as a `Selection`: their
+    union per kv-head, with ``head_mask``. ``bound``: an upper bound of a union's size (the host-known width)."""
+    B, H, G, L = mask.shape
+    pos = torch.arange(L, device=mask.device, dtype=torch.int32).expand(B, H, L)
+    out, counts, head_mask = compact_heads(pos, mask, width=_width(plan, max(min(L, bound), 1)))
+    return Selection(out, counts, head_mask=head_mask)
+
+
 def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int, plan=None) -> Selection:
-    """Top ``budget`` positions per kv-head from token scores ``[B, Hkv, L]`` (invalid positions -inf)."""
+    """Top ``budget`` positions per kv-head from token scores ``[B, Hkv, L]`` (invalid positions -inf); from per
+    query head scores ``[B, Hkv, G, L]`` (``gqa="head"``), each query head's own top ``budget``, as their union with
+    ``head_mask``."""
     if budget >= cache.length:
         return _full(None, cache)
+    if scores.dim() == 4 and scores.shape[2] == 1:  # one query head per kv-head: both modes are the same selection
+        scores = scores.squeeze(2)
+    if scores.dim() == 4:
+        top = torch.topk(scores, budget, dim=-1, sorted=False)
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        mask.scatter_(-1, top.indices, top.values > float("-inf"))  # invalid positions score -inf: never kept
+        return _head_selection(mask, plan, scores.shape[2] * budget)
     idx = torch.topk(scores, budget, dim=-1, sorted=False).indices
     valid = valid_positions(cache, idx) & (scores.gather(-1, idx) > float("-inf"))
     out, counts = compact(idx, valid, width=budget)
     return Selection(out, counts)
 
 
-def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """Quest's upper bound of ``max over the group's query heads of q·k`` per page: ``[B, Hkv, pages]``.
+def quest_page_scores(q: torch.Tensor, cache: LayerCache, per_head: bool = False) -> torch.Tensor:
+    """Quest's upper bound of ``max over the group's query heads of q·k`` per page: ``[B, Hkv, pages]``; with
+    ``per_head``, each query head's own bound of its ``q·k``: ``[B, Hkv, G, pages]`` (``gqa="head"``).
 
     For each channel, ``max(q_d * max_d, q_d * min_d) = relu(q_d) * max_d + min(q_d, 0) * min_d``, so the
     bound of all pages is one batched matmul of ``[max | min]`` with ``[relu(q) | min(q, 0)]``.
@@ -75,10 +103,13 @@ def quest_page_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     # same products (exact in float32) and sums, so they pick the same pages.
     qq = torch.cat([qg.clamp_min(0), qg.clamp_max(0)], -1).reshape(B * H, G, 2 * D).float()
     # [G, 2D] @ [2D, P] (pages as the wide dimension) runs ~2x faster on CPU than [P, 2D] @ [2D, G]
-    scores = torch.bmm(qq, bounds.float().transpose(1, 2)).view(B, H, G, P).amax(2)  # [B, Hkv, P]
+    scores = torch.bmm(qq, bounds.float().transpose(1, 2)).view(B, H, G, P)
+    if not per_head:
+        scores = scores.amax(2)  # [B, Hkv, P]
     if cache.max_start == 0:  # no padding: every page up to the last holds valid tokens
         return scores
-    return scores.masked_fill(~pages_with_tokens(cache).unsqueeze(1), float("-inf"))
+    empty = ~pages_with_tokens(cache)  # [B, P]
+    return scores.masked_fill(empty.view(B, 1, 1, P) if per_head else empty.unsqueeze(1), float("-inf"))
 
 
 def pages_with_tokens(cache: LayerCache) -> torch.Tensor:
@@ -96,10 +127,11 @@ def last_pages(cache: LayerCache) -> torch.Tensor:
 
 
 class _Quest:
-    kind = "quest"  # backends with a fused Quest kernel recognise it by this
-
     def __init__(self, cfg: SelectorConfig):
-        self.budget, self.page_size = cfg.token_budget, cfg.page_size
+        self.budget, self.page_size, self.gqa = cfg.token_budget, cfg.page_size, cfg.gqa
+        # Backends with a fused Quest kernel (which selects per kv-head) recognise it by "quest"; the per query head
+        # selection has another kind, so that no kernel takes it for the one it implements.
+        self.kind = "quest" if cfg.gqa == "group" else "quest-per-head"
 
     def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None, page_scores=quest_page_scores) -> Selection:
         """``page_scores(q, cache) -> [B, Hkv, pages]``: the page bounds' scores (a backend passes its own kernel
@@ -111,6 +143,8 @@ class _Quest:
             return _full(q, cache)
         ps = self.page_size
         n_pages = min(-(-self.budget // ps), cache.num_pages)
+        if self.gqa == "head" and q.shape[1] > cache.num_kv_heads:  # (one query head per kv-head: the same)
+            return self._per_head(q, cache, n_pages, plan)
         tile = torch.arange(ps, device=q.device, dtype=torch.int32)
         if cache.max_start == 0:  # no padding: pages at multiples of ps, the valid tokens a prefix of the row
             last = cache.num_pages - 1  # the most recent page: always kept, and last
@@ -135,6 +169,24 @@ class _Quest:
         out, counts = compact(tokens, valid_positions(cache, tokens), width=_width(plan, tokens.shape[-1]))
         return Selection(out, counts)
 
+    def _per_head(self, q: torch.Tensor, cache: LayerCache, n_pages: int, plan) -> Selection:
+        """``gqa="head"``: each query head's own ``n_pages`` pages (its last page and the ``n_pages - 1`` others of
+        highest bound of its own ``q·k``), as their union per kv-head with ``head_mask``."""
+        scores = quest_page_scores(q, cache, per_head=True)  # [B, Hkv, G, P]
+        B, H, G, P = scores.shape
+        ps, L = self.page_size, cache.length
+        last = last_pages(cache).view(B, 1, 1, 1).expand(B, H, G, 1)
+        scores = scores.scatter(-1, last, float("-inf"))  # the last page does not compete: it is always kept
+        top = torch.topk(scores, n_pages - 1, dim=-1, sorted=False)
+        chosen = torch.zeros(B, H, G, P, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, top.indices, top.values > float("-inf"))  # pages without a valid token: never
+        chosen.scatter_(-1, last, True)
+        pos = torch.arange(L, device=q.device)
+        page = (pos.view(1, L) - cache.page_offset.view(B, 1).long()).div(ps, rounding_mode="floor")  # [B, L]
+        mask = chosen.gather(-1, page.clamp(0, P - 1).view(B, 1, 1, L).expand(B, H, G, L))
+        mask &= valid_positions(cache, pos.view(1, 1, L)).unsqueeze(2)
+        return _head_selection(mask, plan, G * n_pages * ps)
+
 
 class _Streaming:
     def __init__(self, cfg: SelectorConfig):
@@ -152,9 +204,22 @@ class _Streaming:
 
 
 def _masked(scores: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """Token scores ``[B, Hkv, L]`` with positions outside each sequence's valid range at ``-inf``."""
+    """Token scores ``[B, Hkv, L]`` (or ``[B, Hkv, G, L]``) with positions outside each sequence's valid range at
+    ``-inf``."""
     pos = torch.arange(cache.length, device=scores.device).view(1, 1, -1)
-    return scores.masked_fill(~valid_positions(cache, pos), float("-inf"))
+    valid = valid_positions(cache, pos)  # [B, 1, L]
+    return scores.masked_fill(~(valid.unsqueeze(2) if scores.dim() == 4 else valid), float("-inf"))
+
+
+def _group_or_heads(scores: torch.Tensor, gqa: str) -> torch.Tensor:
+    """Per query head scores ``[B, Hkv, G, L]``: as they are (``gqa="head"``), or the group's max ``[B, Hkv, L]``."""
+    return scores if gqa == "head" else scores.amax(2)
+
+
+def exact_head_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """Each query head's exact ``q·k``: ``[B, Hkv, G, L]`` float32, ``-inf`` off range."""
+    qg = group_queries(q, cache).float()
+    return _masked(torch.einsum("bhgd,bhld->bhgl", qg, cache.keys().float()), cache)
 
 
 def exact_group_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
@@ -165,15 +230,16 @@ def exact_group_scores(q: torch.Tensor, cache: LayerCache) -> torch.Tensor:
 
 class _OracleTopK:
     def __init__(self, cfg: SelectorConfig):
-        self.budget = cfg.token_budget
+        self.budget, self.gqa = cfg.token_budget, cfg.gqa
 
     def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
-        return _topk_tokens(exact_group_scores(q, cache), cache, self.budget, plan)
+        scores = exact_head_scores(q, cache) if self.gqa == "head" else exact_group_scores(q, cache)
+        return _topk_tokens(scores, cache, self.budget, plan)
 
 
 class _SparQ:
     def __init__(self, cfg: SelectorConfig):
-        self.budget, self.r = cfg.token_budget, cfg.num_channels
+        self.budget, self.r, self.gqa = cfg.token_budget, cfg.num_channels, cfg.gqa
 
     def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
         qg = group_queries(q, cache).float()  # [B, Hkv, G, D]
@@ -187,7 +253,7 @@ class _SparQ:
         L = cache.length
         k_r = cache.keys().unsqueeze(2).expand(B, H, G, L, D).gather(
             -1, channels.unsqueeze(3).expand(B, H, G, L, self.r)).float()  # [B, Hkv, G, L, r]: r channels, then f32
-        scores = torch.einsum("bhgr,bhglr->bhgl", q_r, k_r).amax(2) * D ** -0.5
+        scores = _group_or_heads(torch.einsum("bhgr,bhglr->bhgl", q_r, k_r), self.gqa) * D ** -0.5
         return _topk_tokens(_masked(scores, cache), cache, self.budget, plan)
 
 
@@ -197,7 +263,7 @@ class _Tidal:
     SHARED_KEY = "tidal"
 
     def __init__(self, cfg: SelectorConfig, layer_idx: int, reselection_layers: list[int]):
-        self.budget, self.layer_idx = cfg.token_budget, layer_idx
+        self.budget, self.layer_idx, self.gqa = cfg.token_budget, layer_idx, cfg.gqa
         self.reselects = layer_idx in reselection_layers
         self.before_first = layer_idx < min(reselection_layers)
 
@@ -206,7 +272,8 @@ class _Tidal:
             if plan is None:
                 raise ValueError("tidal needs the step's plan (TwilightPipeline.plan) to hand its selection to "
                                  "the following layers")
-            sel = _topk_tokens(exact_group_scores(q, cache), cache, self.budget, plan)
+            scores = exact_head_scores(q, cache) if self.gqa == "head" else exact_group_scores(q, cache)
+            sel = _topk_tokens(scores, cache, self.budget, plan)
             plan.shared[self.SHARED_KEY] = (sel, cache.min_start, cache.max_start)
             return _full(q, cache)
         if self.before_first:
@@ -218,10 +285,16 @@ class _Tidal:
                              "every layer of a decode step, in layer order")
         sel, min_start, max_start = shared
         if sel.indices.device != q.device:
-            sel = Selection(sel.indices.to(q.device), sel.counts.to(q.device))
+            sel = Selection(sel.indices.to(q.device), sel.counts.to(q.device),
+                            head_mask=None if sel.head_mask is None else sel.head_mask.to(q.device))
         if (min_start, max_start) != (cache.min_start, cache.max_start):  # a sliding-window layer: stay inside it
             keep = sel.valid() & valid_positions(cache, sel.indices)
-            sel = Selection(*compact(sel.indices, keep, width=_width(plan, sel.k_max)))
+            if sel.head_mask is None:
+                sel = Selection(*compact(sel.indices, keep, width=_width(plan, sel.k_max)))
+            else:
+                out, counts, head_mask = compact_heads(sel.indices, sel.head_mask & keep.unsqueeze(2),
+                                                       width=_width(plan, sel.k_max))
+                sel = Selection(out, counts, head_mask=head_mask)
         return sel
 
 
@@ -229,7 +302,7 @@ class _DoubleSparse:
     def __init__(self, cfg: SelectorConfig, layer_idx: int):
         from twilight.select.double_sparse import load_channels
 
-        self.budget, self.label_bits = cfg.token_budget, cfg.label_bits
+        self.budget, self.label_bits, self.gqa = cfg.token_budget, cfg.label_bits, cfg.gqa
         self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key)  # [Hkv, C]
 
     def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
@@ -244,15 +317,15 @@ class _DoubleSparse:
                 raise ValueError(f"selector.label_bits={self.label_bits} differs from the cache's "
                                  f"label_bits={cache.label_bits}")
             k_label = quantize_labels(k_label, self.label_bits)  # a cache that keeps exact labels
-        scores = torch.einsum("bhgc,bhlc->bhgl", q_label.float(), k_label.float()).amax(2)
-        pos = torch.arange(cache.length, device=cache.device).view(1, 1, -1)
-        scores = scores.masked_fill(~valid_positions(cache, pos), float("-inf"))
-        return _topk_tokens(scores, cache, self.budget, plan)
+        scores = _group_or_heads(torch.einsum("bhgc,bhlc->bhgl", q_label.float(), k_label.float()), self.gqa)
+        return _topk_tokens(_masked(scores, cache), cache, self.budget, plan)
 
 
 def make_selector(cfg: SelectorConfig, layer_idx: int = 0, num_layers: int | None = None):
     """The selector callable for ``cfg`` (``layer_idx`` picks double_sparse's calibrated channels and tidal's role;
     tidal's default re-selection layers depend on ``num_layers``)."""
+    if cfg.gqa not in GQA_MODES:  # a SelectorConfig built without validation: never run a mode it did not ask for
+        raise ValueError(f"selector.gqa={cfg.gqa!r} is invalid: must be one of {', '.join(GQA_MODES)}")
     if cfg.type == "full":
         return _full
     if cfg.type == "quest":

@@ -11,10 +11,12 @@ decode step lives in ``cache.selector_state``.
   query heads), the votes are pooled along the positions (``pooling`` over ``kernel_size``), and the
   ``token_budget - observation_window`` best-voted prompt tokens are kept with the window itself. Decode steps
   attend to the kept prompt tokens plus every token generated since: the selection is made once per prompt.
+  Under ``gqa="head"`` (as the original Twilight code's SnapKV, which compresses each query head's repeated K/V)
+  each query head votes with its own window queries and keeps its own prompt tokens; the kv-head reads the union.
 - ``h2o`` (H2O): each token's accumulated attention, summed over the kv-head's query heads: from every prompt
   query (causal softmax over the prompt) and then, each decode step, from the step's queries over the tokens
   selected (H2O's attention over its retained cache). A step selects the ``recent_tokens`` most recent tokens and
-  the ``token_budget - recent_tokens`` other tokens of highest accumulated attention.
+  the ``token_budget - recent_tokens`` other tokens of highest accumulated attention. ``gqa="group"`` only.
 
 Left padding: padded positions are never voted for, never selected, and their queries cast no votes.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from twilight._tensors import compact, gather_tokens, group_queries, valid_positions
+from twilight._tensors import compact, compact_heads, gather_tokens, group_queries, valid_positions
 from twilight.cache import LayerCache
 from twilight.config import SelectorConfig
 from twilight.select import _width
@@ -43,9 +45,10 @@ def _check_prefill_q(q: torch.Tensor, cache: LayerCache) -> None:
                          "first")
 
 
-def prompt_attention(q: torch.Tensor, cache: LayerCache, scale: float) -> torch.Tensor:
+def prompt_attention(q: torch.Tensor, cache: LayerCache, scale: float, per_head: bool = False) -> torch.Tensor:
     """The causal attention of the last ``T`` tokens' queries ``q [B, Hq, T, D]`` over the cache's first
-    ``length`` tokens, summed over the queries and over each kv-head's query heads: ``[B, Hkv, length]`` float32.
+    ``length`` tokens, summed over the queries and over each kv-head's query heads: ``[B, Hkv, length]`` float32
+    (``per_head``: summed over the queries only, ``[B, Hkv, G, length]``).
 
     Query ``t`` sits at position ``length - T + t`` and attends to the valid positions up to its own; a query at a
     padded position casts no weight."""
@@ -64,6 +67,8 @@ def prompt_attention(q: torch.Tensor, cache: LayerCache, scale: float) -> torch.
         kpos = torch.arange(L - T, L, device=q.device).view(1, T)
         logits[..., L - T:].masked_fill_((kpos > qpos).view(1, 1, 1, T, T), float("-inf"))
         probs = torch.softmax(logits, -1)
+    if per_head:
+        return probs.sum(3)
     return probs.view(B, H, G * T, L).sum(2)
 
 
@@ -72,7 +77,7 @@ class SnapKV:
 
     def __init__(self, cfg: SelectorConfig):
         self.budget, self.window = cfg.token_budget, cfg.observation_window
-        self.kernel, self.pooling = cfg.kernel_size, cfg.pooling
+        self.kernel, self.pooling, self.gqa = cfg.kernel_size, cfg.pooling, cfg.gqa
 
     def observe(self, q: torch.Tensor, cache: LayerCache, scale: float) -> None:
         """Keep the last ``observation_window`` queries seen (this chunk's, after earlier chunks')."""
@@ -89,7 +94,8 @@ class SnapKV:
         cache.selector_state.clear()
 
     def prompt_tokens(self, cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept prompt positions ``[B, Hkv, K]`` and which of them are valid, made once per prompt."""
+        """The kept prompt positions ``[B, Hkv, K]`` and which of them are valid (``gqa="head"``: which of them each
+        query head keeps, ``[B, Hkv, G, K]``), made once per prompt."""
         obs = cache.observations
         P = obs.get(f"snapkv_length_{self.window}")
         if P is None:
@@ -97,7 +103,7 @@ class SnapKV:
                              "prefill: a patched model records them; with a TwilightPipeline, call "
                              "pipeline.observe(layer_idx, q, cache, scale) with the prompt's queries (a cache "
                              "forked from a prefill observed for another observation_window lacks them too)")
-        key = ("snapkv", P, self.window, self.budget)
+        key = ("snapkv", P, self.window, self.budget, self.gqa)
         if key not in cache.selector_state:
             cache.selector_state[key] = self._vote(cache, obs[f"snapkv_queries_{self.window}"], P, obs["scale"])
         return cache.selector_state[key]
@@ -106,17 +112,27 @@ class SnapKV:
         B, H, dev = cache.batch, cache.num_kv_heads, cache.device
         W = qw.shape[2]
         window = torch.arange(P - W, P, device=dev).expand(B, H, W)
+        G = qw.shape[1] // H
+        per_head = self.gqa == "head" and G > 1  # (one query head per kv-head: both modes are the same)
         if P - cache.min_start <= self.budget or P - W <= 0:  # every prompt token fits
             prompt = torch.arange(P, device=dev).expand(B, H, P)
-            return prompt, valid_positions(cache, prompt)
+            valid = valid_positions(cache, prompt)
+            return prompt, valid.unsqueeze(2).expand(B, H, G, P) if per_head else valid
         view = _Prefix(cache, P)
-        votes = prompt_attention(qw.to(dev), view, scale)[..., :P - W]  # [B, Hkv, P - W]
+        votes = prompt_attention(qw.to(dev), view, scale, per_head)[..., :P - W]  # [B, Hkv, (G,) P - W]
+        lead = votes.shape[:-1]
         pool = F.avg_pool1d if self.pooling == "avgpool" else F.max_pool1d
-        pooled = pool(votes.reshape(B * H, 1, -1), self.kernel, stride=1, padding=self.kernel // 2).view(B, H, -1)
-        pos = torch.arange(P - W, device=dev).view(1, 1, -1)
-        pooled = pooled.masked_fill(pos < cache.start.view(-1, 1, 1), float("-inf"))
+        pooled = pool(votes.reshape(-1, 1, P - W), self.kernel, stride=1, padding=self.kernel // 2).view(*lead, -1)
+        pos = torch.arange(P - W, device=dev)
+        padded = pos < cache.start.view(-1, 1)  # [B, P - W]
+        pooled = pooled.masked_fill(padded.view(B, 1, 1, -1) if per_head else padded.view(B, 1, -1), float("-inf"))
         n = min(self.budget - W, P - W)
         top = pooled.topk(n, dim=-1, sorted=False)
+        if per_head:  # each query head's own prompt tokens, and the window, over the prompt's positions
+            chosen = torch.zeros(B, H, G, P, dtype=torch.bool, device=dev)
+            chosen.scatter_(-1, top.indices, top.values > float("-inf"))
+            chosen[..., P - W:] = valid_positions(cache, window).unsqueeze(2)
+            return torch.arange(P, device=dev).expand(B, H, P), chosen
         keep = torch.cat([top.indices, window], -1)
         valid = torch.cat([top.values > float("-inf"), valid_positions(cache, window)], -1)
         return keep, valid
@@ -128,6 +144,11 @@ class SnapKV:
         B, H = cache.batch, cache.num_kv_heads
         generated = torch.arange(P, L, device=cache.device).expand(B, H, L - P)
         indices = torch.cat([keep.to(torch.int64), generated], -1)
+        if valid.dim() == 4:  # gqa="head": each query head its own prompt tokens, every head the generated ones
+            G = valid.shape[2]
+            heads = torch.cat([valid, torch.ones(B, H, G, L - P, dtype=torch.bool, device=cache.device)], -1)
+            out, counts, head_mask = compact_heads(indices, heads, width=_width(plan, indices.shape[-1]))
+            return Selection(out, counts, head_mask=head_mask)
         keep_mask = torch.cat([valid, torch.ones_like(generated, dtype=torch.bool)], -1)
         out, counts = compact(indices, keep_mask, width=_width(plan, indices.shape[-1]))
         return Selection(out, counts)
@@ -149,6 +170,8 @@ class H2O:
     kind = "h2o"
 
     def __init__(self, cfg: SelectorConfig):
+        if cfg.gqa != "group":
+            raise ValueError(f"selector.gqa={cfg.gqa!r} is invalid for h2o: it implements 'group' only")
         self.budget, self.recent = cfg.token_budget, cfg.h2o_recent
 
     def observe(self, q: torch.Tensor, cache: LayerCache, scale: float) -> None:

@@ -15,9 +15,12 @@ contract's stages) and runs the heavy parts as compiled calls:
   attention over the union, per (batch, kv-head) row.
 
 Float32 caches and queries only (the CPU's dtype); other dtypes and pruners run the torch reference's code, as
-the contract allows. Built just in time with the host's C++ compiler on first use (``load()``, cached by
-torch); a machine that cannot build it raises ``BackendUnavailableError`` saying why (``backend="auto"`` then
-warns once and uses ``torch``).
+the contract allows. So does ``selector.gqa="head"`` (each query head its own selection, ``Selection.head_mask``):
+``quest_page_scores`` and ``top_p_attend`` compute a kv-head's group at once, so selection, pruning and attention
+run the torch reference there; the int4 estimate (every query head's scores) stays in C++.
+
+Built just in time with the host's C++ compiler on first use (``load()``, cached by torch); a machine that cannot
+build it raises ``BackendUnavailableError`` saying why (``backend="auto"`` then warns once and uses ``torch``).
 
 The four are registered torch operators, ``torch.ops.twilight_cpu.<name>`` (the schemas, with what each writes in
 place, in the C++; their fake implementations here), so ``torch.compile`` captures them without a graph break.
@@ -155,7 +158,8 @@ class CpuBackend(TorchBackend):
 
     def prune_attend(self, q, cache, sel, config, scale, plan):
         pruner = config.pruner
-        if (pruner.type != "top_p" or isinstance(pruner.p, torch.Tensor) or q.dtype != torch.float32
+        if (sel.head_mask is not None  # gqa="head": top_p_attend shares a row between a group's query heads
+                or pruner.type != "top_p" or isinstance(pruner.p, torch.Tensor) or q.dtype != torch.float32
                 or cache.dtype != torch.float32 or q.device.type != "cpu" or not (plan.host_reads or plan.traced)):
             return super().prune_attend(q, cache, sel, config, scale, plan)
         scores = self.estimate(q, cache, sel, config.estimator.type, plan)  # [B, Hq, K] raw q·k

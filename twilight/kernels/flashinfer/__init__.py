@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from twilight.contract import TorchBackend
-from twilight.kernels._validate import as_float_rows, check_q, check_selection, rows_p
+from twilight.kernels._validate import as_float_rows, check_group_selection, check_q, check_selection, rows_p
 from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
@@ -103,6 +103,7 @@ def paged_decode_attention(q: torch.Tensor, cache, sel: Selection, scale: float,
     """
     G = check_q(q, cache)
     check_selection(sel, cache)
+    check_group_selection(sel, "FlashInfer's paged decode attention")
     if q.dtype != cache.dtype:
         raise ValueError(f"q dtype {q.dtype} does not match the cache dtype {cache.dtype}")
     if not (cache.k.is_contiguous() and cache.v.is_contiguous()):
@@ -163,6 +164,7 @@ class FlashInferBackend(TorchBackend):
         return top_p_mask(logits, p)
 
     def attend(self, q, cache, sel, scale, plan=None):
-        if q.dtype not in (torch.float16, torch.bfloat16):  # FlashInfer's kernels are 16-bit
+        # FlashInfer's kernels are 16-bit, and share a row between a group's query heads (gqa="head": torch)
+        if q.dtype not in (torch.float16, torch.bfloat16) or sel.head_mask is not None:
             return super().attend(q, cache, sel, scale)
         return paged_decode_attention(q, cache, sel, scale, self._wrappers)

@@ -16,6 +16,10 @@ SpGEMV (``estimate`` for ``kind="int4"``; other kinds fall back to torch) and th
 compaction (``prune_to_selection``), ``attend`` the sparse flash-decoding kernels. Every output width comes
 from host-known sizes, so a step reads nothing back from the device.
 
+The kernels implement ``selector.gqa="group"`` (a kv-head's selection shared by its query heads) and refuse a
+``Selection.head_mask`` by name; under ``gqa="head"`` the backend runs selection, pruning and attention with the
+torch reference (``TorchBackend``) and only the int4 estimate in Triton (it scores every query head anyway).
+
 On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set before import).
 """
 from __future__ import annotations
@@ -48,7 +52,7 @@ class TritonBackend(TorchBackend):
         return update_token if supports_token_update(cache) else None
 
     def select(self, q: torch.Tensor, cache, selector, plan):
-        if getattr(selector, "kind", None) == "quest":
+        if getattr(selector, "kind", None) == "quest":  # per kv-head Quest only (gqa="head" has another kind)
             return quest_select(q, cache, selector.budget, selector.page_size)
         return super().select(q, cache, selector, plan)
 
@@ -72,4 +76,6 @@ class TritonBackend(TorchBackend):
         return prune_to_selection(scores, sel, p, scale)
 
     def attend(self, q: torch.Tensor, cache, sel, scale: float, plan=None) -> torch.Tensor:
+        if sel.head_mask is not None:  # gqa="head": the kernel shares a row between a group's query heads
+            return super().attend(q, cache, sel, scale, plan)
         return sparse_decode_attention(q, cache, sel, scale)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from twilight.cache import LayerCache
-from twilight.kernels._validate import check_q, check_selection, next_pow2
+from twilight.kernels._validate import check_group_selection, check_q, check_selection, next_pow2
 from twilight.kernels.triton._common import dot, dot_in_f32, launch_guard
 from twilight.selection import Selection
 
@@ -131,6 +131,7 @@ def sparse_decode_attention(q: torch.Tensor, cache: LayerCache, sel: Selection, 
     """
     G = check_q(q, cache)
     check_selection(sel, cache)
+    check_group_selection(sel, "the Triton sparse decode attention")
     if q.dtype != cache.dtype:
         raise ValueError(f"q dtype {q.dtype} does not match the cache dtype {cache.dtype}")
     if cache.k.stride(-1) != 1 or cache.v.stride() != cache.k.stride():
