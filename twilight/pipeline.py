@@ -142,6 +142,8 @@ class TwilightPipeline:
         """Stage 1: the candidate ``Selection``."""
         plan = plan or self.plan(cache)
         if self.is_dense(layer_idx) or plan.dense:
+            if plan.traced and not self.is_dense(layer_idx):
+                cache.update_derived()  # one token (see TwilightCache.prepare_decode): one shape across the crossover
             return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=q.device,
                                   start=cache.start if cache.max_start else None)
         cache.update_derived()

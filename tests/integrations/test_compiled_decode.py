@@ -80,6 +80,22 @@ def test_generate_compiles_the_decode_step(family, backend, spec):
         assert 0 < stats["min_attended_tokens"] and stats["mean_attended_tokens"] < stats["mean_context_tokens"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_crossing_the_dense_crossover_is_one_more_graph(backend):
+    """Below ``dense_below`` every layer attends densely; the step that crosses it switches to the sparse path: one
+    graph more (a legitimate bucket), the derived structures kept current meanwhile (the crossing step derives one
+    token, not the context), tokens still those of the eager run."""
+    spec = {**QUEST, "dense_below": 170}  # 150-token prompt: 20 dense steps, then sparse
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.cat(prompts([150]))
+    reference = _eager_reference(model, spec, backend, ids)
+    out, seen = _compiled(model, spec, backend, ids)
+    assert seen["breaks"] == 0 and seen["graphs"] <= MAX_GRAPHS + 1, seen
+    assert torch.equal(out.sequences, reference)
+    per_layer = twilight.budget_stats(model).as_dict()["per_layer"]
+    assert per_layer[1]["mean_attended_tokens"] < 170  # the sparse steps did prune
+
+
 def test_compiled_left_padded_batch_keeps_its_padding():
     """With a compileable cache generate() hands the model 4-D masks: the padding must still be read (from the
     2-D mask generate() holds), or a padded row would attend to its padding."""

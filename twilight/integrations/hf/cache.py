@@ -150,11 +150,15 @@ class TwilightCache(Cache):
     def prepare_decode(self) -> None:
         """Bring every sparse layer's derived structures (int4 keys, page bounds) up to date after a prefill (the
         patched forward calls it), so that each decode step derives exactly its one new token: the step then has
-        one shape whatever the prompt, and a compiled step one graph for all steps."""
+        one shape whatever the prompt, and a compiled step one graph for all steps. A context below the dense
+        crossover is derived here too when the cache is compileable (its compiled steps then derive their token
+        even while they attend densely), so that crossing the crossover derives one token, not the whole context
+        inside a traced step."""
+        compileable = self.is_compileable
         for i, layer in enumerate(self.layers):
             c = layer.cache
-            if c is not None and not self.pipeline.is_dense(i) and c.length - c.min_start >= \
-                    self.pipeline.config.crossover(c.device):
+            if c is not None and not self.pipeline.is_dense(i) and (
+                    compileable or c.length - c.min_start >= self.pipeline.config.crossover(c.device)):
                 c.update_derived()
 
     def returned_keys(self, layer_idx: int) -> torch.Tensor | None:
