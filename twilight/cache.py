@@ -1,6 +1,9 @@
 """`LayerCache`: one layer's exact K/V plus what the selectors and estimators read.
 
-Kept in sync on every append (prefill in bulk, decode one token at a time):
+The cache holds the exact K/V, the storage (capacity, growth), the positions (length, left padding, the page grid)
+and the derived structures as parts (``twilight.derived``: ``Int4Keys`` or ``Int8Keys``, ``PageBounds``,
+``KeyLabels``), each owning its buffers. Kept in sync on every append (prefill in bulk, decode one token at a time),
+and read through the cache under these names:
 
 - ``k``, ``v``: exact keys and values, ``[B, Hkv, capacity, D]``.
 - ``k_int4`` ``[B, Hkv, capacity, D // 2]`` uint8 (tiled layout, see ``twilight.quant``) or ``k_int8``
@@ -38,48 +41,22 @@ import math
 
 import torch
 
-from twilight.config import MAX_LABEL_BITS
-from twilight.quant import (
-    INT4_BLOCKS,
-    INT4_TILE,
-    int4_codes,
-    int4_params,
-    pack_int4,
-    quantize_int8,
-    round_outward,
-    unpack_int4,
+from twilight.derived import (
+    DerivedPart,
+    Int4Keys,
+    Int8Keys,
+    KeyLabels,
+    PageBounds,
+    _check_label_bits,
+    quantize_labels,
 )
+from twilight.quant import INT4_BLOCKS, INT4_TILE
+
+__all__ = ["LayerCache", "quantize_labels"]
 
 _MIN_CHUNK = 256  # the smallest storage grown to when no capacity was given (tokens)
 _GROWTH = 1.25  # a cache that outgrows its capacity grows by this factor: at most a quarter of it is spare
 _UPDATE_CHUNK = 2048  # tokens per step when updating derived structures
-
-
-def _check_label_bits(bits: int | None) -> int | None:
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_LABEL_BITS):
-        raise ValueError(f"label_bits={bits!r} is invalid: must be None or an integer in [1, {MAX_LABEL_BITS}]")
-    return bits
-
-
-def quantize_labels(x: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """Per-token min-max quantize-dequantize of label vectors ``x [..., C]`` to ``bits`` bits (``None``: ``x``).
-
-    Each vector's range ``[min, max]`` is cut into ``2**bits - 1`` equal steps and every entry rounded to the
-    nearest step: ``min + round((x - min) / step) * step`` (computed in float32, returned in ``x.dtype``).
-    This is the original Twilight code's ``min_max_per_token_quant_kv``.
-
-    Example::
-
-        >>> quantize_labels(torch.tensor([[0.0, 0.4, 0.9, 3.0]]), 2)   # steps of 1.0 from 0 to 3
-        tensor([[0., 0., 1., 3.]])
-    """
-    if _check_label_bits(bits) is None:
-        return x
-    xf = x.float()
-    lo = xf.amin(-1, keepdim=True)
-    levels = 2 ** bits - 1
-    step = (xf.amax(-1, keepdim=True) - lo).clamp_min(1e-9) / levels
-    return (torch.round((xf - lo) / step).clamp_(0, levels) * step + lo).to(x.dtype)
 
 
 def _canonical_device(device) -> torch.device:
@@ -145,17 +122,14 @@ class LayerCache:
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.dtype, self.device = dtype, _canonical_device(device)
         self.page_size = page_size
-        self.quant_bits = quant_bits
-        self.keep_page_bounds = keep_page_bounds
         if bounds_dtype is None:  # exact: a page's max and min are keys, representable in the keys' dtype
             bounds_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
         if bounds_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"bounds_dtype={bounds_dtype} is invalid: must be float16, bfloat16 or float32")
         self.bounds_dtype = bounds_dtype
-        self.label_channels = None if label_channels is None else label_channels.to(self.device, torch.long)
-        if self.label_channels is not None and (self.label_channels.dim() != 2
-                                                or self.label_channels.shape[0] != num_kv_heads):
-            shape = tuple(self.label_channels.shape)
+        channels = None if label_channels is None else label_channels.to(self.device, torch.long)
+        if channels is not None and (channels.dim() != 2 or channels.shape[0] != num_kv_heads):
+            shape = tuple(channels.shape)
             hint = ""
             if len(shape) == 2 and shape[0] > num_kv_heads and shape[0] % num_kv_heads == 0:
                 hint = ("; these look like one row per query head (a DoubleSparse q_proj/qk_proj entry under GQA): "
@@ -163,12 +137,16 @@ class LayerCache:
                         "twilight.integrations.capture.calibrate_double_sparse")
             raise ValueError(f"label_channels must be [Hkv={num_kv_heads}, C] (one row per kv-head), "
                              f"got {shape}{hint}")
-        if self.label_channels is not None and self.label_channels.numel() and (
-                int(self.label_channels.min()) < 0 or int(self.label_channels.max()) >= head_dim):
+        if channels is not None and channels.numel() and (
+                int(channels.min()) < 0 or int(channels.max()) >= head_dim):
             raise ValueError(f"label_channels must be channel indices in [0, head_dim={head_dim}), got values in "
-                             f"[{int(self.label_channels.min())}, {int(self.label_channels.max())}]")
+                             f"[{int(channels.min())}, {int(channels.max())}]")
         _check_label_bits(label_bits)
-        self.label_bits = label_bits if self.label_channels is not None else None
+        # The derived structures, one part each (twilight.derived), kept in sync with the keys.
+        self.quantized: Int4Keys | Int8Keys | None = {4: Int4Keys(int4_block), 8: Int8Keys(), None: None}[quant_bits]
+        self.bounds: PageBounds | None = PageBounds(page_size, bounds_dtype) if keep_page_bounds else None
+        self.labels: KeyLabels | None = None if channels is None else KeyLabels(channels, label_bits)
+        self.parts: tuple[DerivedPart, ...] = tuple(p for p in (self.quantized, self.bounds, self.labels) if p)
         #: What a selector observed in multi-token (prefill) forwards, by name: snapkv's last queries, h2o's
         #: accumulated attention. Tensors are ``[B, ...]``; ``twilight.integrations.hf.fork_cache`` copies them into
         #: another config's cache.
@@ -183,9 +161,9 @@ class LayerCache:
         self.pages_aligned = True  # host copy: every page_offset is 0 (pages at multiples of page_size)
         if start is not None:
             self.set_start(start)
-        # The capacity is a multiple of the int4 tile (64 is a multiple of 32 too) and of the page size, where the
-        # cache keeps them; a cache of exact K/V only (dense layers) is allocated to the position.
-        self._granule = math.lcm(INT4_TILE if quant_bits == 4 else 1, page_size if keep_page_bounds else 1)
+        # The capacity is a multiple of every part's granule (the int4 tile: 64, a multiple of 32 too; the page
+        # size); a cache of exact K/V only (dense layers) is allocated to the position.
+        self._granule = math.lcm(1, *(p.granule for p in self.parts))
         self.capacity = 0
         self._alloc(initial_capacity if initial_capacity > 0 else _MIN_CHUNK)
 
@@ -202,35 +180,13 @@ class LayerCache:
         grown = math.ceil(_GROWTH * self.capacity) if self.capacity else 0
         new_cap = self._round_up(max(needed, grown, 1)) + self._granule
         B, H, D = self.batch, self.num_kv_heads, self.head_dim
-        dev = self.device
-
-        def grow(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
-            new = torch.full(shape, fill, dtype=dtype, device=dev)
-            if old is not None and self.capacity:
-                axis = 2
-                new.narrow(axis, 0, old.shape[axis]).copy_(old)
-            return new
-
-        first = self.capacity == 0
-        self.k = grow(None if first else self.k, (B, H, new_cap, D), self.dtype)
-        self.v = grow(None if first else self.v, (B, H, new_cap, D), self.dtype)
-        if self.quant_bits is not None:
-            self.k_qparams = grow(None if first else self.k_qparams, (B, H, new_cap, 2), torch.float32)
-        if self.quant_bits == 4:
-            self.k_int4 = grow(None if first else self.k_int4, (B, H, new_cap, D // 2), torch.uint8)
-        elif self.quant_bits == 8:
-            self.k_int8 = grow(None if first else self.k_int8, (B, H, new_cap, D), torch.int8)
-        if self.keep_page_bounds:
-            # Pages not written yet bound nothing: max -inf, min +inf, so a token's bounds widen them in place.
-            bounds = torch.empty((B, H, new_cap // self.page_size, 2, D), dtype=self.bounds_dtype, device=dev)
-            bounds[:, :, :, 0].fill_(float("-inf"))
-            bounds[:, :, :, 1].fill_(float("inf"))
-            if not first:
-                bounds[:, :, :self.page_bounds.shape[2]].copy_(self.page_bounds)
-            self.page_bounds = bounds
-        if self.label_channels is not None:
-            C = self.label_channels.shape[1]
-            self.k_label = grow(None if first else self.k_label, (B, H, new_cap, C), self.dtype)
+        for name in ("k", "v"):
+            new = torch.zeros((B, H, new_cap, D), dtype=self.dtype, device=self.device)
+            if self.capacity:
+                new.narrow(2, 0, self.capacity).copy_(getattr(self, name))
+            setattr(self, name, new)
+        for part in self.parts:
+            part.allocate(self, new_cap)
         self.capacity = new_cap
 
     def set_start(self, start: torch.Tensor) -> None:
@@ -242,16 +198,16 @@ class LayerCache:
             raise ValueError("start must be >= 0")
         self.start = start
         self._start_changed()
-        if self.derived_length and self.keep_page_bounds:
-            self._update_page_bounds(0, self.derived_length)
+        if self.derived_length and self.bounds is not None:
+            self.bounds.update(self, 0, self.derived_length)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep the sequences ``index [B']`` (in that order, repeats allowed): beam-search reordering and
         Hugging Face's batch repeat/select. Every per-sequence buffer is re-indexed along the batch."""
         index = torch.as_tensor(index, device=self.device).to(torch.long).reshape(-1)
-        for name in ("k", "v", "k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
-            if hasattr(self, name):
-                setattr(self, name, getattr(self, name).index_select(0, index))
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        for part in self.parts:
+            part.select_batch(index)
         def rows(value):  # a [B, ...] tensor, or a tuple of them (snapkv's kept tokens and their validity)
             if isinstance(value, tuple):
                 return tuple(rows(v) for v in value)
@@ -302,7 +258,50 @@ class LayerCache:
 
     @property
     def has_derived(self) -> bool:
-        return self.quant_bits is not None or self.keep_page_bounds or self.label_channels is not None
+        return bool(self.parts)
+
+    # What the parts hold, under the names selectors and kernels read (an absent part: AttributeError, so that
+    # ``hasattr(cache, "page_bounds")`` says whether the cache keeps page bounds).
+    @property
+    def quant_bits(self) -> int | None:
+        """4, 8 or ``None``: the quantized copy of K kept."""
+        return None if self.quantized is None else self.quantized.bits
+
+    @property
+    def keep_page_bounds(self) -> bool:
+        return self.bounds is not None
+
+    @property
+    def label_channels(self) -> torch.Tensor | None:
+        return None if self.labels is None else self.labels.channels
+
+    @property
+    def label_bits(self) -> int | None:
+        return None if self.labels is None else self.labels.bits
+
+    @staticmethod
+    def _absent(name: str):
+        raise AttributeError(f"this LayerCache keeps no {name}")
+
+    @property
+    def k_int4(self) -> torch.Tensor:
+        return self.quantized.codes if isinstance(self.quantized, Int4Keys) else self._absent("k_int4")
+
+    @property
+    def k_int8(self) -> torch.Tensor:
+        return self.quantized.codes if isinstance(self.quantized, Int8Keys) else self._absent("k_int8")
+
+    @property
+    def k_qparams(self) -> torch.Tensor:
+        return self._absent("k_qparams") if self.quantized is None else self.quantized.qparams
+
+    @property
+    def page_bounds(self) -> torch.Tensor:
+        return self._absent("page_bounds") if self.bounds is None else self.bounds.bounds
+
+    @property
+    def k_label(self) -> torch.Tensor:
+        return self._absent("k_label") if self.labels is None else self.labels.labels
 
     def update_derived(self) -> None:
         """Bring the derived structures up to date with positions ``[derived_length, length)``."""
@@ -327,93 +326,14 @@ class LayerCache:
 
     def _update_one(self, pos: int) -> None:
         """Derived structures of the single (valid) position ``pos``."""
-        # Slices, not integer indices: indexing with a symbolic position specialises it under torch.compile.
+        # A slice, not an integer index: indexing with a symbolic position specialises it under torch.compile.
         x = self.k.narrow(2, pos, 1).squeeze(2)  # [B, H, D]
-        if self.quant_bits == 4:
-            qp = int4_params(x)
-            self.k_qparams.narrow(2, pos, 1).copy_(qp.unsqueeze(2))
-            codes = int4_codes(x, qp)  # [B, H, D]
-            blk, D = self.int4_block, self.head_dim
-            half = blk // 2
-            # The tile of pos, [blk, D / 2] bytes, is read as [D, blk / 2]: channel d of pos is byte
-            # d * half + pos % half of it. Gathered by a tensor index, not a view at a symbolic offset (which a
-            # compiled step would specialise on whether it is 0: one more graph every half tile).
-            flat = self.k_int4.view(self.batch, self.num_kv_heads, -1)  # [B, H, capacity * D / 2]
-            index = torch.arange(D, device=self.device) * half + ((pos - pos % blk) * (D // 2) + pos % half)
-            byte = flat.index_select(2, index)  # [B, H, D]: this token's bytes
-            # It owns the low nibble (the high one belongs to a later position, not written yet: cleared) or the
-            # high one (the low one kept). Branch-free: the position is symbolic under torch.compile.
-            high = (pos % blk) // half  # 0 or 1
-            flat.index_copy_(2, index, (byte & (0x0F * high)) | (codes << (4 * high)))
-        elif self.quant_bits == 8:
-            codes, qp = quantize_int8(x)
-            self.k_int8[:, :, pos].copy_(codes)
-            self.k_qparams[:, :, pos].copy_(qp)
-        if self.keep_page_bounds:
-            lo, hi = round_outward(x, x, self.bounds_dtype)
-            if self.pages_aligned:
-                page = self.page_bounds.narrow(2, pos // self.page_size, 1).squeeze(2)  # [B, H, 2, D], a view
-                page[:, :, 0].copy_(torch.maximum(page[:, :, 0], hi))  # out= a strided view: a graph break
-                page[:, :, 1].copy_(torch.minimum(page[:, :, 1], lo))
-            else:  # each sequence's own page of pos (pos >= max_start >= page_offset)
-                rows = torch.arange(self.batch, device=self.device)
-                idx = (pos - self.page_offset).div(self.page_size, rounding_mode="floor").long()
-                page = self.page_bounds[rows, :, idx]  # [B, H, 2, D], a copy
-                page = torch.stack([torch.maximum(page[:, :, 0], hi), torch.minimum(page[:, :, 1], lo)], 2)
-                self.page_bounds[rows, :, idx] = page
-        if self.label_channels is not None:
-            self._update_labels(pos, pos + 1)
+        for part in self.parts:
+            part.update_one(self, pos, x)
 
     def _update_derived(self, L0: int, L1: int) -> None:
-        if self.quant_bits == 8:
-            codes, qp = quantize_int8(self.k[:, :, L0:L1])
-            self.k_int8[:, :, L0:L1].copy_(codes)
-            self.k_qparams[:, :, L0:L1].copy_(qp)
-        elif self.quant_bits == 4:
-            self._update_int4(L0, L1)
-        if self.keep_page_bounds:
-            self._update_page_bounds(L0, L1)
-        if self.label_channels is not None:
-            self._update_labels(L0, L1)
-
-    def _update_labels(self, L0: int, L1: int) -> None:
-        idx = self.label_channels.view(1, self.num_kv_heads, 1, -1).expand(self.batch, -1, L1 - L0, -1)
-        labels = torch.gather(self.k[:, :, L0:L1], 3, idx)
-        self.k_label[:, :, L0:L1].copy_(quantize_labels(labels, self.label_bits))
-
-    def _update_int4(self, L0: int, L1: int) -> None:
-        """Requantize positions ``[L0, L1)``: repack the int4 tiles they touch."""
-        blk = self.int4_block
-        t0 = (L0 // blk) * blk
-        t1 = -(-L1 // blk) * blk
-        qp = int4_params(self.k[:, :, L0:L1])
-        self.k_qparams[:, :, L0:L1].copy_(qp)
-        codes = unpack_int4(self.k_int4[:, :, t0:t1], blk)  # [B, H, t1 - t0, D]
-        codes[:, :, L0 - t0:L1 - t0] = int4_codes(self.k[:, :, L0:L1], qp)
-        self.k_int4[:, :, t0:t1].copy_(pack_int4(codes, blk))
-
-    def _update_page_bounds(self, L0: int, L1: int) -> None:
-        """Recompute the bounds of the pages that positions ``[L0, L1)`` touch, in every sequence."""
-        ps = self.page_size
-        B, H, D = self.batch, self.num_kv_heads, self.head_dim
-        if self.pages_aligned:
-            p0, p1 = L0 // ps, -(-L1 // ps)
-            keys = self.k[:, :, p0 * ps:p1 * ps].float()  # [B, H, (p1 - p0) * ps, D]
-            pos = torch.arange(p0 * ps, p1 * ps, device=self.device).view(1, -1)  # [1, n]
-        else:  # page g of sequence b starts at g * ps + page_offset[b]: gather each sequence's own pages
-            p0, p1 = max(L0 - ps + 1, 0) // ps, -(-L1 // ps)  # every page any sequence's [L0, L1) touches
-            pos = torch.arange(p0 * ps, p1 * ps, device=self.device).view(1, -1) + self.page_offset.view(-1, 1)
-            index = pos.clamp_max(self.capacity - 1).view(B, 1, -1, 1).expand(B, H, -1, D)
-            keys = torch.gather(self.k, 2, index).float()  # [B, H, (p1 - p0) * ps, D]
-        valid = (pos >= self.start.view(-1, 1)) & (pos < self.length)  # [B, n]
-        valid = valid.view(self.batch, 1, -1, 1)
-        hi = keys.masked_fill(~valid, float("-inf")).view(self.batch, self.num_kv_heads, p1 - p0, ps, -1).amax(3)
-        lo = keys.masked_fill(~valid, float("inf")).view(self.batch, self.num_kv_heads, p1 - p0, ps, -1).amin(3)
-        # Extremes of keys are keys: back in the keys' dtype exactly, then rounded outward only where the bounds'
-        # dtype is coarser (as a decode token's update does), so bulk and token updates give the same bounds.
-        lo, hi = round_outward(lo.to(self.dtype), hi.to(self.dtype), self.bounds_dtype)
-        self.page_bounds[:, :, p0:p1, 0].copy_(hi)
-        self.page_bounds[:, :, p0:p1, 1].copy_(lo)
+        for part in self.parts:
+            part.update(self, L0, L1)
 
     # ------------------------------------------------------------------ views
     def keys(self) -> torch.Tensor:
@@ -434,9 +354,8 @@ class LayerCache:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held per component at the current capacity, and the overhead over plain K/V."""
         parts = {"kv": self.k.nbytes + self.v.nbytes}
-        for name in ("k_int4", "k_int8", "k_qparams", "page_bounds", "k_label"):
-            if hasattr(self, name):
-                parts[name] = getattr(self, name).nbytes
+        for part in self.parts:
+            parts.update({name: buffer.nbytes for name, buffer in part.buffers().items()})
         extra = sum(b for n, b in parts.items() if n != "kv")
         parts["extra"] = extra
         parts["overhead_ratio"] = extra / parts["kv"]
