@@ -112,6 +112,32 @@ def test_compiled_left_padded_batch_keeps_its_padding():
     assert torch.equal(out.sequences[1, 150:], alone[0, 97:])
 
 
+def test_a_manual_loop_compiles_the_forward_the_same_way():
+    """Prefill eagerly, then ``torch.compile(model)`` for the decode steps of a cache made with its length."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    twilight.patch(model, {**QUEST, "backend": "torch"})
+    ids = torch.cat(prompts([150]))
+    name = hf.compat.cache_parameter(type(model).forward, "LlamaForCausalLM")
+
+    def decode(step, cache, n=24):
+        tokens = []
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
+            for _ in range(n):
+                tokens.append(nxt)
+                nxt = step(input_ids=nxt, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
+        return torch.cat(tokens, 1)
+
+    eager_cache = hf.make_cache(model, max_cache_len=ids.shape[1] + 24)
+    eager_cache.pipeline.host_reads = False
+    reference = decode(model, eager_cache)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = decode(torch.compile(model), hf.make_cache(model, max_cache_len=ids.shape[1] + 24))
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] <= MAX_GRAPHS
+    assert torch.equal(compiled, reference)
+
+
 def test_compiled_budget_stats_equal_eager():
     model = tiny_model("llama", num_hidden_layers=2)
     ids = torch.cat(prompts([150]))
