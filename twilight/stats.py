@@ -48,10 +48,12 @@ class BudgetStats:
 
     def _new_live(self) -> dict[str, torch.Tensor]:
         f64 = torch.float64
-        return {"q_sum": torch.zeros(self.num_q_heads, dtype=f64), "kv_sum": torch.zeros(self.num_kv_heads, dtype=f64),
-                "q_min": torch.full((self.num_q_heads,), float("inf"), dtype=f64),
-                "q_max": torch.full((self.num_q_heads,), float("-inf"), dtype=f64),
-                "ctx_sum": torch.zeros(1, dtype=f64), "rows": torch.zeros(1, dtype=torch.int64)}
+        with torch.inference_mode(False):  # normal tensors, updatable in place inside inference mode or out of it
+            return {"q_sum": torch.zeros(self.num_q_heads, dtype=f64),
+                    "kv_sum": torch.zeros(self.num_kv_heads, dtype=f64),
+                    "q_min": torch.full((self.num_q_heads,), float("inf"), dtype=f64),
+                    "q_max": torch.full((self.num_q_heads,), float("-inf"), dtype=f64),
+                    "ctx_sum": torch.zeros(1, dtype=f64), "rows": torch.zeros(1, dtype=torch.int64)}
 
     def record(self, layer: int, q_counts: torch.Tensor | None, kv_counts: torch.Tensor,
                context: "torch.Tensor | tuple[int, torch.Tensor]", dense: bool) -> None:
@@ -84,8 +86,9 @@ class BudgetStats:
         if acc is not None and int(acc["rows"]):  # what compiled steps added in place, merged as one more entry
             self._merge(layer, acc["q_sum"], acc["kv_sum"], acc["q_min"], acc["q_max"], acc["ctx_sum"][0],
                         int(acc["rows"]))
-            for name, value in self._new_live().items():
-                acc[name].copy_(value)
+            with torch.inference_mode(False):
+                for name, value in self._new_live().items():
+                    acc[name].copy_(value)
         pending = self._pending.pop(layer, None)
         if not pending:
             return

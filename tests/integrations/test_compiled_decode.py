@@ -184,3 +184,19 @@ def test_a_compiled_step_still_refuses_kv_that_are_not_the_caches_own():
     assert cache.is_compileable
     with pytest.raises(hf.TwilightNotEngagedError, match="not its TwilightCache's own"):
         _generate(model, ids, n=4, past_key_values=cache, compile_config=_compile_config())
+
+
+def test_counters_and_stats_made_in_inference_mode_count_outside_it():
+    """The engagement counters and the compiled step's running sums are updated in place: made under
+    ``torch.inference_mode()`` (patch or reset there) they must still count a step run outside it, and back."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.cat(prompts([60]))
+    with torch.inference_mode():
+        twilight.patch(model, {**QUEST, "backend": "torch"})
+        twilight.budget_stats(model).reset()
+    torch._dynamo.reset()
+    _generate(model, ids, n=4, compile_config=_compile_config())  # compiled, outside inference mode
+    with torch.inference_mode():
+        _generate(model, ids, n=4)  # eager, inside
+    assert hf.engagement(model)["twilight_forwards"] == hf.engagement(model)["decode_forwards"] == 6
+    assert twilight.budget_stats(model).as_dict()["decode_steps"] == 6

@@ -54,6 +54,13 @@ _ATTR = "_twilight"  # the patch state, on the patched model
 _MISSING = compat._MISSING  # "not set on the instance", kept through deepcopy and pickle
 
 
+def _normal_zeros(n: int) -> torch.Tensor:
+    """Zeros that are not an inference tensor even when made under ``torch.inference_mode()`` (``patch`` called
+    there): the counters are then updated in place in or out of inference mode alike."""
+    with torch.inference_mode(False):
+        return torch.zeros(n, dtype=torch.int64)
+
+
 @dataclass
 class _PatchState:
     pipeline: TwilightPipeline
@@ -66,7 +73,7 @@ class _PatchState:
     warned: set = field(default_factory=set)
     # [decode forwards, twilight forwards]: a tensor counted in place, so that a compiled decode step counts too
     # (a Python int reached through the model is a constant to dynamo: one recompilation per step)
-    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.int64))
+    counts: torch.Tensor = field(default_factory=lambda: _normal_zeros(2))
     dense_cause: str | None = None  # why the latest decode forward ran without Twilight
 
     @property
