@@ -114,13 +114,6 @@ def essay_text() -> str:
     return data_text("essays.txt")
 
 
-def word_lists() -> dict[str, tuple[str, ...]]:
-    """``{"nouns": ..., "adjectives": ..., "verbs": ...}``: the word lists of ``wonderwords``, as RULER uses them
-    (sorted; :func:`twilight_eval.haystack.word_lists`). Raises :class:`EvalError` when wonderwords is missing."""
-    from .haystack import word_lists as wonderwords_lists
-    return wonderwords_lists()
-
-
 def split_sentences(text: str) -> list[str]:
     """Split prose into sentences at ``.``, ``!`` or ``?`` followed by whitespace."""
     return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]

@@ -13,8 +13,9 @@ One concern per module:
 - ``compat``: everything read from transformers' internals, with the releases it was checked against;
 - ``cache``: ``TwilightCache``, the transformers ``Cache`` that holds Twilight's per-layer ``LayerCache``;
 - ``attention``: the attention function registered in transformers' ``AttentionInterface``;
-- ``patching``: ``patch`` / ``unpatch`` / ``budget_stats`` and the guard against running dense in silence;
-- ``distributed``: tensor parallelism (each rank runs Twilight on its own heads) and ``gather_budget_stats``.
+- ``patching``: ``patch`` / ``unpatch`` / ``budget_stats`` / ``gather_budget_stats`` and the guard against running
+  dense in silence;
+- ``distributed``: tensor parallelism (each rank runs Twilight on its own heads; ``gather_stats`` joins the ranks').
 """
 from twilight.integrations.hf.attention import TwilightNotEngagedError
 from twilight.integrations.hf.cache import TwilightCache, TwilightLayer
@@ -24,7 +25,6 @@ from twilight.integrations.hf.compat import (
     check_transformers_version,
     output_cache,
 )
-from twilight.integrations.hf.distributed import gather_budget_stats
 from twilight.integrations.hf.patching import (
     SUPPORTED_MODEL_TYPES,
     budget_stats,
@@ -32,6 +32,7 @@ from twilight.integrations.hf.patching import (
     check_supported,
     engagement,
     fork_cache,
+    gather_budget_stats,
     is_patched,
     make_cache,
     patch,

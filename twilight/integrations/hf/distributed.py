@@ -5,7 +5,8 @@ A model loaded with ``tp_plan="auto"`` (or ``distributed_config=DistributedConfi
 query heads and the kv-heads of the same GQA groups, and its attention function sees only those (plain local
 tensors). ``patch`` therefore sizes the pipeline from the *local* projection weights, not from the config;
 each rank keeps its own ``TwilightCache`` and ``budget_stats`` over its own heads, and
-``gather_budget_stats`` joins them in rank order (every rank must call it: it is a collective).
+``gather_stats`` joins them in rank order (every rank must call it: it is a collective;
+``twilight.integrations.hf.gather_budget_stats(model)`` calls it with the model's own).
 
 With a multi-device ``device_map`` every layer's ``LayerCache`` lives on that layer's device and the pipeline
 resolves one backend per device.
@@ -17,7 +18,7 @@ import torch
 from twilight.integrations.hf.compat import tensor_parallel_group
 from twilight.stats import BudgetStats
 
-__all__ = ["local_head_counts", "gather_budget_stats"]
+__all__ = ["local_head_counts", "gather_stats"]
 
 
 def _local_rows(linear: torch.nn.Module) -> int | None:
@@ -55,15 +56,13 @@ def local_head_counts(model, attention) -> tuple[int, int]:
     return local_q, local_kv
 
 
-def gather_budget_stats(model) -> BudgetStats:
-    """Budget stats over every head of a tensor-parallel ``model``: each rank's heads, in rank order.
+def gather_stats(model, local: BudgetStats) -> BudgetStats:
+    """Budget stats over every head of a tensor-parallel ``model``, from each rank's ``local`` stats (its heads), in
+    rank order.
 
     A collective: every rank calls it and gets the same result. For a model that is not sharded it returns
-    ``twilight.budget_stats(model)`` itself.
+    ``local`` itself.
     """
-    from twilight.integrations.hf.patching import budget_stats
-
-    local = budget_stats(model)
     group = tensor_parallel_group(model)
     if group is None:
         return local

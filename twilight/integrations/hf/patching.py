@@ -40,6 +40,7 @@ from twilight.config import TwilightConfig
 from twilight.integrations.hf import compat
 from twilight.integrations.hf.attention import ACTIVE_FORWARD, DecoderForward, register
 from twilight.integrations.hf.cache import TwilightCache
+from twilight.integrations.hf.distributed import gather_stats, local_head_counts
 from twilight.pipeline import TwilightPipeline
 from twilight.stats import BudgetStats
 
@@ -397,8 +398,6 @@ def patch(model, spec: Any = "quest-twilight"):
         >>> out = model.generate(**tok("...", return_tensors="pt"), max_new_tokens=16)
         >>> twilight.budget_stats(model).as_dict()["attended_fraction"]
     """
-    from twilight.integrations.hf.distributed import local_head_counts
-
     check_supported(model)
     config = TwilightConfig.load(spec)
     decoder, attention = _decoder_and_attention(model)
@@ -546,3 +545,12 @@ def budget_stats(model) -> BudgetStats:
     collects every rank's.
     """
     return _state(model).pipeline.stats
+
+
+def gather_budget_stats(model) -> BudgetStats:
+    """Budget stats over every head of a tensor-parallel ``model``: each rank's heads, in rank order.
+
+    A collective: every rank calls it and gets the same result. For a model that is not sharded it returns
+    ``twilight.budget_stats(model)`` itself.
+    """
+    return gather_stats(model, budget_stats(model))
