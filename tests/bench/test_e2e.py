@@ -63,3 +63,24 @@ def test_memory_and_budgets(result):
 def test_markdown_separates_cache_and_sparsity_gains(result):
     md = open(os.path.join(result["out"], "e2e.md")).read()
     assert "cache gain" in md and "sparsity gain" in md and "## Memory and budgets" in md
+
+
+def test_compiled_variants(tmp_path):
+    """``-compiled`` variants: generate() compiled the step (dynamo's counts in the record, 0 graph breaks) and
+    decoded the eager variant's tokens; the report lists them."""
+    import twilight.config
+
+    variants = "hf-static,hf-static-compiled,quest-twilight-sparse,quest-twilight-sparse-compiled"
+    args = TINY + ["--rounds", "1", "--variants", variants, "--out", str(tmp_path), "--no-plot"]  # (last wins)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(twilight.config, "DENSE_BELOW_AUTO", {"cpu": 0, "cuda": 0})
+        result = e2e.main(args)
+    runs = result["rows"][0]["runs"]
+    for v in ("hf-static-compiled", "quest-twilight-sparse-compiled"):
+        assert runs[v]["compile"]["graphs"] >= 1 and runs[v]["compile"]["graph_breaks"] == 0, runs[v]["compile"]
+        assert runs[v]["tokens"] == runs[v[:-len("-compiled")]]["tokens"]
+    assert "compile" not in runs["hf-static"]
+    assert "quest-twilight-sparse-compiled" in result["rows"][0]["speedup"]
+    assert "## Compiled variants" in open(os.path.join(result["out"], "e2e.md")).read()
+    with pytest.raises(SystemExit, match="unknown"):
+        e2e.main(TINY + ["--variants", "hf-static,quest-compiled-typo", "--out", str(tmp_path)])
