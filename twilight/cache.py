@@ -48,6 +48,7 @@ from twilight.derived import (
     KeyLabels,
     PageBounds,
     _check_label_bits,
+    grown,
     quantize_labels,
 )
 from twilight.quant import INT4_BLOCKS, INT4_TILE
@@ -177,14 +178,12 @@ class LayerCache:
         granule, so that ``length < capacity`` always holds: a view of the held positions (``keys()``, the pages or
         int4 tiles they touch) never spans a whole buffer, and a compiled decode step never meets the contiguous
         special case (one more graph) on its last tokens."""
-        grown = math.ceil(_GROWTH * self.capacity) if self.capacity else 0
-        new_cap = self._round_up(max(needed, grown, 1)) + self._granule
+        quarter_more = math.ceil(_GROWTH * self.capacity) if self.capacity else 0
+        new_cap = self._round_up(max(needed, quarter_more, 1)) + self._granule
         B, H, D = self.batch, self.num_kv_heads, self.head_dim
-        for name in ("k", "v"):
-            new = torch.zeros((B, H, new_cap, D), dtype=self.dtype, device=self.device)
-            if self.capacity:
-                new.narrow(2, 0, self.capacity).copy_(getattr(self, name))
-            setattr(self, name, new)
+        first = self.capacity == 0
+        self.k = grown(None if first else self.k, (B, H, new_cap, D), self.dtype, self.device)
+        self.v = grown(None if first else self.v, (B, H, new_cap, D), self.dtype, self.device)
         for part in self.parts:
             part.allocate(self, new_cap)
         self.capacity = new_cap

@@ -14,6 +14,8 @@ traces with a symbolic position). The cache calls them; selectors and kernels re
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from twilight.config import MAX_LABEL_BITS
@@ -47,7 +49,7 @@ def quantize_labels(x: torch.Tensor, bits: int | None) -> torch.Tensor:
     return (torch.round((xf - lo) / step).clamp_(0, levels) * step + lo).to(x.dtype)
 
 
-def _grown(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
+def grown(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
            fill: float = 0) -> torch.Tensor:
     """A buffer of ``shape`` (positions on axis 2) holding ``old`` at its start."""
     new = torch.full(shape, fill, dtype=dtype, device=device)
@@ -56,44 +58,39 @@ def _grown(old: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: t
     return new
 
 
-class DerivedPart:
-    """One structure derived from the exact keys (see the module docstring)."""
+class DerivedPart(abc.ABC):
+    """One structure derived from the exact keys (see the module docstring): the interface every part implements."""
 
     #: The cache's capacity is a multiple of this (whole int4 tiles, whole pages).
     granule: int = 1
+    #: ``{name the cache exposes it under: attribute of the part holding it}``, for each of the part's tensors.
+    fields: dict[str, str] = {}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """The part's tensors, by the name the cache exposes them under."""
-        raise NotImplementedError
-
-    def allocate(self, cache, capacity: int) -> None:
-        """(Re)allocate for ``capacity`` positions, keeping what is held."""
-        raise NotImplementedError
+        return {name: getattr(self, attr) for name, attr in self.fields.items()}
 
     def select_batch(self, index: torch.Tensor) -> None:
-        for name, value in self.buffers().items():
-            setattr(self, _ATTRS[name], value.index_select(0, index))
+        """Keep the sequences ``index`` (``LayerCache.select_batch``)."""
+        for attr in self.fields.values():
+            setattr(self, attr, getattr(self, attr).index_select(0, index))
 
+    @abc.abstractmethod
+    def allocate(self, cache, capacity: int) -> None:
+        """(Re)allocate for ``capacity`` positions, keeping what is held."""
+
+    @abc.abstractmethod
     def update(self, cache, L0: int, L1: int) -> None:
         """Bring positions ``[L0, L1)`` up to date (a bulk append)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update_one(self, cache, pos: int, x: torch.Tensor) -> None:
         """Bring the single valid position ``pos`` up to date; ``x [B, Hkv, D]`` is its key."""
-        raise NotImplementedError
-
-
-# the attribute of each part holding the buffer the cache exposes under a name
-_ATTRS = {"k_int4": "codes", "k_int8": "codes", "k_qparams": "qparams", "page_bounds": "bounds", "k_label": "labels"}
 
 
 class _QuantizedKeys(DerivedPart):
     codes: torch.Tensor | None = None
     qparams: torch.Tensor | None = None
-    code_name = ""
-
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return {self.code_name: self.codes, "k_qparams": self.qparams}
 
 
 class Int4Keys(_QuantizedKeys):
@@ -101,15 +98,15 @@ class Int4Keys(_QuantizedKeys):
 
     bits = 4
     granule = INT4_TILE  # 64: a multiple of every tile size
-    code_name = "k_int4"
+    fields = {"k_int4": "codes", "k_qparams": "qparams"}
 
     def __init__(self, block: int):
         self.block = block
 
     def allocate(self, cache, capacity: int) -> None:
         B, H, D, dev = cache.batch, cache.num_kv_heads, cache.head_dim, cache.device
-        self.codes = _grown(self.codes, (B, H, capacity, D // 2), torch.uint8, dev)
-        self.qparams = _grown(self.qparams, (B, H, capacity, 2), torch.float32, dev)
+        self.codes = grown(self.codes, (B, H, capacity, D // 2), torch.uint8, dev)
+        self.qparams = grown(self.qparams, (B, H, capacity, 2), torch.float32, dev)
 
     def update(self, cache, L0: int, L1: int) -> None:
         """Requantize positions ``[L0, L1)``: repack the tiles they touch."""
@@ -144,12 +141,12 @@ class Int8Keys(_QuantizedKeys):
     """8-bit keys with each token's scale and mid."""
 
     bits = 8
-    code_name = "k_int8"
+    fields = {"k_int8": "codes", "k_qparams": "qparams"}
 
     def allocate(self, cache, capacity: int) -> None:
         B, H, D, dev = cache.batch, cache.num_kv_heads, cache.head_dim, cache.device
-        self.codes = _grown(self.codes, (B, H, capacity, D), torch.int8, dev)
-        self.qparams = _grown(self.qparams, (B, H, capacity, 2), torch.float32, dev)
+        self.codes = grown(self.codes, (B, H, capacity, D), torch.int8, dev)
+        self.qparams = grown(self.qparams, (B, H, capacity, 2), torch.float32, dev)
 
     def update(self, cache, L0: int, L1: int) -> None:
         codes, qp = quantize_int8(cache.k[:, :, L0:L1])
@@ -167,12 +164,10 @@ class PageBounds(DerivedPart):
     (rounded outward where it is coarser than the keys'). Pages follow the cache's page grid (``page_offset``)."""
 
     bounds: torch.Tensor | None = None
+    fields = {"page_bounds": "bounds"}
 
     def __init__(self, page_size: int, dtype: torch.dtype):
         self.granule, self.dtype = page_size, dtype
-
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return {"page_bounds": self.bounds}
 
     def allocate(self, cache, capacity: int) -> None:
         B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
@@ -226,16 +221,14 @@ class KeyLabels(DerivedPart):
     set (stored dequantized: ``quantize_labels``)."""
 
     labels: torch.Tensor | None = None
+    fields = {"k_label": "labels"}
 
     def __init__(self, channels: torch.Tensor, bits: int | None):
         self.channels, self.bits = channels, bits
 
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return {"k_label": self.labels}
-
     def allocate(self, cache, capacity: int) -> None:
         shape = (cache.batch, cache.num_kv_heads, capacity, self.channels.shape[1])
-        self.labels = _grown(self.labels, shape, cache.dtype, cache.device)
+        self.labels = grown(self.labels, shape, cache.dtype, cache.device)
 
     def update(self, cache, L0: int, L1: int) -> None:
         idx = self.channels.view(1, cache.num_kv_heads, 1, -1).expand(cache.batch, -1, L1 - L0, -1)
