@@ -70,9 +70,7 @@ class BudgetStats:
     def _record_in_place(self, layer, q_counts, kv_counts, context, dense) -> None:
         """``record`` inside a compiled step: into the layer's running sums, in place."""
         acc = self._live[layer]
-        group = self.num_q_heads // self.num_kv_heads
-        q = (kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts).to(torch.float64)
-        ctx = (context[0] - context[1]).clamp_min(0) if isinstance(context, tuple) else context
+        q, ctx = self._q_rows(q_counts, kv_counts).to(torch.float64), self._context_rows(context)
         acc["q_sum"].add_(q.sum(0))
         acc["kv_sum"].add_(kv_counts.to(torch.float64).sum(0))
         torch.minimum(acc["q_min"], q.amin(0), out=acc["q_min"])
@@ -92,14 +90,21 @@ class BudgetStats:
         pending = self._pending.pop(layer, None)
         if not pending:
             return
-        group = self.num_q_heads // self.num_kv_heads
         # Rows of (step, sequence): concatenated, so steps of different batch sizes fold together.
         kv = torch.cat([kv_counts for _, kv_counts, _ in pending]).to(torch.float64)  # [rows, Hkv]
-        q = torch.cat([kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts
-                       for q_counts, kv_counts, _ in pending]).to(torch.float64)  # [rows, Hq]
-        ctx = torch.cat([(c[0] - c[1]).clamp_min(0) if isinstance(c, tuple) else c
-                         for _, _, c in pending]).to(torch.float64)  # [rows]
+        q = torch.cat([self._q_rows(q, kv) for q, kv, _ in pending]).to(torch.float64)  # [rows, Hq]
+        ctx = torch.cat([self._context_rows(c) for _, _, c in pending]).to(torch.float64)  # [rows]
         self._merge(layer, q.sum(0), kv.sum(0), q.amin(0), q.amax(0), ctx.sum(), q.shape[0])
+
+    def _q_rows(self, q_counts: torch.Tensor | None, kv_counts: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq]`` tokens kept per query head (its kv-head's count when nothing pruned)."""
+        group = self.num_q_heads // self.num_kv_heads
+        return kv_counts.repeat_interleave(group, dim=1) if q_counts is None else q_counts
+
+    @staticmethod
+    def _context_rows(context: "torch.Tensor | tuple[int, torch.Tensor]") -> torch.Tensor:
+        """``[B]`` valid context tokens, from ``context`` as ``record`` takes it."""
+        return (context[0] - context[1]).clamp_min(0) if isinstance(context, tuple) else context
 
     def _merge(self, layer: int, q_sum, kv_sum, q_min, q_max, ctx_sum, rows: int) -> None:
         if layer not in self._q_sum:
