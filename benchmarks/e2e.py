@@ -238,6 +238,12 @@ def run_variant(variant: str, model, ids: torch.Tensor, kv, args, overrides: dic
         twilight.patch(model, spec_for(variant, args, overrides))
     try:
         extra = {}
+
+        def generate(new_tokens: int, cache, **kwargs):  # greedy, from ``cache`` (a copy of the prefilled one)
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=model.generation_config.pad_token_id, **extra, **kwargs)
+
         if compiled:
             extra["compile_config"] = compile_config(device)
             # from scratch: graphs of earlier runs (other patches, other models) would count against dynamo's
@@ -245,10 +251,7 @@ def run_variant(variant: str, model, ids: torch.Tensor, kv, args, overrides: dic
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
             t0 = time.perf_counter()  # the first tokens compile the step (and recompile it once the length moves)
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           past_key_values=fresh_cache(variant, model, kv, ids.shape[1] + n + 1),
-                           max_new_tokens=WARMUP_TOKENS, min_new_tokens=WARMUP_TOKENS, do_sample=False,
-                           pad_token_id=model.generation_config.pad_token_id, **extra)
+            generate(WARMUP_TOKENS, fresh_cache(variant, model, kv, ids.shape[1] + n + 1))
             warmup_s = time.perf_counter() - t0
         cache = fresh_cache(variant, model, kv, ids.shape[1] + n + 1)
         if patched:
@@ -256,9 +259,7 @@ def run_variant(variant: str, model, ids: torch.Tensor, kv, args, overrides: dic
         timer = TokenTimer(device)
         common.synchronize(device)
         t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=timer,
-                             return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id, **extra)
+        out = generate(n, cache, streamer=timer, return_dict_in_generate=True)
         common.synchronize(device)
         total = time.perf_counter() - t0
         iv = timer.intervals_ms()
