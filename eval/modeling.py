@@ -161,27 +161,15 @@ def prefill(model, input_ids: list[int], configs=()) -> Prefill:
     ``twilight.select.observation_key``)."""
     import torch
 
-    from twilight import TwilightPipeline
     from twilight.integrations.hf import compat, make_cache
-    from twilight.select import observation_key
 
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    cache = make_cache(model)
-    pipe = cache.pipeline
-    seen = {observation_key(pipe.config), None}
-    for cfg in configs:
-        key = observation_key(cfg)
-        if key not in seen:
-            seen.add(key)
-            pipe.co_observers.append(TwilightPipeline(cfg, len(cache.layers), pipe.num_q_heads, pipe.num_kv_heads))
+    cache = make_cache(model, observe_for=configs)
     name = compat.cache_parameter(type(model).forward, type(model).__name__)
-    try:
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
-                        **{name: cache})
-    finally:
-        pipe.co_observers = []
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                    **{name: cache})
     return Prefill(list(input_ids), cache, out.logits[0, -1].float())
 
 

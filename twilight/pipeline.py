@@ -60,10 +60,6 @@ class TwilightPipeline:
         #: bounds); ``torch.bfloat16`` halves the bytes Quest reads from a float32 cache, rounded outward. The
         #: same for every backend and every CPU, so it never changes which pages a layer picks behind your back.
         self.bounds_dtype: torch.dtype | None = None
-        #: Pipelines of other configs that watch this one's prefills too (``observe``), so that a cache prefilled
-        #: here can be forked into their configs (``twilight.integrations.hf.fork_cache``): one prefill, many
-        #: configs, whatever their selectors observe.
-        self.co_observers: list[TwilightPipeline] = []
 
     # ------------------------------------------------------------------ setup
     def is_dense(self, layer_idx: int) -> bool:
@@ -130,8 +126,6 @@ class TwilightPipeline:
         """Show the selector of ``layer_idx`` the queries ``q [B, Hq, T, D]`` of a multi-token forward (prefill or a
         chunk of it) whose K/V ``cache`` already holds as its last ``T`` tokens. Selectors that choose tokens
         from the prompt's attention (``snapkv``, ``h2o``) record what they need; the others ignore it."""
-        for other in self.co_observers:
-            other.observe(layer_idx, q, cache, scale)
         if self.is_dense(layer_idx):
             return
         observe = getattr(self._selector(layer_idx), "observe", None)

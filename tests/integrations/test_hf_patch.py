@@ -186,6 +186,37 @@ def test_fork_cache_copies_tokens_padding_and_observations():
         hf.fork_cache(model, DynamicCache())
 
 
+def test_make_cache_observe_for_lets_other_configs_fork_one_prefill():
+    """A cache prefilled under ``dense`` with ``observe_for=[snapkv config]`` holds the snapkv selector's
+    observations, so that a fork decodes under snapkv exactly as a prefill patched with snapkv itself does; without
+    it, the fork holds none and snapkv refuses to decode."""
+    snapkv = {"selector": NEW_SELECTORS["snapkv"], "estimator": {"type": "exact"}, "pruner": {"type": "none"},
+              "dense_layers": [0], "dense_below": 0}
+    model = tiny_model()
+    ids = prompts([60])[0]
+    name = hf.compat.cache_parameter(type(model).forward, "LlamaForCausalLM")
+    twilight.patch(model, snapkv)
+    ref = greedy(model, ids)
+    T = ids.shape[1]
+
+    def prefill(observe_for):
+        cache = hf.make_cache(model, observe_for=observe_for)
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=True, **{name: cache})
+        return cache
+
+    twilight.patch(model, "dense")
+    shared = prefill(["streaming", snapkv])  # streaming observes nothing: no observer for it
+    assert len(shared.observers) == 1 and shared.observers[0].config.selector.type == "snapkv"
+    bare = prefill(())
+    assert not bare.observers and not bare.layer_cache(1).observations
+    twilight.patch(model, snapkv)
+    ids1 = ref[:, :T + 1]
+    assert torch.equal(greedy(model, ids1, n=7, **{name: hf.fork_cache(model, shared)}), ref)
+    with pytest.raises(ValueError, match="observ"):
+        greedy(model, ids1, n=7, **{name: hf.fork_cache(model, bare)})
+
+
 def test_quest_never_selects_padding():
     """Quest on a left-padded batch: decode-step selections stay inside each sequence's tokens."""
     model = tiny_model("llama")

@@ -103,7 +103,7 @@ def _make_attention_function(delegate: str):
                 layer_cache = forward.cache.layer_cache(module.layer_idx)
                 if layer_cache is not None and key is forward.cache.returned_keys(module.layer_idx):
                     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-                    forward.cache.pipeline.observe(module.layer_idx, query, layer_cache, scale)
+                    forward.cache.observe(module.layer_idx, query, scale)
         return attention_function(delegate, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                     dropout=dropout, **kwargs)
 

@@ -133,13 +133,16 @@ class TwilightCache(Cache):
     model runs, when known before the first update. A cache with both is compileable (``is_compileable``) where
     the pipeline's backend compiles its decode step: ``generate()`` with a ``CompileConfig`` (on a CPU, one
     that compiles on every device) then compiles the decode step, as it does for transformers' static cache.
+    ``observers``: pipelines of other configs whose selectors also watch this cache's prefill (``observe``), so
+    that it can be forked into those configs (``make_cache(..., observe_for=)``).
     """
 
     def __init__(self, pipeline: TwilightPipeline, num_layers: int, max_cache_len: int | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, observers: tuple[TwilightPipeline, ...] = ()):
         super().__init__(layers=[TwilightLayer(pipeline, i, max_cache_len, device) for i in range(num_layers)])
         # the length asked for (``max_cache_len`` is a read-only property of transformers 5.0's Cache)
         self.pipeline, self.final_length = pipeline, max_cache_len
+        self.observers = tuple(observers)
         self.start: torch.Tensor | None = None  # [B] int32 left padding, None = no padding
         self._start_list: list[int] | None = None
         self.padding_error: str | None = None  # set when the mask is not left padding: decoding then refuses
@@ -160,6 +163,13 @@ class TwilightCache(Cache):
             if c is not None and not self.pipeline.is_dense(i) and (
                     compileable or c.length - c.min_start >= self.pipeline.config.crossover(c.device)):
                 c.update_derived()
+
+    def observe(self, layer_idx: int, q: torch.Tensor, scale: float) -> None:
+        """Show the prompt's queries ``q [B, Hq, T, D]`` of layer ``layer_idx`` (whose K/V this cache holds as its
+        last ``T`` tokens) to the selectors of the cache's config and of its ``observers``."""
+        layer_cache = self.layer_cache(layer_idx)
+        for pipeline in (self.pipeline, *self.observers):
+            pipeline.observe(layer_idx, q, layer_cache, scale)
 
     def returned_keys(self, layer_idx: int) -> torch.Tensor | None:
         """The keys view ``update`` last returned for ``layer_idx`` (what a decode step must attend to)."""

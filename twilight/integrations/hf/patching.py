@@ -42,6 +42,7 @@ from twilight.integrations.hf.attention import ACTIVE_FORWARD, DecoderForward, r
 from twilight.integrations.hf.cache import TwilightCache
 from twilight.integrations.hf.distributed import gather_stats, local_head_counts
 from twilight.pipeline import TwilightPipeline
+from twilight.select import observation_key
 from twilight.stats import BudgetStats
 
 __all__ = ["patch", "unpatch", "budget_stats", "engagement", "bypassed_steps", "is_patched", "make_cache", "fork_cache",
@@ -90,8 +91,22 @@ class _PatchState:
             self.warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def new_cache(self, max_cache_len: int | None = None, device=None) -> TwilightCache:
-        return TwilightCache(self.pipeline, self.num_layers, max_cache_len=max_cache_len, device=device)
+    def new_cache(self, max_cache_len: int | None = None, device=None, observe_for=()) -> TwilightCache:
+        return TwilightCache(self.pipeline, self.num_layers, max_cache_len=max_cache_len, device=device,
+                             observers=self._observers(observe_for))
+
+    def _observers(self, configs) -> tuple[TwilightPipeline, ...]:
+        """One pipeline per distinct ``observation_key`` among ``configs`` that the patched config's does not cover
+        (configs whose selectors observe nothing need none)."""
+        seen, observers = {observation_key(self.pipeline.config), None}, []
+        for spec in configs:
+            cfg = TwilightConfig.load(spec)
+            key = observation_key(cfg)
+            if key not in seen:
+                seen.add(key)
+                observers.append(TwilightPipeline(cfg, self.num_layers, self.pipeline.num_q_heads,
+                                                  self.pipeline.num_kv_heads))
+        return tuple(observers)
 
     # copy.deepcopy and pickle of a patched model copy its state through these: the copy gets a pipeline of its own
     # (the same config, a copy of the stats; backends and selectors are rebuilt when it first decodes), its own
@@ -110,20 +125,15 @@ class _PatchState:
 
 def _pipeline_spec(pipeline: TwilightPipeline) -> dict:
     """What a copy of ``pipeline`` is built from: its public attributes (config, shape, settings such as
-    ``host_reads``, the stats) and, recursively, the pipelines of other configs that observe its prefills. The
-    private ones are what it builds lazily from them (backends, selectors), which do not copy."""
-    spec = {k: v for k, v in vars(pipeline).items() if not k.startswith("_")}
-    spec["co_observers"] = [_pipeline_spec(other) for other in pipeline.co_observers]
-    return spec
+    ``host_reads``, the stats). The private ones are what it builds lazily from them (backends, selectors), which
+    do not copy."""
+    return {k: v for k, v in vars(pipeline).items() if not k.startswith("_")}
 
 
 def _pipeline_from_spec(spec: dict) -> TwilightPipeline:
-    spec = dict(spec)
-    co_observers = spec.pop("co_observers")
     pipeline = TwilightPipeline(spec["config"], num_layers=spec["num_layers"], num_q_heads=spec["num_q_heads"],
                                 num_kv_heads=spec["num_kv_heads"])
     pipeline.__dict__.update(spec)
-    pipeline.co_observers = [_pipeline_from_spec(other) for other in co_observers]
     return pipeline
 
 
@@ -475,14 +485,16 @@ def _state(model) -> _PatchState:
     return state
 
 
-def make_cache(model, max_cache_len: int | None = None) -> TwilightCache:
+def make_cache(model, max_cache_len: int | None = None, observe_for=()) -> TwilightCache:
     """A fresh, empty ``TwilightCache`` for a patched ``model`` (to pass as ``cache=`` / ``past_key_values=``).
 
     ``max_cache_len``: the most positions it will hold (prompt plus new tokens), when you know it: every layer's
     buffers are then allocated once at that length (rounded up to whole int4 tiles and pages) and hold nothing
     spare. Without it (or past it) the cache grows by a quarter at a time. ``generate()`` passes its own length.
+    ``observe_for``: configs (``TwilightConfig``, preset names, dicts) that will decode from a ``fork_cache`` of
+    this cache: their selectors watch its prefill too (``snapkv``, ``h2o``), so one prefill serves them all.
     """
-    return _state(model).new_cache(max_cache_len, getattr(model, "device", None))
+    return _state(model).new_cache(max_cache_len, getattr(model, "device", None), observe_for)
 
 
 def fork_cache(model, cache: TwilightCache) -> TwilightCache:
@@ -499,7 +511,8 @@ def fork_cache(model, cache: TwilightCache) -> TwilightCache:
         model.generate(..., cache=twilight.integrations.hf.fork_cache(model, cache))
 
     ``snapkv`` and ``h2o`` read observations made by the same selector type, window and dense layers
-    (``twilight.select.observation_key``): fork such a cache only between configs with equal keys.
+    (``twilight.select.observation_key``): fork such a cache only between configs with equal keys, or make it with
+    ``make_cache(model, observe_for=[configs...])`` so that their selectors watch the prefill too.
     """
     if not isinstance(cache, TwilightCache):
         raise TypeError(f"cache must be a TwilightCache, got {type(cache).__name__}")
