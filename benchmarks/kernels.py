@@ -359,8 +359,9 @@ def _stage_callables(pipe: TwilightPipeline, q, cache, scale: float, p: float):
     cfg = pipe.config
     backend = pipe.backend(q.device)
     B, Hq, D = q.shape
-    sel = pipe.select(0, q, cache)
-    fns: dict[str, Callable] = {"select": lambda: pipe.select(0, q, cache)}
+    plan = pipe.plan(cache, scale=scale)
+    sel = pipe.select(0, q, cache, plan)
+    fns: dict[str, Callable] = {"select": lambda: pipe.select(0, q, cache, plan)}
     nbytes: dict[str, float] = {}
     n_cand = float(sel.counts.double().sum())  # candidate (b, kv-head, token) triples
     if cfg.selector.type == "quest" and not sel.is_full_range:
@@ -370,14 +371,14 @@ def _stage_callables(pipe: TwilightPipeline, q, cache, scale: float, p: float):
     kv_tok = 2 * D * cache.k.element_size()
     if cfg.pruner.type == "none":
         nbytes["attend"] = n_cand * kv_tok
-        fns["attend"] = lambda: backend.attend(q, cache, sel, scale)
+        fns["attend"] = lambda: backend.attend(q, cache, sel, scale, plan)
         return fns, nbytes
     kind = cfg.estimator.type
-    logits = backend.estimate(q, cache, sel, kind) * scale
-    pruned, _ = pipe.prune(q, cache, sel, scale)
-    fns["estimate"] = lambda: backend.estimate(q, cache, sel, kind)
+    logits = backend.estimate(q, cache, sel, kind, plan) * scale
+    pruned, _ = pipe.prune(q, cache, sel, scale, plan)
+    fns["estimate"] = lambda: backend.estimate(q, cache, sel, kind, plan)
     fns["prune"] = lambda: backend.prune_top_p(logits, p)
-    fns["attend"] = lambda: backend.attend(q, cache, pruned, scale)
+    fns["attend"] = lambda: backend.attend(q, cache, pruned, scale, plan)
     nbytes["estimate"] = n_cand * _bytes_per_token(cache, kind)
     nbytes["prune"] = n_cand * (Hq // cache.num_kv_heads) * logits.element_size()
     nbytes["attend"] = float(pruned.counts.double().sum()) * kv_tok

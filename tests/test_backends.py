@@ -9,6 +9,7 @@ from twilight.attention import sparse_decode_attention
 from twilight.backends import TorchBackend, resolve_backend
 from twilight.cache import LayerCache
 from twilight.config import BACKENDS
+from twilight.contract import StepPlan
 from twilight.estimate import estimate_scores
 from twilight.prune import top_p_mask
 from twilight.select import quest_page_scores
@@ -117,10 +118,11 @@ def test_torch_backend_delegates_to_the_reference_functions(make_cache):
     sel = Selection.from_mask(torch.rand(1, 2, 130) < 0.5)
     be = TorchBackend()
     assert torch.equal(be.quest_page_scores(q, cache), quest_page_scores(q, cache))
-    est = be.estimate(q, cache, sel, "int4")
+    plan = StepPlan.for_cache(cache)
+    est = be.estimate(q, cache, sel, "int4", plan)
     assert torch.equal(est, estimate_scores(q, cache, sel, "int4"))
     assert torch.equal(be.prune_top_p(est, 0.8), top_p_mask(est, 0.8))
-    assert torch.equal(be.attend(q, cache, sel, 0.125), sparse_decode_attention(q, cache, sel, 0.125))
+    assert torch.equal(be.attend(q, cache, sel, 0.125, plan), sparse_decode_attention(q, cache, sel, 0.125))
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
 """Backends: the registry of who runs each stage's arithmetic.
 
-What a backend implements is ``twilight.contract.Backend`` (select, prune, attend and their primitives);
-``torch`` (``twilight.contract.TorchBackend``) runs anywhere and is the reference. ``triton``, ``cuda`` and
-``flashinfer`` (``twilight.kernels``) subclass it and override what they accelerate. This module only lists
-them: kernel modules import the contract, never this registry, and are imported here when first built.
+What a backend implements is ``twilight.contract.Backend`` (prune, attend, their primitives and fused selection
+kernels); ``torch`` (``twilight.kernels.reference.TorchBackend``) runs anywhere and is the reference. ``cpu``,
+``triton``, ``cuda`` and ``flashinfer`` (``twilight.kernels``) subclass it and override what they accelerate. This
+module only lists them: kernel modules import the contract, never this registry, and are imported here when first
+built.
 ``resolve_backend("auto", device)`` picks the fastest available one for the device; naming an unavailable
 backend raises ``BackendUnavailableError`` saying why.
 """
@@ -17,7 +18,8 @@ from typing import Callable
 import torch
 
 from twilight.config import BACKENDS
-from twilight.contract import Backend, BackendUnavailableError, TorchBackend
+from twilight.contract import Backend, BackendUnavailableError
+from twilight.kernels.reference import TorchBackend
 
 __all__ = ["Backend", "BackendUnavailableError", "TorchBackend", "available_backends", "resolve_backend"]
 

@@ -255,7 +255,7 @@ class TwilightConfig:
         """``dense_below`` on ``device``: the number itself, or the measured default for the device's type."""
         if self.dense_below != "auto":
             return self.dense_below
-        kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+        kind = str(device).split(":")[0]  # a torch.device or its name
         return DENSE_BELOW_AUTO.get(kind, 0)
 
     @property

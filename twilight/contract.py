@@ -1,51 +1,54 @@
-"""The backend contract: what every backend implements, and the per-step plan the pipeline hands it.
+"""The backend contract: what a backend implements, and the per-step plan the pipeline hands it.
 
 A decode step of one layer is the same calls for every backend (``TwilightPipeline.decode``):
 
-1. ``select(q, cache, selector, plan) -> Selection``: the coarse candidates (Quest pages, a window, ...);
-2. ``prune(q, cache, sel, config, scale, plan) -> (Selection, q_counts)``: estimate the candidates' scores
-   and keep, per query head, what the pruner keeps; the GQA group's union per kv-head, compacted;
-3. ``attend(q, cache, sel, scale) -> out``: decode attention over the pruned selection with the exact K/V.
-
-Under ``selector.gqa="head"`` the selection carries ``Selection.head_mask`` (each query head's own candidates):
-``prune`` masks every query head's scores to its own candidates and keeps the mask through the union, and
-``attend`` lets each query head attend to its own slots only. ``TorchBackend`` implements it; the kernel backends
-run those stages with it (their kernels implement ``"group"`` and refuse a ``head_mask`` by name).
+1. stage 1, select: the selector's own code, ``selector(q, cache, plan) -> Selection`` (Quest pages, a window, ...),
+   or the backend's fused kernel for that selector type (``Backend.select_kernels``);
+2. ``prune(q, cache, sel, estimator, pruner, scale, plan) -> (Selection, q_counts)``: estimate the candidates'
+   scores and keep, per query head, what the pruner keeps; the GQA group's union per kv-head, compacted;
+3. ``attend(q, cache, sel, scale, plan) -> out``: decode attention over the pruned selection with the exact K/V.
 
 The pipeline calls 2 and 3 through ``prune_attend`` (by default: ``prune``, then ``attend``), which a backend
-that fuses them overrides (``cpu``). A dense step (dense layer, or below the crossover) calls ``attend`` only.
+that fuses them overrides (``cpu``). A layer the plan says is dense this step (``StepPlan.is_dense``) calls
+``attend`` only, over every token. Each stage receives its own config section (``EstimatorConfig``,
+``PrunerConfig``), and every method the step's plan: the plan is required below the pipeline's public entry points.
 
-Plus the primitives the three are built from, which benchmarks and tests time and check one by one:
-``quest_page_scores``, ``estimate``, ``prune_top_p``. ``TorchBackend`` (here) is the reference and runs
-anywhere; the kernel backends (``twilight.kernels.*``) subclass it and replace what they accelerate, fused
-entry points included, so there is one pipeline path for all of them.
+Under ``selector.gqa="head"`` the selection carries ``Selection.head_mask`` (each query head's own candidates):
+``prune`` masks every query head's scores to its own candidates and keeps the mask through the union
+(``prune_heads``), and ``attend`` lets each query head attend to its own slots only. The reference
+(``twilight.kernels.reference.TorchBackend``) implements it; the kernel backends run those stages with it (their
+kernels implement ``"group"`` and refuse a ``head_mask`` by name).
 
-``StepPlan`` is computed once per decode step for all layers (``TwilightPipeline.plan``): the host-side
-numbers (length, padding extremes, Quest's page budget, whether the step is below the dense crossover),
-so that the per-layer calls do no host-side bookkeeping of their own.
+Plus the primitives the stages are built from, which benchmarks and tests time and check one by one:
+``quest_page_scores``, ``estimate``, ``prune_top_p``, ``prune_to_selection``.
+
+``StepPlan`` is computed once per decode step for all layers (``TwilightPipeline.plan``, or ``StepPlan.for_cache``
+outside a pipeline): the host-side numbers (length, padding extremes, which layers attend densely this step, host
+reads), so that the per-layer calls do no host-side bookkeeping of their own.
 
 Host reads. On the CPU, reading a count from a tensor is reading memory, and sizing the sparse attention
-to the tokens actually kept is what makes it fast; on a GPU the same read waits for the device. The torch
-backend therefore sizes tensors from counts only when ``plan.host_reads`` is true, which ``plan`` sets for
-CPU tensors; otherwise every shape comes from host-known sizes and a step makes no host synchronisation.
+to the tokens actually kept is what makes it fast; on a GPU the same read waits for the device. Backends therefore
+size tensors from counts only when ``plan.host_reads`` is true, which plans default to for CPU tensors; otherwise
+every shape comes from host-known sizes and a step makes no host synchronisation.
+
+This module imports no stage: the reference is ``twilight.kernels.reference``, the registry of backends
+``twilight.backends``.
 """
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from twilight._tensors import compact, compact_heads
-from twilight.attention import sparse_decode_attention
-from twilight.cache import LayerCache
-from twilight.estimate import cpu_int4_block, estimate_scores
-from twilight.prune import prune_mask, top_p_kept, top_p_mask
-from twilight.quant import INT4_TILE
-from twilight.select import quest_page_scores
-from twilight.selection import Selection
+if TYPE_CHECKING:
+    from twilight.cache import LayerCache
+    from twilight.config import EstimatorConfig, PrunerConfig
+    from twilight.selection import Selection
 
-__all__ = ["Backend", "BackendUnavailableError", "TorchBackend", "StepPlan"]
+__all__ = ["Backend", "BackendUnavailableError", "SelectKernel", "StepPlan"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -58,7 +61,10 @@ class StepPlan:
 
     length: positions written in each layer's cache (padding included) when the step attends.
     min_start, max_start: extremes of the sequences' first valid positions (left padding).
-    dense: the step is below the config's crossover (``dense_below``): every layer attends densely.
+    all_dense: every layer attends to every token this step: the step is below the config's crossover
+        (``dense_below``), or the config selects every token and prunes nothing.
+    dense_layers: the layers that attend to every token whatever the step (the config's ``dense_layers``).
+        ``is_dense(layer_idx)`` reads both: the one place a layer's step is decided dense.
     host_reads: backends may read counts from tensors to size their work (CPU tensors only).
     traced: ``torch.compile`` is capturing this step (``host_reads`` is then false): no host reads and no Python
         branch on tensor values, but registered operators (``torch.ops.*``) are fine, whatever ``host_reads`` says.
@@ -70,28 +76,55 @@ class StepPlan:
     length: int
     min_start: int = 0
     max_start: int = 0
-    dense: bool = False
+    all_dense: bool = False
+    dense_layers: frozenset[int] = frozenset()
     host_reads: bool = False
     traced: bool = False
     scale: float | None = None
     shared: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def for_cache(cls, cache: LayerCache, host_reads: bool | None = None, **fields: Any) -> StepPlan:
+        """The plan of a step over ``cache``'s positions (every layer sparse unless ``dense_layers`` says otherwise).
+        ``host_reads`` defaults to the cache being on the CPU; ``torch.compile`` tracing forces it off."""
+        traced = torch.compiler.is_compiling()
+        if traced:  # a traced step reads nothing back: a host read is a graph break
+            host_reads = False
+        elif host_reads is None:
+            host_reads = cache.device.type == "cpu"
+        return cls(cache.length, cache.min_start, cache.max_start, host_reads=host_reads, traced=traced, **fields)
 
     @property
     def longest(self) -> int:
         """Valid tokens of the longest sequence."""
         return self.length - self.min_start
 
+    def is_dense(self, layer_idx: int) -> bool:
+        """Does ``layer_idx`` attend to every token this step?"""
+        return self.all_dense or layer_idx in self.dense_layers
+
+
+#: A backend's fused stage 1 for one selector type: ``kernel(backend, selector, q, cache, plan) -> Selection``.
+SelectKernel = Callable[["Backend", Any, torch.Tensor, "LayerCache", StepPlan], "Selection"]
+
 
 class Backend(abc.ABC):
-    """What a backend provides. Subclass ``TorchBackend`` and override what you accelerate."""
+    """What a backend provides. Subclass ``twilight.kernels.reference.TorchBackend`` and override what you
+    accelerate; register it in ``twilight.backends``."""
 
     name: str = "abstract"
     #: Device types on which a whole decode step of this backend is known to compile (``torch.compile``, 0 graph
     #: breaks): a ``TwilightCache`` says it is compileable there, so ``generate()`` may compile its decode step.
     compile_devices: tuple[str, ...] = ()
+    #: Fused selection kernels by selector type (``selector.type``), for ``selector.gqa="group"``: the pipeline
+    #: runs ``kernel(backend, selector, q, cache, plan)`` instead of ``selector(q, cache, plan)``. Other types, and
+    #: ``gqa="head"``, run the selector's own code.
+    select_kernels: Mapping[str, SelectKernel] = {}
 
     def int4_block(self, device: torch.device) -> int:
         """Tokens per tile of the int4 key layout this backend reads (the cache is built with it)."""
+        from twilight.quant import INT4_TILE
+
         return INT4_TILE
 
     def token_updater(self, cache: LayerCache):
@@ -99,25 +132,21 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def select(self, q: torch.Tensor, cache: LayerCache, selector, plan: StepPlan) -> Selection:
-        """Stage 1: the candidate `Selection` of ``selector`` (a callable from ``twilight.select``)."""
-
-    @abc.abstractmethod
-    def prune(self, q: torch.Tensor, cache: LayerCache, sel: Selection, config, scale: float,
-              plan: StepPlan) -> tuple[Selection, torch.Tensor]:
-        """Stages 2 and 3: estimate, prune per query head, union per kv-head. Returns the pruned selection and
-        each query head's kept count ``[B, Hq]`` int32."""
+    def prune(self, q: torch.Tensor, cache: LayerCache, sel: Selection, estimator: EstimatorConfig,
+              pruner: PrunerConfig, scale: float, plan: StepPlan) -> tuple[Selection, torch.Tensor]:
+        """Stage 2: estimate (``estimator``), prune per query head (``pruner``), union per kv-head. Returns the
+        pruned selection and each query head's kept count ``[B, Hq]`` int32."""
 
     @abc.abstractmethod
     def attend(self, q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float,
-               plan: StepPlan | None = None) -> torch.Tensor:
-        """Stage 4: ``[B, Hq, D]`` attention of ``q`` over ``sel`` with the exact K/V."""
+               plan: StepPlan) -> torch.Tensor:
+        """Stage 3: ``[B, Hq, D]`` attention of ``q`` over ``sel`` with the exact K/V."""
 
-    def prune_attend(self, q: torch.Tensor, cache: LayerCache, sel: Selection, config, scale: float,
-                     plan: StepPlan) -> tuple[torch.Tensor, Selection, torch.Tensor]:
-        """Stages 2 to 4 in one call, as the pipeline runs them: ``(out, pruned selection, q_counts)``. A backend
+    def prune_attend(self, q: torch.Tensor, cache: LayerCache, sel: Selection, estimator: EstimatorConfig,
+                     pruner: PrunerConfig, scale: float, plan: StepPlan) -> tuple[torch.Tensor, Selection, torch.Tensor]:
+        """Stages 2 and 3 in one call, as the pipeline runs them: ``(out, pruned selection, q_counts)``. A backend
         that fuses pruning with attention overrides this; the default is ``prune`` then ``attend``."""
-        sel, q_counts = self.prune(q, cache, sel, config, scale, plan)
+        sel, q_counts = self.prune(q, cache, sel, estimator, pruner, scale, plan)
         return self.attend(q, cache, sel, scale, plan), sel, q_counts
 
     # primitives ---------------------------------------------------------------------------------------------
@@ -126,107 +155,22 @@ class Backend(abc.ABC):
         """Quest's page upper bounds ``[B, Hkv, pages]``."""
 
     @abc.abstractmethod
-    def estimate(self, q: torch.Tensor, cache: LayerCache, sel: Selection, kind: str,
-                 plan: StepPlan | None = None) -> torch.Tensor:
-        """Approximate ``q·k`` of the candidates, ``[B, Hq, K]`` (``-inf`` at padding slots)."""
+    def estimate(self, q: torch.Tensor, cache: LayerCache, sel: Selection, kind: str, plan: StepPlan) -> torch.Tensor:
+        """Approximate ``q·k`` of the candidates, ``[B, Hq, K]`` (``-inf`` at padding slots); ``kind`` is
+        ``EstimatorConfig.type``."""
 
     @abc.abstractmethod
     def prune_top_p(self, logits: torch.Tensor, p) -> torch.Tensor:
         """Sorting-free top-p mask of ``logits [..., N]``."""
 
+    @abc.abstractmethod
+    def prune_to_selection(self, scores: torch.Tensor, sel: Selection, p, scale: float,
+                           plan: StepPlan) -> tuple[Selection, torch.Tensor]:
+        """Top-p per query head on ``scores * scale`` (``[B, Hq, K]``), union over each GQA group, compacted:
+        ``(Selection [B, Hkv, K'], q_counts [B, Hq] int32)``."""
 
-def _selection_from_kept(kept, sel: Selection, num_q_heads: int) -> tuple[Selection, torch.Tensor]:
-    """The pruned `Selection` from ``top_p_kept``'s coordinates over the rows ``[B * Hq]`` of ``sel``'s slots:
-    each kv-head keeps the union of its query heads' slots, ascending (host reads: CPU only)."""
-    row, col, q_counts = kept
-    B, H, K = sel.indices.shape
-    G = num_q_heads // H
-    key = torch.unique((row // G) * K + col)  # (b * H + h) * K + slot, sorted: the union per kv-head
-    kv_row, slot = key // K, key % K
-    counts = torch.bincount(kv_row, minlength=B * H)
-    width = max(int(counts.max()), 1)
-    pos = torch.arange(key.numel()) - (torch.cumsum(counts, 0) - counts).index_select(0, kv_row)
-    out = torch.zeros(B * H, width, dtype=torch.int32)  # padding reads position 0, a valid storage slot
-    out.index_put_((kv_row, pos), sel.indices.view(B * H, K)[kv_row, slot])
-    return Selection(out.view(B, H, width), counts.to(torch.int32).view(B, H)), q_counts.to(torch.int32).view(B, -1)
-
-
-class TorchBackend(Backend):
-    """The reference: every stage in PyTorch, on any device."""
-
-    name = "torch"
-    # On the CPU the step compiles with symbolic lengths. Not on CUDA yet: there generate() compiles by itself with
-    # CUDA graphs, which record one graph per distinct length unless lengths are device tensors and every shape is
-    # fixed by capacity and budget (docs/design/compiled-decode.md).
-    compile_devices = ("cpu",)
-
-    def int4_block(self, device: torch.device) -> int:
-        # On the CPU the cache keeps PyTorch's own int4 GEMV layout (32- or 64-token blocks by CPU), so keys
-        # are scored in place without repacking.
-        if torch.device(device).type == "cpu":
-            return cpu_int4_block() or INT4_TILE
-        return INT4_TILE
-
-    def select(self, q, cache, selector, plan):
-        return selector(q, cache, plan)
-
-    def prune(self, q, cache, sel, config, scale, plan):
-        scores = self.estimate(q, cache, sel, config.estimator.type, plan)  # [B, Hq, K] raw q·k
-        if sel.head_mask is not None:  # gqa="head": each query head prunes its own candidates
-            return self.prune_heads(scores, sel, config.pruner, scale, plan)
-        if config.pruner.type == "top_p":
-            return self.prune_to_selection(scores, sel, config.pruner.p, scale, plan)
-        keep = prune_mask(scores * scale, config.pruner)
-        return self._union_compact(keep, sel, cache.num_kv_heads, plan)
-
-    def prune_to_selection(self, scores: torch.Tensor, sel: Selection, p, scale: float = 1.0,
-                           plan: StepPlan | None = None) -> tuple[Selection, torch.Tensor]:
-        """Top-p per query head on ``scores * scale``, union over each GQA group, compacted."""
-        host_reads = plan.host_reads if plan is not None else scores.device.type == "cpu"
-        logits = scores * scale
-        if host_reads:
-            kept = top_p_kept(logits.view(-1, logits.shape[-1]), p)
-            if kept is not None:
-                return _selection_from_kept(kept, sel, logits.shape[1])
-        keep = top_p_mask(logits, p, host_reads=host_reads)
-        return self._union_compact(keep, sel, sel.indices.shape[1], plan)
-
-    def prune_heads(self, scores: torch.Tensor, sel: Selection, pruner, scale: float = 1.0,
-                    plan: StepPlan | None = None) -> tuple[Selection, torch.Tensor]:
-        """``gqa="head"``: each query head's ``pruner`` over its own candidates (``sel.head_mask``; the others score
-        ``-inf``), the union per kv-head compacted, each query head's kept slots carried in the new ``head_mask``.
-        Always the torch reference (every backend), whatever the backend's kernels."""
-        B, Hq, K = scores.shape
-        H = sel.indices.shape[1]
-        G = Hq // H
-        logits = (scores * scale).masked_fill(~sel.head_valid(G).reshape(B, Hq, K), float("-inf"))
-        host_reads = plan.host_reads if plan is not None else scores.device.type == "cpu"
-        if pruner.type == "top_p":
-            keep = top_p_mask(logits, pruner.p, host_reads=host_reads)
-        else:
-            keep = prune_mask(logits, pruner)
-        indices, counts, head_mask = compact_heads(sel.indices, keep.view(B, H, G, K),
-                                                   width=None if host_reads else K)
-        return Selection(indices, counts, head_mask=head_mask), keep.sum(-1, dtype=torch.int32)
-
-    @staticmethod
-    def _union_compact(keep: torch.Tensor, sel: Selection, num_kv_heads: int, plan: StepPlan | None):
-        B, Hq, K = keep.shape
-        keep_kv = keep.view(B, num_kv_heads, Hq // num_kv_heads, K).any(2)  # union over the group
-        host_reads = plan.host_reads if plan is not None else keep.device.type == "cpu"
-        indices, counts = compact(sel.indices, keep_kv, width=None if host_reads else K)
-        return Selection(indices, counts), keep.sum(-1, dtype=torch.int32)
-
-    def attend(self, q, cache, sel, scale, plan=None):
-        host_reads = plan.host_reads if plan is not None else q.device.type == "cpu"
-        return sparse_decode_attention(q, cache, sel, scale, host_reads=host_reads)
-
-    def quest_page_scores(self, q, cache):
-        return quest_page_scores(q, cache)
-
-    def estimate(self, q, cache, sel, kind, plan=None):
-        host_reads = plan.host_reads if plan is not None else q.device.type == "cpu"
-        return estimate_scores(q, cache, sel, kind, host_reads=host_reads)
-
-    def prune_top_p(self, logits, p):
-        return top_p_mask(logits, p)
+    @abc.abstractmethod
+    def prune_heads(self, scores: torch.Tensor, sel: Selection, pruner: PrunerConfig, scale: float,
+                    plan: StepPlan) -> tuple[Selection, torch.Tensor]:
+        """``gqa="head"``: each query head's ``pruner`` over its own candidates (``sel.head_mask``), the union per
+        kv-head compacted, each query head's kept slots carried in the new ``head_mask``."""

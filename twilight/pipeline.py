@@ -5,8 +5,9 @@ config's selector and estimator need; ``decode`` runs one decode step of one lay
 budget in ``stats``. Layers in ``config.dense_layers`` (and every layer under a dense config) attend to
 all tokens; so does every layer of a step whose context is below the crossover ``config.dense_below``.
 
-Every backend runs the same path (``twilight.contract``): ``plan`` once per step, then per layer
-``backend.select`` -> ``backend.prune`` -> ``backend.attend``.
+Every backend runs the same path (``twilight.contract``): ``plan`` once per step (which also decides which
+layers attend densely this step), then per layer the selector (or the backend's fused kernel for it) ->
+``backend.prune`` -> ``backend.attend``.
 
 Example::
 
@@ -19,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -51,6 +53,7 @@ class TwilightPipeline:
                                   "(a re-selection layer must run the tidal selector)")
         self.stats = BudgetStats(num_layers, num_q_heads, num_kv_heads)
         self._selectors: dict[int, object] = {}
+        self._stages: dict[tuple, object] = {}
         self._backends: dict[torch.device, object] = {}
         self._dense_layers = set(self.config.dense_layers)
         #: May backends read counts back to size their work? ``None``: where the cache lives on the CPU. ``False``
@@ -63,6 +66,9 @@ class TwilightPipeline:
 
     # ------------------------------------------------------------------ setup
     def is_dense(self, layer_idx: int) -> bool:
+        """Does ``layer_idx`` attend densely at every step (a dense layer, or a dense config)? Such a layer's cache
+        keeps no derived structures. Whether a layer attends densely at one step is its plan's
+        (``StepPlan.is_dense``)."""
         return self.config.is_dense or layer_idx in self._dense_layers
 
     def backend(self, device: torch.device):
@@ -90,12 +96,24 @@ class TwilightPipeline:
                           int4_block=backend.int4_block(torch.device(device)), lazy_derived=True,
                           bounds_dtype=self.bounds_dtype)
         cache.token_updater = backend.token_updater(cache)
+        if not dense:  # resolved now, eagerly: a compiled step must not be the first to fill the table
+            self._stage1(layer_idx, backend)
         return cache
 
     def _selector(self, layer_idx: int):
         if layer_idx not in self._selectors:
             self._selectors[layer_idx] = make_selector(self.config.selector, layer_idx, self.num_layers)
         return self._selectors[layer_idx]
+
+    def _stage1(self, layer_idx: int, backend):
+        """Stage 1 of ``layer_idx`` on ``backend``: the backend's fused kernel for the selector's type
+        (``Backend.select_kernels``, ``gqa="group"`` only) bound to the selector, else the selector itself."""
+        key = (layer_idx, backend)
+        if key not in self._stages:
+            cfg, selector = self.config.selector, self._selector(layer_idx)
+            kernel = backend.select_kernels.get(cfg.type) if cfg.gqa == "group" else None
+            self._stages[key] = selector if kernel is None else functools.partial(kernel, backend, selector)
+        return self._stages[key]
 
     # ------------------------------------------------------------------ one step
     def plan(self, cache: LayerCache, host_reads: bool | None = None, scale: float | None = None) -> StepPlan:
@@ -105,15 +123,12 @@ class TwilightPipeline:
         ``False`` keeps every shape host-known, as on a GPU (no synchronisation). ``scale``: the attention's
         softmax scale (``decode`` fills it in when omitted).
         """
-        traced = torch.compiler.is_compiling()
-        if traced:  # a traced step reads nothing back: a host read is a graph break
-            host_reads = False
-        elif host_reads is None:
-            host_reads = self.host_reads if self.host_reads is not None else cache.device.type == "cpu"
+        if host_reads is None and self.host_reads is not None:
+            host_reads = self.host_reads
         longest = cache.length - cache.min_start
-        return StepPlan(cache.length, cache.min_start, cache.max_start,
-                        dense=longest < self.config.crossover(cache.device), host_reads=host_reads, traced=traced,
-                        scale=scale)
+        all_dense = self.config.is_dense or longest < self.config.crossover(cache.device)
+        return StepPlan.for_cache(cache, host_reads, all_dense=all_dense,
+                                  dense_layers=frozenset(self._dense_layers), scale=scale)
 
     def compileable(self, device: torch.device | str) -> bool:
         """Does a whole decode step of this pipeline compile on ``device`` (``torch.compile``, no graph break)? True
@@ -133,23 +148,23 @@ class TwilightPipeline:
             observe(q, cache, scale)
 
     def select(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, plan: StepPlan | None = None) -> Selection:
-        """Stage 1: the candidate ``Selection``."""
+        """Stage 1: the candidate ``Selection`` (every valid token where the plan says the layer is dense)."""
         plan = plan or self.plan(cache)
-        if self.is_dense(layer_idx) or plan.dense:
+        if plan.is_dense(layer_idx):
             if plan.traced and not self.is_dense(layer_idx):
                 cache.update_derived()  # one token (see TwilightCache.prepare_decode): one shape across the crossover
-            return Selection.full(cache.batch, cache.num_kv_heads, cache.length, device=q.device,
-                                  start=cache.start if cache.max_start else None)
+            return Selection.every_valid(cache, device=q.device)
         cache.update_derived()
-        return self.backend(q.device).select(q, cache, self._selector(layer_idx), plan)
+        return self._stage1(layer_idx, self.backend(q.device))(q, cache, plan)
 
     def prune(self, q: torch.Tensor, cache: LayerCache, sel: Selection, scale: float,
               plan: StepPlan | None = None) -> tuple[Selection, torch.Tensor]:
-        """Stages 2 and 3: estimate the candidates' scores, prune per query head, union per kv-head.
+        """Stage 2: estimate the candidates' scores, prune per query head, union per kv-head.
 
         Returns the pruned selection and the kept-token count of every query head ``[B, Hq]``.
         """
-        return self.backend(q.device).prune(q, cache, sel, self.config, scale, plan or self.plan(cache))
+        return self.backend(q.device).prune(q, cache, sel, self.config.estimator, self.config.pruner, scale,
+                                            plan or self.plan(cache))
 
     def decode(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, scale: float,
                plan: StepPlan | None = None) -> torch.Tensor:
@@ -164,13 +179,14 @@ class TwilightPipeline:
         if plan.scale is None:
             plan = dataclasses.replace(plan, scale=scale)  # the same `shared` dict: layers still hand over
         backend = self.backend(q.device)
-        dense = self.is_dense(layer_idx) or plan.dense
+        dense = plan.is_dense(layer_idx)
         sel = self.select(layer_idx, q, cache, plan)
         if dense or self.config.pruner.type == "none":
             # each query head attends to its kv-head's selection, or (gqa="head") to its own part of it
             q_counts = None if sel.head_mask is None else sel.head_mask.sum(-1, dtype=torch.int32).view(q.shape[:2])
             out = backend.attend(q, cache, sel, scale, plan)
         else:
-            out, sel, q_counts = backend.prune_attend(q, cache, sel, self.config, scale, plan)
+            out, sel, q_counts = backend.prune_attend(q, cache, sel, self.config.estimator, self.config.pruner,
+                                                      scale, plan)
         self.stats.record(layer_idx, q_counts, sel.counts, (plan.length, cache.start), dense)
         return out

@@ -129,3 +129,10 @@ class Selection:
         idx = (idx + start).clamp_max(max(length - 1, 0))
         counts = (length - start.view(batch, 1)).clamp_min(0).expand(batch, heads).to(torch.int32).contiguous()
         return cls(idx.contiguous(), counts, is_full_range=True)
+
+    @classmethod
+    def every_valid(cls, cache, device=None) -> "Selection":
+        """Every valid token of ``cache`` (a ``LayerCache``) for each of its kv-heads: ``full`` from each sequence's
+        first valid position, or of all of ``[0, length)`` when no sequence is padded (known on the host)."""
+        return cls.full(cache.batch, cache.num_kv_heads, cache.length, device=device or cache.device,
+                        start=cache.start if cache.max_start else None)

@@ -63,7 +63,7 @@ def test_quest_twilight_decode(device):
     ref = attention_reference(q, cache, pruned.to_mask(cache.length), 0.125)
     assert_close(out, ref, 2 * tol_for(torch.float16), "decode output")
     # Each query head kept >= p of its estimated mass among the candidates.
-    logits = backend.estimate(q, cache, cand, "int4") * 0.125
+    logits = backend.estimate(q, cache, cand, "int4", pipe.plan(cache)) * 0.125
     keep = backend.prune_top_p(logits, pipe.config.pruner.p)
     assert_top_p_guarantee(logits, pipe.config.pruner.p, keep)
     assert torch.equal(keep.sum(-1, dtype=torch.int32).cpu(), q_counts.cpu())
@@ -121,7 +121,7 @@ def test_llama_shape_on_gpu(backend):
     scale = 128 ** -0.5
     be = pipe.backend(q.device)
     cand = pipe.select(0, q, cache)
-    est = be.estimate(q, cache, cand, "int4")
+    est = be.estimate(q, cache, cand, "int4", pipe.plan(cache))
     ref_est = estimate_scores(q, cache, cand, "int4")
     finite = torch.isfinite(ref_est)
     assert torch.equal(finite, torch.isfinite(est))
@@ -130,5 +130,5 @@ def test_llama_shape_on_gpu(backend):
     mask = be.prune_top_p(logits, 0.85)
     assert (mask != torch_top_p_mask(logits, 0.85)).any(-1).float().mean() < 0.01
     pruned, _ = pipe.prune(q, cache, cand, scale)
-    out = be.attend(q, cache, pruned, scale)
+    out = be.attend(q, cache, pruned, scale, pipe.plan(cache))
     assert_close(out, torch_attention(q, cache, pruned, scale).double(), 4e-3, "attention")

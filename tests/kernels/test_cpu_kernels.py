@@ -24,7 +24,7 @@ import torch
 from kernel_helpers import int4_reference, page_bounds_reference, quest_bound_reference
 
 from twilight.cache import LayerCache
-from twilight.contract import BackendUnavailableError
+from twilight.contract import BackendUnavailableError, StepPlan
 from twilight.pipeline import TwilightPipeline
 from twilight.quant import unpack_int4
 from twilight.selection import Selection
@@ -235,7 +235,7 @@ def test_cpu_backend_int4_budgets_follow_the_float32_estimate(ops, top_p_oracle,
     backend = CpuBackend()
     plan = pipe.plan(cache)
     sel = pipe.select(0, q, cache, plan)
-    _, _, q_counts = backend.prune_attend(q, cache, sel, pipe.config, D ** -0.5, plan)
+    _, _, q_counts = backend.prune_attend(q, cache, sel, pipe.config.estimator, pipe.config.pruner, D ** -0.5, plan)
     logits = int4_reference(q, cache, sel) * D ** -0.5  # -inf at padding slots
     sure = top_p_margin(logits, p) > 1e-5  # p not on a float boundary of the float64 estimate
     assert sure.float().mean() > 0.5
@@ -336,7 +336,7 @@ def test_compiled_quest_scores_and_int4_estimate_have_no_graph_break(ops):
     q = torch.randn(2, 6, 32)
 
     def step(q, cache, sel):
-        return backend.quest_page_scores(q, cache), backend.estimate(q, cache, sel, "int4")
+        return backend.quest_page_scores(q, cache), backend.estimate(q, cache, sel, "int4", StepPlan.for_cache(cache))
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")

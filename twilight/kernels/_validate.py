@@ -33,7 +33,7 @@ def check_group_selection(sel: Selection, kernel: str) -> None:
     if sel.head_mask is not None:
         raise ValueError(f"{kernel} implements selector.gqa='group' only (every query head of a kv-head shares its "
                          "row), but this selection has a head_mask (selector.gqa='head', each query head its own "
-                         "tokens): run this stage with twilight.contract.TorchBackend (the backends do)")
+                         "tokens): run this stage with twilight.kernels.reference.TorchBackend (the backends do)")
 
 
 def check_contiguous(**tensors: torch.Tensor) -> None:

@@ -32,7 +32,8 @@ import functools
 import torch
 
 from twilight import _tensors as checks
-from twilight.contract import BackendUnavailableError, TorchBackend
+from twilight.contract import BackendUnavailableError
+from twilight.kernels.reference import TorchBackend
 from twilight.selection import Selection
 
 __all__ = ["CpuBackend", "load"]
@@ -47,12 +48,12 @@ def load(verbose: bool = False):
     implementations registered, so that ``torch.compile`` traces them."""
     from torch.utils.cpp_extension import load as load_extension
 
-    from twilight.kernels.cuda import CSRC_DIR, _source_hash_flag, _sources
+    from twilight.kernels.jit import CSRC_DIR, source_hash_flag, sources
 
     try:  # a plain shared library (no Python module): its TORCH_LIBRARY block registers the operators
-        load_extension(name="twilight_cpu_kernels", sources=_sources(SOURCES), verbose=verbose,
+        load_extension(name="twilight_cpu_kernels", sources=sources(SOURCES), verbose=verbose,
                        is_python_module=False,
-                       extra_cflags=["-O3", "-march=native", "-fno-trapping-math", _source_hash_flag()])
+                       extra_cflags=["-O3", "-march=native", "-fno-trapping-math", source_hash_flag()])
     except (RuntimeError, OSError, ImportError) as err:
         raise BackendUnavailableError(f"building the cpu kernels from {CSRC_DIR} failed: {err}") from err
     _register_fakes()
@@ -107,11 +108,17 @@ def _fp32_cpu(q: torch.Tensor, cache) -> bool:
     return q.dtype == torch.float32 and cache.dtype == torch.float32 and q.device.type == "cpu"
 
 
+def _quest(backend, selector, q: torch.Tensor, cache, plan) -> Selection:
+    """Quest's own selection with the C++ page scores (``CpuBackend.quest_page_scores``: float32 only, else torch)."""
+    return selector(q, cache, plan, page_scores=backend.quest_page_scores)
+
+
 class CpuBackend(TorchBackend):
     """Torch's control flow; Quest's page scores, the int4 estimate, the token update and top-p + union +
     attention in C++."""
 
     name = "cpu"
+    select_kernels = {"quest": _quest}
 
     def __init__(self) -> None:
         self._ops = ops = load()  # build now, so that a missing compiler shows up when the backend is chosen
@@ -121,11 +128,6 @@ class CpuBackend(TorchBackend):
         self._int4_scores = ops.int4_scores.default
         self._top_p_attend = ops.top_p_attend.default
 
-    def select(self, q, cache, selector, plan):
-        if getattr(selector, "kind", None) == "quest" and _fp32_cpu(q, cache):
-            return selector(q, cache, plan, page_scores=self.quest_page_scores)
-        return selector(q, cache, plan)
-
     def quest_page_scores(self, q, cache):
         if not _fp32_cpu(q, cache) or cache.bounds_dtype not in (torch.float32, torch.bfloat16):
             return super().quest_page_scores(q, cache)
@@ -134,7 +136,7 @@ class CpuBackend(TorchBackend):
         return self._quest_page_scores(q.contiguous(), cache.page_bounds, cache.start, cache.num_pages,
                                        cache.page_size, cache.length)
 
-    def estimate(self, q, cache, sel, kind, plan=None):
+    def estimate(self, q, cache, sel, kind, plan):
         if (kind != "int4" or cache.quant_bits != 4 or not _fp32_cpu(q, cache) or q.shape[1] > 64 * cache.num_kv_heads):
             return super().estimate(q, cache, sel, kind, plan)
         checks.check_q(q, cache)
@@ -156,13 +158,12 @@ class CpuBackend(TorchBackend):
 
         return update
 
-    def prune_attend(self, q, cache, sel, config, scale, plan):
-        pruner = config.pruner
+    def prune_attend(self, q, cache, sel, estimator, pruner, scale, plan):
         if (sel.head_mask is not None  # gqa="head": top_p_attend shares a row between a group's query heads
                 or pruner.type != "top_p" or isinstance(pruner.p, torch.Tensor) or q.dtype != torch.float32
                 or cache.dtype != torch.float32 or q.device.type != "cpu" or not (plan.host_reads or plan.traced)):
-            return super().prune_attend(q, cache, sel, config, scale, plan)
-        scores = self.estimate(q, cache, sel, config.estimator.type, plan)  # [B, Hq, K] raw q·k
+            return super().prune_attend(q, cache, sel, estimator, pruner, scale, plan)
+        scores = self.estimate(q, cache, sel, estimator.type, plan)  # [B, Hq, K] raw q·k
         # A traced step fixes the kept positions' width at the candidates' (a shape that depends on no count).
         out, q_counts, kept, kv_counts = self._top_p_attend(
             scores.contiguous(), sel.indices, sel.counts, float(pruner.p), float(scale), q.contiguous(),

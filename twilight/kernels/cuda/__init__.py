@@ -22,14 +22,12 @@ tensors: that is how the test suite runs the kernels here. It is slow and meant 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-from twilight.contract import BackendUnavailableError, TorchBackend
+from twilight.contract import BackendUnavailableError
+from twilight.kernels.jit import CSRC_DIR, csrc_dir, source_hash_flag, sources
+from twilight.kernels.reference import TorchBackend
 from twilight.kernels._validate import (
     as_float_rows,
     check_int4_cache,
@@ -38,55 +36,17 @@ from twilight.kernels._validate import (
     check_selection,
     kernel_p,
 )
+from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
-try:  # Quest selection and attention come from Triton when it is installed
-    from twilight.kernels.triton import TritonBackend as _Base
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    _Base = TorchBackend
 
 __all__ = ["CudaBackend", "int4_scores", "top_p_mask", "top_p_threshold", "prune_to_selection", "load",
            "load_emulated", "enable_emulation", "csrc_dir", "CSRC_DIR", "GPU_SOURCES"]
 
 
-def csrc_dir() -> Path:
-    """Where the CUDA sources are: ``$TWILIGHT_CSRC``, else the repository's ``csrc/`` (source checkout, editable
-    install), else the copy a regular install puts in ``<prefix>/share/twilight/csrc`` (setup.py's data_files).
-
-    The one place that decides it: this backend's JIT build and the test suite's compile checks both use it.
-    """
-    if "TWILIGHT_CSRC" in os.environ:
-        return Path(os.environ["TWILIGHT_CSRC"])
-    checkout = Path(__file__).resolve().parents[3] / "csrc"
-    installed = Path(sys.prefix) / "share" / "twilight" / "csrc"
-    return checkout if checkout.is_dir() or not installed.is_dir() else installed
-
-
-#: The CUDA sources, as found by `csrc_dir` when this module was imported.
-CSRC_DIR = csrc_dir()
 GPU_SOURCES = ("top_p.cu", "int4_spgemv.cu", "bindings.cpp")
 EMULATED_SOURCES = ("emulated_kernels.cpp", "bindings.cpp")
 _EMULATION = False
-
-
-def _sources(names) -> list[str]:
-    paths = [CSRC_DIR / n for n in names]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise BackendUnavailableError(f"the CUDA sources are missing ({', '.join(missing)}): the cuda backend needs "
-                                      "a source checkout or an editable install (pip install -e .), or "
-                                      "TWILIGHT_CSRC pointing at csrc/")
-    return [str(p) for p in paths]
-
-
-def _source_hash_flag() -> str:
-    """A define carrying the hash of every file in csrc/: torch's JIT versioning hashes only the listed sources,
-    not the headers and .cu files they include, so any edit must also change the build flags."""
-    digest = hashlib.sha1()
-    for path in sorted(CSRC_DIR.glob("*")):
-        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
-            digest.update(path.name.encode() + path.read_bytes())
-    return f"-DTWILIGHT_CSRC_HASH={digest.hexdigest()[:16]}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,10 +60,10 @@ def load(verbose: bool = False):
     if CUDA_HOME is None:
         raise BackendUnavailableError("the cuda backend compiles csrc/ with nvcc, which was not found "
                                       "(set CUDA_HOME or put nvcc on PATH)")
-    sources = _sources(GPU_SOURCES)
+    paths = sources(GPU_SOURCES)
     try:
-        flag = _source_hash_flag()
-        return load_extension(name="twilight_cuda_kernels", sources=sources, extra_include_paths=[str(CSRC_DIR)],
+        flag = source_hash_flag()
+        return load_extension(name="twilight_cuda_kernels", sources=paths, extra_include_paths=[str(CSRC_DIR)],
                               extra_cflags=["-O3", flag], extra_cuda_cflags=["-O3", "-lineinfo", flag],
                               verbose=verbose)
     except (RuntimeError, OSError) as err:
@@ -115,9 +75,9 @@ def load_emulated(verbose: bool = False):
     """The same kernels built for the CPU emulation (g++ only; for tests on machines without a GPU)."""
     from torch.utils.cpp_extension import load as load_extension
 
-    return load_extension(name="twilight_cuda_emulated", sources=_sources(EMULATED_SOURCES),
+    return load_extension(name="twilight_cuda_emulated", sources=sources(EMULATED_SOURCES),
                           extra_include_paths=[str(CSRC_DIR)],
-                          extra_cflags=["-O1", "-DTWILIGHT_CUDA_EMULATE", _source_hash_flag()], verbose=verbose)
+                          extra_cflags=["-O1", "-DTWILIGHT_CUDA_EMULATE", source_hash_flag()], verbose=verbose)
 
 
 def enable_emulation(enabled: bool = True) -> None:
@@ -212,8 +172,9 @@ def prune_to_selection(scores: torch.Tensor, sel: Selection, p, scale: float = 1
     return Selection(out_idx, out_cnt), kept.view(B, Hq)
 
 
-class CudaBackend(_Base):
-    """csrc/ kernels for int4 estimation and top-p pruning; Quest and attention from the Triton backend."""
+class CudaBackend(TorchBackend):
+    """csrc/ kernels for int4 estimation and top-p pruning; Quest and attention from the Triton backend (torch's
+    where Triton is not installed)."""
 
     name = "cuda"
     compile_devices = ()  # its extension's calls are not registered operators yet
@@ -221,8 +182,27 @@ class CudaBackend(_Base):
     def __init__(self) -> None:
         if torch.cuda.is_available():
             load()  # build now, so that an unusable toolchain shows up when the backend is chosen
+        self._triton = _triton_backend()
+        if self._triton is not None:
+            self.select_kernels = self._triton.select_kernels
 
-    def estimate(self, q: torch.Tensor, cache, sel, kind: str, plan=None) -> torch.Tensor:
+    def int4_block(self, device) -> int:
+        return INT4_TILE  # the kernels (and Triton's) address 64-token tiles
+
+    def token_updater(self, cache):
+        return None if self._triton is None else self._triton.token_updater(cache)
+
+    def quest_page_scores(self, q, cache):
+        if self._triton is None:
+            return super().quest_page_scores(q, cache)
+        return self._triton.quest_page_scores(q, cache)
+
+    def attend(self, q, cache, sel, scale, plan):
+        if self._triton is None:
+            return super().attend(q, cache, sel, scale, plan)
+        return self._triton.attend(q, cache, sel, scale, plan)
+
+    def estimate(self, q: torch.Tensor, cache, sel, kind: str, plan) -> torch.Tensor:
         if kind == "int4":
             return int4_scores(q, cache, sel)
         return super().estimate(q, cache, sel, kind, plan)
@@ -230,5 +210,14 @@ class CudaBackend(_Base):
     def prune_top_p(self, logits: torch.Tensor, p) -> torch.Tensor:
         return top_p_mask(logits, p)
 
-    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0, plan=None):
+    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float, plan):
         return prune_to_selection(scores, sel, p, scale)
+
+
+def _triton_backend():
+    """The Triton backend, whose Quest selection and attention this one uses (``None`` without Triton)."""
+    try:
+        from twilight.kernels.triton import TritonBackend
+    except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+        return None
+    return TritonBackend()

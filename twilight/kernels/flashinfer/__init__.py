@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from twilight.contract import TorchBackend
+from twilight.kernels.reference import TorchBackend
 from twilight.kernels._validate import as_float_rows, check_group_selection, check_q, check_selection, rows_p
 from twilight.quant import INT4_TILE
 from twilight.selection import Selection
@@ -141,6 +141,8 @@ class FlashInferBackend(TorchBackend):
             self._triton = TritonBackend()
         except ImportError:
             self._triton = None
+        if self._triton is not None:  # Triton's fused Quest selection
+            self.select_kernels = self._triton.select_kernels
 
     def quest_page_scores(self, q, cache):
         if self._triton is not None:
@@ -150,12 +152,7 @@ class FlashInferBackend(TorchBackend):
     def int4_block(self, device) -> int:
         return INT4_TILE  # read by Triton's SpGEMV
 
-    def select(self, q, cache, selector, plan) -> Selection:
-        if self._triton is not None:
-            return self._triton.select(q, cache, selector, plan)
-        return super().select(q, cache, selector, plan)
-
-    def estimate(self, q, cache, sel, kind, plan=None):
+    def estimate(self, q, cache, sel, kind, plan):
         if self._triton is not None and kind == "int4":
             return self._triton.estimate(q, cache, sel, kind, plan)
         return super().estimate(q, cache, sel, kind, plan)
@@ -163,8 +160,8 @@ class FlashInferBackend(TorchBackend):
     def prune_top_p(self, logits, p):
         return top_p_mask(logits, p)
 
-    def attend(self, q, cache, sel, scale, plan=None):
+    def attend(self, q, cache, sel, scale, plan):
         # FlashInfer's kernels are 16-bit, and share a row between a group's query heads (gqa="head": torch)
         if q.dtype not in (torch.float16, torch.bfloat16) or sel.head_mask is not None:
-            return super().attend(q, cache, sel, scale)
+            return super().attend(q, cache, sel, scale, plan)
         return paged_decode_attention(q, cache, sel, scale, self._wrappers)

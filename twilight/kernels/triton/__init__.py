@@ -11,9 +11,9 @@ module                      kernels
 ==========================  ==========================================================================
 
 ``TritonBackend`` implements the backend contract (``twilight.contract``) by overriding the `TorchBackend`
-operations it accelerates: ``select`` runs the fused Quest selection for a Quest selector, ``prune`` the int4
-SpGEMV (``estimate`` for ``kind="int4"``; other kinds fall back to torch) and the fused top-p -> GQA union ->
-compaction (``prune_to_selection``), ``attend`` the sparse flash-decoding kernels. Every output width comes
+operations it accelerates: the fused Quest selection for a Quest selector (``select_kernels["quest"]``), ``prune``
+the int4 SpGEMV (``estimate`` for ``kind="int4"``; other kinds fall back to torch) and the fused top-p -> GQA union
+-> compaction (``prune_to_selection``), ``attend`` the sparse flash-decoding kernels. Every output width comes
 from host-known sizes, so a step reads nothing back from the device.
 
 The kernels implement ``selector.gqa="group"`` (a kv-head's selection shared by its query heads) and refuse a
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from twilight.contract import TorchBackend
+from twilight.kernels.reference import TorchBackend
 from twilight.kernels.triton.append import supports as supports_token_update
 from twilight.kernels.triton.append import update_token
 from twilight.kernels.triton.attention import sparse_decode_attention
@@ -39,22 +39,23 @@ __all__ = ["TritonBackend", "quest_page_scores", "quest_select", "int4_scores", 
            "sparse_decode_attention"]
 
 
+def _quest(backend, selector, q: torch.Tensor, cache, plan):
+    """Quest's stage 1 in one fused kernel (per kv-head: ``gqa="group"``)."""
+    return quest_select(q, cache, selector.budget, selector.page_size)
+
+
 class TritonBackend(TorchBackend):
     """Triton kernels for Quest scoring/selection, int4 estimation, top-p pruning and sparse attention."""
 
     name = "triton"
     compile_devices = ()  # its launches are not registered operators yet (torch.library.triton_op)
+    select_kernels = {"quest": _quest}
 
     def int4_block(self, device) -> int:
         return INT4_TILE  # the kernels address 64-token tiles
 
     def token_updater(self, cache):
         return update_token if supports_token_update(cache) else None
-
-    def select(self, q: torch.Tensor, cache, selector, plan):
-        if getattr(selector, "kind", None) == "quest":  # per kv-head Quest only (gqa="head" has another kind)
-            return quest_select(q, cache, selector.budget, selector.page_size)
-        return super().select(q, cache, selector, plan)
 
     def quest_page_scores(self, q: torch.Tensor, cache) -> torch.Tensor:
         return quest_page_scores(q, cache)
@@ -63,7 +64,7 @@ class TritonBackend(TorchBackend):
         """Quest's candidate `Selection` (see ``twilight.kernels.triton.quest.quest_select``)."""
         return quest_select(q, cache, token_budget, page_size)
 
-    def estimate(self, q: torch.Tensor, cache, sel, kind: str, plan=None) -> torch.Tensor:
+    def estimate(self, q: torch.Tensor, cache, sel, kind: str, plan) -> torch.Tensor:
         if kind == "int4":
             return int4_scores(q, cache, sel)
         return super().estimate(q, cache, sel, kind, plan)
@@ -71,11 +72,11 @@ class TritonBackend(TorchBackend):
     def prune_top_p(self, logits: torch.Tensor, p) -> torch.Tensor:
         return top_p_mask(logits, p)
 
-    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float = 1.0, plan=None):
+    def prune_to_selection(self, scores: torch.Tensor, sel, p, scale: float, plan):
         """Fused top-p → GQA union → compacted `Selection` (see ``twilight.kernels.triton.top_p``)."""
         return prune_to_selection(scores, sel, p, scale)
 
-    def attend(self, q: torch.Tensor, cache, sel, scale: float, plan=None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, cache, sel, scale: float, plan) -> torch.Tensor:
         if sel.head_mask is not None:  # gqa="head": the kernel shares a row between a group's query heads
             return super().attend(q, cache, sel, scale, plan)
         return sparse_decode_attention(q, cache, sel, scale)
