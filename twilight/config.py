@@ -141,7 +141,7 @@ class SelectorConfig:
 
     def validate(self) -> None:
         selectors = _selectors()
-        if self.type not in selectors:
+        if not isinstance(self.type, str) or self.type not in selectors:
             _fail("selector.type", self.type, f"must be one of {', '.join(selectors)}")
         spec = selectors[self.type]
         _check_int("selector.token_budget", self.token_budget, 1)
@@ -458,7 +458,9 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     - ``selector.gqa``: ``head`` unless the file says otherwise: the original code repeats K/V per query head
       (``repeat_kv``) before every selector, so each query head selects its own ``token_budget`` tokens.
 
-    Every other key, anywhere, is a ``ConfigError`` naming it.
+    Every other key, anywhere, is a ``ConfigError`` naming it. The selector types' spellings and their own keys
+    (SparQ's ``r``, the ``ds`` keys) are the registered selectors' (``SelectorSpec.legacy_names`` and
+    ``from_legacy``); the keys every selector shares (``budget``, ``chunk_size``, ``gqa``) are read here.
     """
     allowed = {"compressor", "selector", "weight_estimator", "weight_pruner", "skip_first_two_layers",
                "use_estimated_weights_in_attn", "backend", "name"}

@@ -64,7 +64,7 @@ def __getattr__(name: str):
 
 
 def _spec(cfg: SelectorConfig) -> SelectorSpec:
-    spec = SELECTORS.get(cfg.type)
+    spec = SELECTORS.get(cfg.type) if isinstance(cfg.type, str) else None
     if spec is None:
         raise ValueError(f"selector.type={cfg.type!r} is invalid: must be one of {', '.join(SELECTORS)}")
     return spec
@@ -82,7 +82,7 @@ def observation_key(config) -> tuple | None:
     """What a ``TwilightConfig``'s selector records while watching a prompt (``None``: nothing). Configs with equal
     keys can decode from one prefilled cache (``twilight.integrations.hf.fork_cache``); budgets may differ."""
     sel = config.selector
-    spec = SELECTORS.get(sel.type)
+    spec = SELECTORS.get(sel.type) if isinstance(sel.type, str) else None
     if config.is_dense or spec is None or spec.observes is None:
         return None
     return sel.type, spec.observes(sel), tuple(sorted(config.dense_layers))

@@ -49,7 +49,6 @@ def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int, plan=None
     return Selection(out, counts)
 
 
-
 def _masked(scores: torch.Tensor, cache: LayerCache) -> torch.Tensor:
     """Token scores ``[B, Hkv, L]`` (or ``[B, Hkv, G, L]``) with positions outside each sequence's valid range at
     ``-inf``."""

@@ -118,8 +118,6 @@ class _Quest:
         return _head_selection(mask, plan, G * n_pages * ps)
 
 
-
-
 def _check_fields(cfg: SelectorConfig) -> None:
     _check_int("selector.page_size", cfg.page_size, 1)
 
