@@ -18,14 +18,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-SELECTOR_TYPES = ("full", "quest", "streaming", "double_sparse", "oracle_topk", "sparq", "tidal", "snapkv", "h2o")
 #: How a selector chooses under GQA (``SelectorConfig.gqa``): ``"group"``, one set per kv-head shared by its query
 #: heads (scored by the group's largest score); ``"head"``, each query head its own ``token_budget`` tokens, as the
 #: original Twilight code selects (it repeats K/V per query head before every selector).
 GQA_MODES = ("group", "head")
-#: Selectors that score per query head and implement both modes; ``full`` and ``streaming`` score nothing (their
-#: selection is the same for every query head, so both modes are equal); ``h2o`` implements ``"group"`` only.
-GQA_HEAD_SELECTORS = ("quest", "double_sparse", "oracle_topk", "sparq", "tidal", "snapkv")
 POOLINGS = ("avgpool", "maxpool")  # how snapkv smooths its prompt votes
 ESTIMATOR_TYPES = ("exact", "int8", "int4")
 PRUNER_TYPES = ("none", "top_p", "top_k", "threshold")
@@ -40,6 +36,25 @@ MAX_LABEL_BITS = 16
 #: batch 16 and 64 faster: a context threshold cannot follow a batch-dependent crossover, so it stays 0 until the
 #: step runs under a CUDA graph and is measured again.
 DENSE_BELOW_AUTO = {"cpu": 1536, "cuda": 0}
+
+
+def _selectors() -> dict:
+    """The selector registry (``twilight.select.registry.SELECTORS``), read when first needed: importing it imports
+    ``twilight.select``, which registers the built-in selectors (and imports torch)."""
+    from twilight.select.registry import SELECTORS
+
+    return SELECTORS
+
+
+def __getattr__(name: str) -> Any:
+    # SELECTOR_TYPES: every registered selector type, in registration order. GQA_HEAD_SELECTORS: those that score per
+    # query head and implement both modes (full and streaming score nothing: both modes are equal for them; h2o
+    # implements "group" only).
+    if name == "SELECTOR_TYPES":
+        return tuple(_selectors())
+    if name == "GQA_HEAD_SELECTORS":
+        return tuple(n for n, spec in _selectors().items() if spec.gqa == "both")
+    raise AttributeError(f"module 'twilight.config' has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -100,6 +115,11 @@ class SelectorConfig:
     pooling: ``avgpool`` (default) or ``maxpool``.
     recent_tokens: h2o's recent window, part of ``token_budget``; ``None`` (default): half the budget, as H2O
         splits it between heavy hitters and recent tokens.
+    extra: the parameters of a registered selector that are not fields here (``SelectorSpec.params``), by name;
+        in a dict or JSON config they sit beside the other selector keys.
+
+    Each field above belongs to a selector (``SelectorSpec.fields`` in ``twilight.select.registry``), which checks
+    its values; every config holds every field, so every value is checked whatever the type.
     """
 
     type: str = "full"
@@ -117,56 +137,34 @@ class SelectorConfig:
     kernel_size: int = 7
     pooling: str = "avgpool"
     recent_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.type not in SELECTOR_TYPES:
-            _fail("selector.type", self.type, f"must be one of {', '.join(SELECTOR_TYPES)}")
+        selectors = _selectors()
+        if not isinstance(self.type, str) or self.type not in selectors:
+            _fail("selector.type", self.type, f"must be one of {', '.join(selectors)}")
+        spec = selectors[self.type]
         _check_int("selector.token_budget", self.token_budget, 1)
         if self.gqa not in GQA_MODES:
             _fail("selector.gqa", self.gqa, f"must be one of {', '.join(GQA_MODES)} (group: one selection per "
                   "kv-head shared by its query heads; head: each query head its own)")
-        if self.gqa == "head" and self.type not in GQA_HEAD_SELECTORS + ("full", "streaming"):
+        if self.gqa == "head" and spec.gqa == "group":
+            both = [n for n, s in selectors.items() if s.gqa == "both"]
+            equal = " and ".join(n for n, s in selectors.items() if s.gqa == "equal")
             _fail("selector.gqa", self.gqa, f"selector.type={self.type!r} implements gqa='group' only; gqa='head' "
-                  f"is implemented by {', '.join(GQA_HEAD_SELECTORS)} (and equals 'group' for full and streaming)")
-        _check_int("selector.page_size", self.page_size, 1)
-        _check_int("selector.sink_tokens", self.sink_tokens, 0)
-        _check_int("selector.window", self.window, 1)
-        _check_int("selector.num_channels", self.num_channels, 1)
-        if isinstance(self.channels_path, os.PathLike):
-            self.channels_path = os.fspath(self.channels_path)
-        if self.channels_path is not None and (not isinstance(self.channels_path, str) or not self.channels_path):
-            _fail("selector.channels_path", self.channels_path, "must be a file path or null")
-        if self.type == "double_sparse" and not self.channels_path:
-            _fail("selector.channels_path", self.channels_path,
-                  "double_sparse needs the label-channel JSON written by twilight.select.double_sparse.calibrate "
-                  "(or a DoubleSparse channel file)")
-        if self.label_bits is not None:
-            allowed = f"must be null (no quantization) or an integer in [1, {MAX_LABEL_BITS}]"
-            if isinstance(self.label_bits, bool) or not isinstance(self.label_bits, int) \
-                    or not 1 <= self.label_bits <= MAX_LABEL_BITS:
-                _fail("selector.label_bits", self.label_bits, allowed)
-        if self.channels_key not in CHANNELS_KEYS:
-            _fail("selector.channels_key", self.channels_key, f"must be one of {', '.join(CHANNELS_KEYS)}")
-        if self.reselection_layers is not None:
-            layers = self.reselection_layers
-            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers:
-                _fail("selector.reselection_layers", layers, "must be null (the default layers) or a non-empty "
-                      "list of layer indices >= 0")
-            self.reselection_layers = sorted({_check_int("selector.reselection_layers[]", i, 0) for i in layers})
-        _check_int("selector.observation_window", self.observation_window, 1)
-        _check_int("selector.kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            _fail("selector.kernel_size", self.kernel_size, "must be odd (the pooled votes keep the prompt's length)")
-        if self.pooling not in POOLINGS:
-            _fail("selector.pooling", self.pooling, f"must be one of {', '.join(POOLINGS)}")
-        if self.type == "snapkv" and self.token_budget < self.observation_window:
-            _fail("selector.token_budget", self.token_budget, f"snapkv keeps the observation window, so the budget "
-                  f"must be >= selector.observation_window={self.observation_window}")
-        if self.recent_tokens is not None:
-            _check_int("selector.recent_tokens", self.recent_tokens, 0)
-            if self.recent_tokens > self.token_budget:
-                _fail("selector.recent_tokens", self.recent_tokens,
-                      f"must be <= selector.token_budget={self.token_budget} (h2o's recent window is part of it)")
+                  f"is implemented by {', '.join(both)} (and equals 'group' for {equal})")
+        for other in selectors.values():  # every config holds every field: check them all, whatever the type
+            if other.check_fields is not None:
+                other.check_fields(self)
+        if not isinstance(self.extra, Mapping):
+            _fail("selector.extra", self.extra, "must be a dict of the selector's own parameters")
+        unknown = sorted(set(self.extra) - set(spec.params))
+        if unknown:
+            raise ConfigError(f"unknown selector key(s) {unknown} for type {self.type!r}; "
+                              f"allowed keys: {sorted(_selector_keys(self.type))}")
+        self.extra = {**spec.params, **self.extra}
+        if spec.validate is not None:
+            spec.validate(self)
 
     def default_reselection_layers(self, num_layers: int) -> list[int]:
         """tidal's re-selection layers for a model of ``num_layers`` (``reselection_layers`` when given)."""
@@ -298,7 +296,9 @@ class TwilightConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {sorted(known)}")
         kwargs: dict[str, Any] = {}
-        for part, sub in (("selector", SelectorConfig), ("estimator", EstimatorConfig), ("pruner", PrunerConfig)):
+        if "selector" in data:
+            kwargs["selector"] = _selector_from_dict(data["selector"])
+        for part, sub in (("estimator", EstimatorConfig), ("pruner", PrunerConfig)):
             if part in data:
                 kwargs[part] = _sub_from_dict(part, sub, data[part])
         if "dense_layers" in data:
@@ -311,7 +311,10 @@ class TwilightConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, as ``from_dict`` reads it back (a selector's ``extra`` parameters beside its other keys)."""
+        data = dataclasses.asdict(self)
+        data["selector"].update(data["selector"].pop("extra"))
+        return data
 
     def canonical_json(self) -> str:
         """Every setting as JSON with sorted keys and no whitespace, ``name`` left out: two configs give the same
@@ -363,6 +366,27 @@ def _sub_from_dict(part: str, cls: type, data: Any):
     if unknown:
         raise ConfigError(f"unknown {part} key(s) {unknown}; allowed keys: {sorted(allowed)}")
     return cls(**data)
+
+
+def _selector_keys(kind: Any) -> set[str]:
+    """The keys a selector section of type ``kind`` may hold: ``SelectorConfig``'s fields and the type's params."""
+    spec = _selectors().get(kind) if isinstance(kind, str) else None
+    return {f.name for f in dataclasses.fields(SelectorConfig)} - {"extra"} | set(spec.params if spec else ())
+
+
+def _selector_from_dict(data: Any) -> SelectorConfig:
+    """``_sub_from_dict`` for the selector: the keys of a registered selector's own ``params`` go to ``extra``."""
+    if isinstance(data, str):  # shorthand: {"selector": "quest"}
+        data = {"type": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"selector must be an object with a 'type' key, got {data!r}")
+    allowed = _selector_keys(data.get("type", "full"))
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown selector key(s) {unknown}; allowed keys: {sorted(allowed)}")
+    fields = {f.name for f in dataclasses.fields(SelectorConfig)}
+    extra = {k: v for k, v in data.items() if k not in fields}
+    return SelectorConfig(**{k: v for k, v in data.items() if k in fields}, **({"extra": extra} if extra else {}))
 
 
 _MISSING = object()
@@ -434,7 +458,9 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     - ``selector.gqa``: ``head`` unless the file says otherwise: the original code repeats K/V per query head
       (``repeat_kv``) before every selector, so each query head selects its own ``token_budget`` tokens.
 
-    Every other key, anywhere, is a ``ConfigError`` naming it.
+    Every other key, anywhere, is a ``ConfigError`` naming it. The selector types' spellings and their own keys
+    (SparQ's ``r``, the ``ds`` keys) are the registered selectors' (``SelectorSpec.legacy_names`` and
+    ``from_legacy``); the keys every selector shares (``budget``, ``chunk_size``, ``gqa``) are read here.
     """
     allowed = {"compressor", "selector", "weight_estimator", "weight_pruner", "skip_first_two_layers",
                "use_estimated_weights_in_attn", "backend", "name"}
@@ -470,8 +496,7 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
               "weights of the kept tokens); set it to false")
 
     sel = _legacy_section(data, "selector") or {"type": "full"}
-    aliases = {"ds": "double_sparse", "double_sparsity": "double_sparse", "dense": "full", "none": "full",
-               "oracle": "oracle_topk", "streamingllm": "streaming", "tidal_decode": "tidal", "snap_kv": "snapkv"}
+    aliases = {alias: name for name, spec in _selectors().items() for alias in spec.legacy_names}
     if "type" in sel:
         sel["type"] = aliases.get(sel["type"], sel["type"])
     if snap is not None:
@@ -484,42 +509,15 @@ def _from_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"selector key(s) {clash} and compressor snap_kv's settings name the same settings; "
                               "give them once")
         sel.update(snap)
-    if sel.get("type") == "sparq":  # SparQ's r: the query channels it scores with
-        name, r = _take(sel, "selector", "num_channels", "r")
-        if r is not _MISSING:
-            sel["num_channels"] = _check_int(f"selector.{name}", r, 1)
+    spec = _selectors().get(sel.get("type")) if isinstance(sel.get("type"), str) else None
+    if spec is not None and spec.from_legacy is not None:  # the selector's own keys (e.g. ds's config_path)
+        spec.from_legacy(sel)
     name, budget = _take(sel, "selector", "token_budget", "budget")
     if budget is not _MISSING:
         sel["token_budget"] = _check_int(f"selector.{name}", budget, 1)
     name, page = _take(sel, "selector", "page_size", "chunk_size")
     if page is not _MISSING:
         sel["page_size"] = _check_int(f"selector.{name}", page, 1)
-    if sel.get("type") == "double_sparse":
-        name, path = _take(sel, "selector", "channels_path", "config_path")
-        if path is not _MISSING:
-            if not isinstance(path, str) or not path:
-                _fail(f"selector.{name}", path, "must be the path of a channel file (maps to selector.channels_path)")
-            sel["channels_path"] = path
-        name, r = _take(sel, "selector", "num_channels", "r")
-        if r is not _MISSING:
-            sel["num_channels"] = _check_int(f"selector.{name}", r, 1)
-        if "quant_bit" in sel:
-            bits = sel.pop("quant_bit")
-            if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= MAX_LABEL_BITS or bits == 32):
-                _fail("selector.quant_bit", bits, f"must be an integer in [1, {MAX_LABEL_BITS}] or 32 (no "
-                      "quantization of the label keys); it maps to selector.label_bits")
-            if "label_bits" in sel and sel["label_bits"] != (None if bits == 32 else bits):
-                raise ConfigError(f"selector.quant_bit={bits!r} and selector.label_bits={sel['label_bits']!r} "
-                                  "disagree: they name the same setting; give one")
-            sel["label_bits"] = None if bits == 32 else bits
-        if "selected_channel" in sel:
-            key = sel.pop("selected_channel")
-            if key not in CHANNELS_KEYS:
-                _fail("selector.selected_channel", key,
-                      f"must be one of {', '.join(CHANNELS_KEYS)}; it maps to selector.channels_key")
-            if sel.setdefault("channels_key", key) != key:
-                raise ConfigError(f"selector.selected_channel={key!r} and selector.channels_key="
-                                  f"{sel['channels_key']!r} disagree: they name the same setting; give one")
     # The original code repeats K/V per query head before every selector: each query head selects its own tokens.
     if sel.setdefault("gqa", "head") not in GQA_MODES:
         _fail("selector.gqa", sel["gqa"], f"must be one of {', '.join(GQA_MODES)}")

@@ -26,9 +26,9 @@ import torch
 
 from twilight.backends import resolve_backend
 from twilight.cache import LayerCache
-from twilight.config import ConfigError, TwilightConfig
+from twilight.config import TwilightConfig
 from twilight.contract import StepPlan
-from twilight.select import make_selector, selector_channels
+from twilight.select import check_model, make_selector, observation_key, selector_cache_needs
 from twilight.selection import Selection
 from twilight.stats import BudgetStats
 
@@ -43,16 +43,11 @@ class TwilightPipeline:
             raise ValueError(f"dense_layers {bad} out of range: the model has {num_layers} layers "
                              f"(0..{num_layers - 1})")
         self.num_layers, self.num_q_heads, self.num_kv_heads = num_layers, num_q_heads, num_kv_heads
-        sel = self.config.selector
-        if sel.type == "tidal" and not self.config.is_dense:
-            layers = sel.default_reselection_layers(num_layers)
-            bad = [i for i in layers if i >= num_layers or i in self.config.dense_layers]
-            if bad:
-                raise ConfigError(f"selector.reselection_layers={layers} is invalid for this model: layer(s) {bad} "
-                                  f"are beyond its {num_layers} layers or in dense_layers={self.config.dense_layers} "
-                                  "(a re-selection layer must run the tidal selector)")
+        if not self.config.is_dense:
+            check_model(self.config, num_layers)  # the selector's own check (tidal: its re-selection layers)
         self.stats = BudgetStats(num_layers, num_q_heads, num_kv_heads)
         self._selectors: dict[int, object] = {}
+        self._observes = observation_key(self.config) is not None
         self._stages: dict[tuple, object] = {}
         self._backends: dict[torch.device, object] = {}
         self._dense_layers = set(self.config.dense_layers)
@@ -88,11 +83,12 @@ class TwilightPipeline:
         backend = self.backend(device)  # fail early on an unavailable backend
         dense = self.is_dense(layer_idx)
         sel = self.config.selector
+        needs = {} if dense else selector_cache_needs(sel, layer_idx, num_kv_heads)  # Quest's bounds, ds's labels
         cache = LayerCache(batch, num_kv_heads, head_dim, dtype=dtype, device=device, page_size=sel.page_size,
                           quant_bits=None if dense else self.config.estimator.bits,
-                          keep_page_bounds=not dense and sel.type == "quest",
-                          label_channels=None if dense else selector_channels(sel, layer_idx, num_kv_heads),
-                          label_bits=None if dense else sel.label_bits, start=start, initial_capacity=capacity,
+                          keep_page_bounds=needs.get("keep_page_bounds", False),
+                          label_channels=needs.get("label_channels"),
+                          label_bits=needs.get("label_bits"), start=start, initial_capacity=capacity,
                           int4_block=backend.int4_block(torch.device(device)), lazy_derived=True,
                           bounds_dtype=self.bounds_dtype)
         cache.token_updater = backend.token_updater(cache)
@@ -141,11 +137,8 @@ class TwilightPipeline:
         """Show the selector of ``layer_idx`` the queries ``q [B, Hq, T, D]`` of a multi-token forward (prefill or a
         chunk of it) whose K/V ``cache`` already holds as its last ``T`` tokens. Selectors that choose tokens
         from the prompt's attention (``snapkv``, ``h2o``) record what they need; the others ignore it."""
-        if self.is_dense(layer_idx):
-            return
-        observe = getattr(self._selector(layer_idx), "observe", None)
-        if observe is not None:
-            observe(q, cache, scale)
+        if self._observes and not self.is_dense(layer_idx):  # its registered spec says what it watches
+            self._selector(layer_idx).observe(q, cache, scale)
 
     def select(self, layer_idx: int, q: torch.Tensor, cache: LayerCache, plan: StepPlan | None = None) -> Selection:
         """Stage 1: the candidate ``Selection`` (every valid token where the plan says the layer is dense)."""

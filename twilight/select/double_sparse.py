@@ -1,4 +1,5 @@
-"""Double Sparsity's label channels: calibration from sample activations, saved as JSON, and loading.
+"""``double_sparse``: top tokens by ``q·k`` over calibrated label channels (Double Sparsity), and its label
+channels: calibration from sample activations, saved as JSON, and loading.
 
 Double Sparsity approximates ``q·k`` with a few *label* channels per head: the channels where
 ``|q_d · k_d|`` is largest on average. ``calibrate`` derives them from sample queries and keys of each
@@ -44,7 +45,21 @@ from typing import Any, Mapping
 
 import torch
 
-from twilight.config import CHANNELS_KEYS
+from twilight._tensors import group_queries
+from twilight.cache import LayerCache, quantize_labels
+from twilight.config import (
+    _MISSING,
+    CHANNELS_KEYS,
+    MAX_LABEL_BITS,
+    ConfigError,
+    SelectorConfig,
+    _check_int,
+    _fail,
+    _take,
+)
+from twilight.select.base import _group_or_heads, _masked, _topk_tokens
+from twilight.select.registry import SelectorSpec, register_selector
+from twilight.selection import Selection
 
 
 def channel_importance(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -199,3 +214,89 @@ def load_channels(path: str | os.PathLike, layer_idx: int, num_channels: int, ch
         raise ValueError(f"{path} {name} has {ch.shape[0]} rows of channels but the model has {num_kv_heads} "
                          "kv-heads (one row per kv-head is needed): was it calibrated for another model?")
     return ch
+
+
+class _DoubleSparse:
+    def __init__(self, cfg: SelectorConfig, layer_idx: int):
+        self.budget, self.label_bits, self.gqa = cfg.token_budget, cfg.label_bits, cfg.gqa
+        self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key)  # [Hkv, C]
+
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+        if cache.label_channels is None:
+            raise ValueError("double_sparse needs a cache built with label_channels (the calibrated channels)")
+        qg = group_queries(q, cache)
+        ch = cache.label_channels.to(q.device)
+        q_label = torch.gather(qg, 3, ch.view(1, ch.shape[0], 1, -1).expand(qg.shape[0], -1, qg.shape[2], -1))
+        k_label = cache.k_label[:, :, :cache.length]
+        if cache.label_bits != self.label_bits:
+            if cache.label_bits is not None:
+                raise ValueError(f"selector.label_bits={self.label_bits} differs from the cache's "
+                                 f"label_bits={cache.label_bits}")
+            k_label = quantize_labels(k_label, self.label_bits)  # a cache that keeps exact labels
+        scores = _group_or_heads(torch.einsum("bhgc,bhlc->bhgl", q_label.float(), k_label.float()), self.gqa)
+        return _topk_tokens(_masked(scores, cache), cache, self.budget, plan)
+
+
+def _check_fields(cfg: SelectorConfig) -> None:
+    _check_int("selector.num_channels", cfg.num_channels, 1)
+    if isinstance(cfg.channels_path, os.PathLike):
+        cfg.channels_path = os.fspath(cfg.channels_path)
+    if cfg.channels_path is not None and (not isinstance(cfg.channels_path, str) or not cfg.channels_path):
+        _fail("selector.channels_path", cfg.channels_path, "must be a file path or null")
+    if cfg.label_bits is not None:
+        allowed = f"must be null (no quantization) or an integer in [1, {MAX_LABEL_BITS}]"
+        if isinstance(cfg.label_bits, bool) or not isinstance(cfg.label_bits, int) \
+                or not 1 <= cfg.label_bits <= MAX_LABEL_BITS:
+            _fail("selector.label_bits", cfg.label_bits, allowed)
+    if cfg.channels_key not in CHANNELS_KEYS:
+        _fail("selector.channels_key", cfg.channels_key, f"must be one of {', '.join(CHANNELS_KEYS)}")
+
+
+def _validate(cfg: SelectorConfig) -> None:
+    if not cfg.channels_path:
+        _fail("selector.channels_path", cfg.channels_path,
+              "double_sparse needs the label-channel JSON written by twilight.select.double_sparse.calibrate "
+              "(or a DoubleSparse channel file)")
+
+
+def _from_legacy(sel: dict) -> None:
+    """The original code's ``config_path``, ``r``, ``quant_bit`` (32: none) and ``selected_channel``."""
+    name, path = _take(sel, "selector", "channels_path", "config_path")
+    if path is not _MISSING:
+        if not isinstance(path, str) or not path:
+            _fail(f"selector.{name}", path, "must be the path of a channel file (maps to selector.channels_path)")
+        sel["channels_path"] = path
+    name, r = _take(sel, "selector", "num_channels", "r")
+    if r is not _MISSING:
+        sel["num_channels"] = _check_int(f"selector.{name}", r, 1)
+    if "quant_bit" in sel:
+        bits = sel.pop("quant_bit")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= MAX_LABEL_BITS or bits == 32):
+            _fail("selector.quant_bit", bits, f"must be an integer in [1, {MAX_LABEL_BITS}] or 32 (no "
+                  "quantization of the label keys); it maps to selector.label_bits")
+        if "label_bits" in sel and sel["label_bits"] != (None if bits == 32 else bits):
+            raise ConfigError(f"selector.quant_bit={bits!r} and selector.label_bits={sel['label_bits']!r} "
+                              "disagree: they name the same setting; give one")
+        sel["label_bits"] = None if bits == 32 else bits
+    if "selected_channel" in sel:
+        key = sel.pop("selected_channel")
+        if key not in CHANNELS_KEYS:
+            _fail("selector.selected_channel", key,
+                  f"must be one of {', '.join(CHANNELS_KEYS)}; it maps to selector.channels_key")
+        if sel.setdefault("channels_key", key) != key:
+            raise ConfigError(f"selector.selected_channel={key!r} and selector.channels_key="
+                              f"{sel['channels_key']!r} disagree: they name the same setting; give one")
+
+
+def _cache_needs(cfg: SelectorConfig, layer_idx: int, num_kv_heads: int | None) -> dict:
+    """The label channels ``[Hkv, num_channels]`` of ``layer_idx`` (one row per kv-head when ``num_kv_heads`` is
+    given) and the bits they are quantized to."""
+    channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key, num_kv_heads)
+    return {"label_channels": channels, "label_bits": cfg.label_bits}
+
+
+register_selector(SelectorSpec(
+    name="double_sparse", build=lambda cfg, layer_idx=0, num_layers=None: _DoubleSparse(cfg, layer_idx),
+    picks="top tokens by `q·k` over calibrated label channels (Double Sparsity)", gqa="both",
+    fields=("channels_path", "num_channels", "label_bits", "channels_key"), check_fields=_check_fields,
+    validate=_validate, legacy_names=("ds", "double_sparsity"), from_legacy=_from_legacy, cache_needs=_cache_needs))

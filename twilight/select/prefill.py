@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from twilight._tensors import compact, compact_heads, gather_tokens, group_queries, valid_positions
 from twilight.cache import LayerCache
-from twilight.config import SelectorConfig
-from twilight.select import _width
+from twilight.config import POOLINGS, SelectorConfig, _check_int, _fail
+from twilight.select.base import _width
+from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
 
 __all__ = ["SnapKV", "H2O", "prompt_attention"]
@@ -73,7 +74,6 @@ def prompt_attention(q: torch.Tensor, cache: LayerCache, scale: float, per_head:
 
 
 class SnapKV:
-    kind = "snapkv"
 
     def __init__(self, cfg: SelectorConfig):
         self.budget, self.window = cfg.token_budget, cfg.observation_window
@@ -167,7 +167,6 @@ class _Prefix:
 
 
 class H2O:
-    kind = "h2o"
 
     def __init__(self, cfg: SelectorConfig):
         if cfg.gqa != "group":
@@ -235,3 +234,42 @@ class H2O:
         weights = torch.softmax(logits, -1).nan_to_num_(0.0).sum(2)  # [B, Hkv, K]
         state["h2o"] = acc.scatter_add_(-1, idx, weights)
         return sel
+
+
+def _snapkv_fields(cfg: SelectorConfig) -> None:
+    _check_int("selector.observation_window", cfg.observation_window, 1)
+    _check_int("selector.kernel_size", cfg.kernel_size, 1)
+    if cfg.kernel_size % 2 == 0:
+        _fail("selector.kernel_size", cfg.kernel_size, "must be odd (the pooled votes keep the prompt's length)")
+    if cfg.pooling not in POOLINGS:
+        _fail("selector.pooling", cfg.pooling, f"must be one of {', '.join(POOLINGS)}")
+
+
+def _snapkv_validate(cfg: SelectorConfig) -> None:
+    if cfg.token_budget < cfg.observation_window:
+        _fail("selector.token_budget", cfg.token_budget, f"snapkv keeps the observation window, so the budget "
+              f"must be >= selector.observation_window={cfg.observation_window}")
+
+
+def _h2o_fields(cfg: SelectorConfig) -> None:
+    if cfg.recent_tokens is not None:
+        _check_int("selector.recent_tokens", cfg.recent_tokens, 0)
+        if cfg.recent_tokens > cfg.token_budget:
+            _fail("selector.recent_tokens", cfg.recent_tokens,
+                  f"must be <= selector.token_budget={cfg.token_budget} (h2o's recent window is part of it)")
+
+
+register_selector(SelectorSpec(
+    name="snapkv", build=lambda cfg, layer_idx=0, num_layers=None: SnapKV(cfg),
+    picks="prompt tokens voted by the attention of the prompt's last `observation_window` queries, pooled, plus "
+          "every generated token (SnapKV, as a selection: nothing is evicted)",
+    gqa="both", fields=("observation_window", "kernel_size", "pooling"),
+    fields_doc="`observation_window` (32), `kernel_size` (7), `pooling` (`avgpool`, `maxpool`)",
+    check_fields=_snapkv_fields, validate=_snapkv_validate, legacy_names=("snap_kv",),
+    observes=lambda cfg: cfg.observation_window))
+register_selector(SelectorSpec(
+    name="h2o", build=lambda cfg, layer_idx=0, num_layers=None: H2O(cfg),
+    picks="heavy hitters by attention accumulated over the prompt and every decode step, plus a recent window "
+          "(H2O, as a selection)",
+    gqa="group", fields=("recent_tokens",), fields_doc="`recent_tokens` (default half the budget)",
+    check_fields=_h2o_fields, observes=lambda cfg: None))
