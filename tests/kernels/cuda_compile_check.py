@@ -15,7 +15,7 @@ CPU emulation's build) and running the registry, and `check_smem` adds ptxas' st
     python tests/kernels/cuda_compile_check.py --no-bindings
 
 Test tooling (``tests/kernels/test_compile_checks.py`` runs it), not part of the library. The sources are those the
-cuda backend builds: ``twilight.kernels.cuda.csrc_dir()``.
+cuda backend builds: ``twilight.kernels.jit.csrc_dir()``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twilight.kernels.cuda import csrc_dir
+from twilight.kernels.jit import csrc_dir
 
 ARCHS = ("80", "90a")
 CU_SOURCES = ("top_p.cu", "int4_spgemv.cu")

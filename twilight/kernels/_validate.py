@@ -59,7 +59,7 @@ def check_int4_cache(cache: LayerCache) -> None:
     """A cache the int4 SpGEMV kernels can read: int4 keys in 64-token tiles, contiguous, up to date."""
     if cache.quant_bits != 4:
         raise ValueError("estimator.type='int4' needs a cache built with quant_bits=4")
-    block = getattr(cache, "int4_block", INT4_TILE)
+    block = cache.int4_block
     if block != INT4_TILE:
         raise ValueError(f"the int4 kernels read {INT4_TILE}-token tiles; this cache packs int4_block={block}")
     check_contiguous(k_int4=cache.k_int4, k_qparams=cache.k_qparams)
