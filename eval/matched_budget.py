@@ -76,7 +76,7 @@ def compare(reference: dict[tuple[str, str], dict], candidate: dict[tuple[str, s
             "reference_score": 100.0 * sum(r["score"] for r in ref) / len(ref),
             "candidate_score": 100.0 * sum(r["score"] for r in cand) / len(cand),
             "reference_attended": mean_attended(ref), "candidate_attended": mean_attended(cand),
-            "difference": paired_bootstrap([100.0 * (a["score"] - b["score"]) for a, b in zip(ref, cand)]),
+            "difference": paired_bootstrap([100.0 * (a["score"] - b["score"]) for a, b in zip(ref, cand, strict=True)]),
         }
     return out
 
@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from twilight import TwilightConfig
+
     from . import cli
     from .modeling import default_model_id
-    from twilight import TwilightConfig
 
     args = build_parser().parse_args(argv)
     if args.budget is not None and args.budget < 1:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from twilight._tensors import compact, gather_tokens
 from twilight.cache import LayerCache
+from twilight.contract import StepPlan
 from twilight.estimate import _int4_cpu, _int4_unpacked, estimate_scores
 from twilight.quant import dequantize_int8, unpack_int4
 from twilight.selection import Selection
@@ -158,7 +159,8 @@ def test_int4_cpu_reads_quest_pages(page_size):
     B, Hkv, G, D, L = 2, 2, 3, 64, 1001
     cache, k = _cache(B, Hkv, D, L, 4, page_size=page_size, int4_block=block)
     q = torch.randn(B, Hkv * G, D)
-    sel = make_selector(SelectorConfig(type="quest", token_budget=300, page_size=page_size))(q, cache)
+    sel = make_selector(SelectorConfig(type="quest", token_budget=300, page_size=page_size))(
+        q, cache, StepPlan.for_cache(cache))
     assert sel.page_size == page_size and not sel.is_full_range
     qg = q.view(B, Hkv, G, D)
     ref = _int4_unpacked(qg, cache, sel).double()  # q · dequantized keys, token by token, fp32

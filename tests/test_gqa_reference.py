@@ -28,6 +28,7 @@ import twilight
 from tests.conftest import masked_attention_ref, top_p_margin, top_p_oracle
 from twilight.cache import LayerCache
 from twilight.config import ConfigError, SelectorConfig, TwilightConfig
+from twilight.contract import StepPlan
 from twilight.pipeline import TwilightPipeline
 from twilight.select import make_selector
 from twilight.selection import Selection
@@ -327,7 +328,8 @@ def test_kernel_backends_run_head_mode_as_the_torch_reference(backend, selector,
 def _head_selection_for(G=2):
     q, k, v = _inputs(G, seed=7)
     cache = _cache(k, v)
-    sel = make_selector(SelectorConfig(type="oracle_topk", token_budget=20, gqa="head"))(q.float(), cache)
+    selector = make_selector(SelectorConfig(type="oracle_topk", token_budget=20, gqa="head"))
+    sel = selector(q.float(), cache, StepPlan.for_cache(cache))
     return q.float(), cache, sel
 
 

@@ -19,9 +19,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import twilight
-from twilight.kernels.reference import TorchBackend
 from twilight.diagnostics import count_ops
 from twilight.integrations import hf
+from twilight.kernels.reference import TorchBackend
 from twilight.pipeline import TwilightPipeline
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -115,7 +115,8 @@ def test_top_p_guarantee_under_gqa_and_output(tmp_path, top_p_oracle, top_p_marg
     # Recompute the estimate with the backend's primitive (tested against float64 on its own: each backend may
     # round differently, e.g. the cpu backend in float32, the torch one through PyTorch's bf16 int4 GEMV) and
     # apply the sort-based oracle per query head.
-    est = pipe.backend(q.device).estimate(q, cache, cand, pipe.config.estimator.type, pipe.plan(cache)) * scale  # [B, Hq, K]
+    plan = pipe.plan(cache)
+    est = pipe.backend(q.device).estimate(q, cache, cand, pipe.config.estimator.type, plan) * scale  # [B, Hq, K]
     oracle = top_p_oracle(est, p)  # [B, Hq, K] over candidate slots
     margin = top_p_margin(est, p).view(B, Hkv * G)
     probs = torch.softmax(est.double(), -1).nan_to_num(0.0)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from twilight._tensors import compact
 from twilight.cache import LayerCache
 from twilight.config import SelectorConfig, TwilightConfig
+from twilight.contract import StepPlan
 from twilight.select import make_selector, quest_page_scores, selector_channels
 from twilight.select.double_sparse import calibrate, channel_importance, load_channels
 
@@ -113,7 +114,7 @@ def test_quest_selector_picks_whole_top_pages(page_size, budget, G):
     cache, k, _ = _cache(B, Hkv, D, L, page_size=page_size, start=start)
     q = torch.randn(B, Hkv * G, D)
     cfg = SelectorConfig(type="quest", token_budget=budget, page_size=page_size)
-    sel = make_selector(cfg)(q, cache)
+    sel = make_selector(cfg)(q, cache, StepPlan.for_cache(cache))
     scores = quest_page_scores(q, cache)
     n_pages = -(-budget // page_size)
     assert int(sel.counts.max()) <= n_pages * page_size
@@ -146,7 +147,8 @@ def test_quest_selector_picks_whole_top_pages(page_size, budget, G):
 
 def test_quest_selector_short_context_is_full():
     cache, _, _ = _cache(2, 2, 8, 100, start=torch.tensor([0, 40]))
-    sel = make_selector(SelectorConfig(type="quest", token_budget=100, page_size=16))(torch.randn(2, 2, 8), cache)
+    sel = make_selector(SelectorConfig(type="quest", token_budget=100, page_size=16))(torch.randn(2, 2, 8), cache,
+                                                                                     StepPlan.for_cache(cache))
     assert sel.is_full_range and torch.equal(sel.to_mask(100), _valid(cache).unsqueeze(1).expand(2, 2, 100))
 
 
@@ -157,14 +159,16 @@ def test_quest_finds_the_needle():
     q = torch.randn(1, 1, 16)
     k[0, 0, 333] = q[0, 0] * 5
     cache.append(k, torch.randn(1, 1, 512, 16))
-    sel = make_selector(SelectorConfig(type="quest", token_budget=32, page_size=16))(q, cache)
+    sel = make_selector(SelectorConfig(type="quest", token_budget=32, page_size=16))(q, cache,
+                                                                                  StepPlan.for_cache(cache))
     assert 333 in _rows(sel)[0][0]
 
 
 def test_quest_page_size_mismatch():
     cache, _, _ = _cache(1, 1, 8, 100, page_size=8)
     with pytest.raises(ValueError, match="page_size"):
-        make_selector(SelectorConfig(type="quest", token_budget=16, page_size=16))(torch.randn(1, 1, 8), cache)
+        quest = make_selector(SelectorConfig(type="quest", token_budget=16, page_size=16))
+        quest(torch.randn(1, 1, 8), cache, StepPlan.for_cache(cache))
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -173,7 +177,8 @@ def test_streaming_selector(sinks, window):
     B, Hkv, L = 3, 2, 120
     start = torch.tensor([0, 5, 115])
     cache, _, _ = _cache(B, Hkv, 8, L, start=start)
-    sel = make_selector(SelectorConfig(type="streaming", sink_tokens=sinks, window=window))(torch.randn(B, 4, 8), cache)
+    sel = make_selector(SelectorConfig(type="streaming", sink_tokens=sinks, window=window))(torch.randn(B, 4, 8), cache,
+                                                                                            StepPlan.for_cache(cache))
     for b in range(B):
         s = int(start[b])
         expected = sorted({t for t in range(s, min(s + sinks, L))} | {t for t in range(max(L - window, s), L)})
@@ -188,7 +193,7 @@ def test_oracle_topk(budget, G):
     start = torch.tensor([0, 150])
     cache, k, _ = _cache(B, Hkv, D, L, start=start)
     q = torch.randn(B, Hkv * G, D)
-    sel = make_selector(SelectorConfig(type="oracle_topk", token_budget=budget))(q, cache)
+    sel = make_selector(SelectorConfig(type="oracle_topk", token_budget=budget))(q, cache, StepPlan.for_cache(cache))
     exact = _exact_group_scores(q, k)
     for b in range(B):
         s = int(start[b])
@@ -282,7 +287,7 @@ def test_double_sparse_selector_matches_brute_force(tmp_path, G, budget):
     start = torch.tensor([0, 60])
     cache, k, _ = _cache(B, Hkv, D, L, start=start, label_channels=channels)
     q = torch.randn(B, Hkv * G, D)
-    sel = make_selector(cfg, layer_idx=3)(q, cache)
+    sel = make_selector(cfg, layer_idx=3)(q, cache, StepPlan.for_cache(cache))
     # brute force: q·k over the label channels only, max over the group, top budget of the valid tokens
     qg = q.double().view(B, Hkv, G, D)
     for b in range(B):
@@ -301,7 +306,7 @@ def test_double_sparse_needs_label_cache(tmp_path):
     sel = make_selector(SelectorConfig(type="double_sparse", token_budget=4, channels_path=str(path), num_channels=2))
     cache, _, _ = _cache(1, 2, 8, 20)
     with pytest.raises(ValueError, match="label_channels"):
-        sel(torch.randn(1, 2, 8), cache)
+        sel(torch.randn(1, 2, 8), cache, StepPlan.for_cache(cache))
 
 
 def test_make_selector_unknown_type():
@@ -313,7 +318,7 @@ def test_selectors_reject_bad_q():
     cache, _, _ = _cache(1, 2, 8, 100)
     for cfg in [SelectorConfig(type="quest", token_budget=16), SelectorConfig(type="oracle_topk", token_budget=16)]:
         with pytest.raises(ValueError, match="q must be"):
-            make_selector(cfg)(torch.randn(1, 3, 8), cache)
+            make_selector(cfg)(torch.randn(1, 3, 8), cache, StepPlan.for_cache(cache))
 
 
 # ---------------------------------------------------------------------------------------------- DoubleSparse files
@@ -434,7 +439,8 @@ def test_double_sparse_scores_against_quantized_labels(tmp_path, bits):
     exact_cache.append(k, torch.zeros_like(k))
     q = torch.randn(B, Hkv * G, D)
     selector = make_selector(cfg, 0)
-    sel, sel_exact_cache = selector(q, cache), selector(q, exact_cache)
+    sel = selector(q, cache, StepPlan.for_cache(cache))
+    sel_exact_cache = selector(q, exact_cache, StepPlan.for_cache(exact_cache))
     qg = q.double().view(B, Hkv, G, D)
     differs = False
     for b in range(B):
@@ -453,4 +459,4 @@ def test_double_sparse_scores_against_quantized_labels(tmp_path, bits):
     other = LayerCache(B, Hkv, D, start=start, label_channels=channels, label_bits=8)
     other.append(k, torch.zeros_like(k))
     with pytest.raises(ValueError, match="label_bits"):
-        selector(q, other)
+        selector(q, other, StepPlan.for_cache(other))

@@ -52,9 +52,7 @@ def _starts(start, B):
 
 
 def _plan(cache, kind="host", scale=0.125):
-    """``kind``: ``none`` (no plan), ``host`` (host reads allowed) or ``device`` (fixed shapes, as on a GPU)."""
-    if kind == "none":
-        return None
+    """``kind``: ``host`` (host reads allowed) or ``device`` (fixed shapes, as on a GPU)."""
     return StepPlan(cache.length, cache.min_start, cache.max_start, host_reads=kind == "host", scale=scale)
 
 
@@ -246,7 +244,7 @@ def _h2o_check_and_update(rows, acc, q, k, start, L, N, R, scale, what):
 
 
 # ---------------------------------------------------------------------------------------------- sparq
-@pytest.mark.parametrize("plan_kind", ["none", "host", "device"])
+@pytest.mark.parametrize("plan_kind", ["host", "device"])
 @pytest.mark.parametrize("L,N,r,D", [(200, 64, 8, 32), (300, 50, 4, 64), (200, 40, 16, 16), (90, 100, 8, 16),
                                      (110, 100, 8, 16)])
 @pytest.mark.parametrize("start", STARTS)
@@ -280,7 +278,8 @@ def test_sparq_is_not_exact_topk():
     k = torch.randn(B, H, L, D, generator=g)
     cache.append(k, torch.randn(B, H, L, D, generator=g))
     q = torch.randn(B, H, D, generator=g)
-    got = _rows(make_selector(SelectorConfig(type="sparq", token_budget=N, num_channels=2))(q, cache), cache)[0][0]
+    got = _rows(make_selector(SelectorConfig(type="sparq", token_budget=N, num_channels=2))(q, cache, _plan(cache)),
+                cache)[0][0]
     exact = set(torch.argsort(_exact_scores(q, k, [0], L)[0, 0], descending=True)[:N].tolist())
     assert got != exact
     _check_topk(got, _sparq_scores(q, k, [0], L, 2)[0, 0], N, "sparq r=2")
@@ -292,7 +291,7 @@ def test_sparq_rejects_more_channels_than_head_dim(L):
     cache.append(torch.randn(1, 2, L, 32), torch.randn(1, 2, L, 32))
     sel = make_selector(SelectorConfig(type="sparq", token_budget=64, num_channels=33))
     with pytest.raises(ValueError, match=re.escape("selector.num_channels")):
-        sel(torch.randn(1, 4, 32), cache)
+        sel(torch.randn(1, 4, 32), cache, _plan(cache))
 
 
 # ---------------------------------------------------------------------------------------------- tidal
@@ -367,9 +366,8 @@ def test_tidal_reuse_layer_needs_the_steps_plan():
     sels[0](q, cache, plan)
     sels[1](q, cache, plan)
     assert len(_rows(sels[2](q, cache, plan), cache)[0][0]) == 16
-    for other in (_plan(cache), None):  # a fresh plan (or none): the re-selection never ran with it
-        with pytest.raises(ValueError):
-            sels[2](q, cache, other)
+    with pytest.raises(ValueError, match="did not run with this step's plan"):  # a fresh plan: no re-selection
+        sels[2](q, cache, _plan(cache))
 
 
 def test_tidal_default_reselection_layers():
@@ -412,7 +410,7 @@ def test_snapkv_matches_reference(G, start, pooling, P, N, W, ksize, observed):
     sel.observe(qp if observed == "all" else qp[:, :, P - W:], cache, scale)
     st = _starts(start, B)
     pooled = None if P - min(st) <= N else _snapkv_pooled(qp[:, :, P - W:], k, st, P, ksize, pooling, scale)
-    for step, plan_kind in enumerate(["none", "host", "device", "host"]):
+    for step, plan_kind in enumerate(["device", "host", "device", "host"]):
         if step:  # decode tokens after the prompt are always selected
             cache.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
         q = torch.randn(B, H * G, D, generator=g)
@@ -439,7 +437,7 @@ def test_snapkv_chunked_prefill_equals_one_observe(G, chunks):
     whole.append(k, v)
     sel_w.observe(qp, whole, scale)
     q = torch.randn(B, H * G, D, generator=g)
-    rows_c, rows_w = _rows(sel_c(q, chunked), chunked), _rows(sel_w(q, whole), whole)
+    rows_c, rows_w = _rows(sel_c(q, chunked, _plan(chunked)), chunked), _rows(sel_w(q, whole, _plan(whole)), whole)
     assert rows_c == rows_w
     pooled = _snapkv_pooled(qp[:, :, P - W:], k, start, P, 5, "avgpool", scale)
     _check_snapkv_rows(rows_c, pooled, start, P, P, N, W, f"snapkv chunks {chunks}")

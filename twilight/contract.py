@@ -143,7 +143,8 @@ class Backend(abc.ABC):
         """Stage 3: ``[B, Hq, D]`` attention of ``q`` over ``sel`` with the exact K/V."""
 
     def prune_attend(self, q: torch.Tensor, cache: LayerCache, sel: Selection, estimator: EstimatorConfig,
-                     pruner: PrunerConfig, scale: float, plan: StepPlan) -> tuple[torch.Tensor, Selection, torch.Tensor]:
+                     pruner: PrunerConfig, scale: float,
+                     plan: StepPlan) -> tuple[torch.Tensor, Selection, torch.Tensor]:
         """Stages 2 and 3 in one call, as the pipeline runs them: ``(out, pruned selection, q_counts)``. A backend
         that fuses pruning with attention overrides this; the default is ``prune`` then ``attend``."""
         sel, q_counts = self.prune(q, cache, sel, estimator, pruner, scale, plan)

@@ -8,6 +8,7 @@ import torch
 from kernel_helpers import TRITON_DEVICES, assert_close, make_cache, quest_bound_reference
 
 from twilight.config import SelectorConfig
+from twilight.contract import StepPlan
 from twilight.select import make_selector
 from twilight.select import quest_page_scores as torch_quest_page_scores
 
@@ -132,7 +133,8 @@ def test_quest_select_matches_float64_reference(device, length, start, budget, p
     # of float32 sums, the same tokens.
     ref_cache = cache if device == "cpu" else make_cache(B, 2, D, length=length, dtype=dtype, start=start,
                                                          page_size=page_size, seed=length + budget)
-    ref = make_selector(SelectorConfig(type="quest", token_budget=budget, page_size=page_size))(q.cpu(), ref_cache)
+    ref = make_selector(SelectorConfig(type="quest", token_budget=budget, page_size=page_size))(
+        q.cpu(), ref_cache, StepPlan.for_cache(ref_cache))
     if max(start) == 0:
         assert torch.equal(sel.counts.cpu(), ref.counts.cpu())
     agree = (sel.to_mask(length).cpu() == ref.to_mask(length).cpu()).float().mean()

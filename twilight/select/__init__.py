@@ -1,6 +1,6 @@
 """Select: coarse candidate sets, one `Selection` per decode step.
 
-Every selector is a callable ``selector(q, cache, plan=None) -> Selection`` built by
+Every selector is a callable ``selector(q, cache, plan) -> Selection`` built by
 ``make_selector(cfg, layer_idx)`` from its registered `SelectorSpec` (``twilight.select.registry``; one module per
 selector registers it: ``full``, ``quest``, ``streaming``, ``double_sparse``, ``topk`` (``oracle_topk``,
 ``sparq``), ``tidal``, ``prefill`` (``snapkv``, ``h2o``)), with ``q [B, Hq, D]`` the step's queries, ``cache`` a

@@ -6,6 +6,7 @@ import torch
 
 from twilight._tensors import compact, compact_heads, group_queries, valid_positions
 from twilight.cache import LayerCache
+from twilight.contract import StepPlan
 from twilight.selection import Selection
 
 __all__ = ["exact_group_scores", "exact_head_scores"]
@@ -13,10 +14,11 @@ __all__ = ["exact_group_scores", "exact_head_scores"]
 
 def _width(plan, n: int) -> int | None:
     """``compact``'s width: read from the counts (``None``) when the plan allows host reads, else ``n``."""
-    return None if plan is None or plan.host_reads else n
+    return None if plan.host_reads else n
 
 
-def _full(q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+def _full(q: torch.Tensor | None, cache: LayerCache, plan: StepPlan | None = None) -> Selection:
+    """Every valid token (needs no plan: its width is the length, known on the host)."""
     return Selection.every_valid(cache)
 
 
@@ -29,7 +31,7 @@ def _head_selection(mask: torch.Tensor, plan, bound: int) -> Selection:
     return Selection(out, counts, head_mask=head_mask)
 
 
-def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int, plan=None) -> Selection:
+def _topk_tokens(scores: torch.Tensor, cache: LayerCache, budget: int, plan: StepPlan) -> Selection:
     """Top ``budget`` positions per kv-head from token scores ``[B, Hkv, L]`` (invalid positions -inf); from per
     query head scores ``[B, Hkv, G, L]`` (``gqa="head"``), each query head's own top ``budget``, as their union with
     ``head_mask``."""

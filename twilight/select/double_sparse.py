@@ -57,6 +57,7 @@ from twilight.config import (
     _fail,
     _take,
 )
+from twilight.contract import StepPlan
 from twilight.select.base import _group_or_heads, _masked, _topk_tokens
 from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
@@ -221,7 +222,7 @@ class _DoubleSparse:
         self.budget, self.label_bits, self.gqa = cfg.token_budget, cfg.label_bits, cfg.gqa
         self.channels = load_channels(cfg.channels_path, layer_idx, cfg.num_channels, cfg.channels_key)  # [Hkv, C]
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         if cache.label_channels is None:
             raise ValueError("double_sparse needs a cache built with label_channels (the calibrated channels)")
         qg = group_queries(q, cache)

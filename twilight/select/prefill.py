@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from twilight._tensors import compact, compact_heads, gather_tokens, group_queries, valid_positions
 from twilight.cache import LayerCache
 from twilight.config import POOLINGS, SelectorConfig, _check_int, _fail
+from twilight.contract import StepPlan
 from twilight.select.base import _width
 from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
@@ -137,7 +138,7 @@ class SnapKV:
         valid = torch.cat([top.values > float("-inf"), valid_positions(cache, window)], -1)
         return keep, valid
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         group_queries(q, cache)  # checks q
         keep, valid = self.prompt_tokens(cache)
         P, L = cache.observations[f"snapkv_length_{self.window}"], cache.length
@@ -201,7 +202,7 @@ class H2O:
             acc = torch.cat([acc, acc.new_zeros(B, H, L - acc.shape[-1])], -1)
         return acc
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         qg = group_queries(q, cache).float()  # [B, Hkv, G, D]
         state = cache.selector_state
         acc = state.get("h2o")
@@ -209,7 +210,7 @@ class H2O:
             seen = cache.observations.get("h2o_scores")
             acc = None if seen is None else seen.clone()
         acc = self._extend(acc, cache)
-        scale = plan.scale if plan is not None and plan.scale is not None else \
+        scale = plan.scale if plan.scale is not None else \
             cache.observations.get("scale", q.shape[-1] ** -0.5)
         B, H, L = cache.batch, cache.num_kv_heads, cache.length
         if L - cache.min_start <= self.budget:

@@ -9,6 +9,7 @@ import torch
 from twilight._tensors import compact, group_queries, valid_positions
 from twilight.cache import LayerCache
 from twilight.config import SelectorConfig, _check_int
+from twilight.contract import StepPlan
 from twilight.select.base import _full, _head_selection, _width
 from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
@@ -61,7 +62,7 @@ class _Quest:
         # read by the backends' fused Quest kernels too (Backend.select_kernels["quest"], gqa="group" only)
         self.budget, self.page_size, self.gqa = cfg.token_budget, cfg.page_size, cfg.gqa
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None, page_scores=quest_page_scores) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan, page_scores=quest_page_scores) -> Selection:
         """``page_scores(q, cache) -> [B, Hkv, pages]``: the page bounds' scores (a backend passes its own kernel
         for ``quest_page_scores``; the rest of the selection is the same for every backend that uses this)."""
         if cache.page_size != self.page_size:

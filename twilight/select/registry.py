@@ -41,7 +41,7 @@ class SelectorSpec:
     """One selector, as the registry knows it. Every hook is optional but ``build``.
 
     name: its ``selector.type``.
-    build: ``build(cfg, layer_idx, num_layers) -> selector``, the callable ``selector(q, cache, plan=None) ->
+    build: ``build(cfg, layer_idx, num_layers) -> selector``, the callable ``selector(q, cache, plan) ->
         Selection`` of one layer (``cfg`` a validated ``SelectorConfig``; ``num_layers`` may be ``None``).
     picks: one line, what it selects (the README's selector table).
     gqa: which ``selector.gqa`` modes it implements (``GQA_SUPPORT``).

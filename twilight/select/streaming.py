@@ -6,6 +6,7 @@ import torch
 from twilight._tensors import compact
 from twilight.cache import LayerCache
 from twilight.config import SelectorConfig, _check_int
+from twilight.contract import StepPlan
 from twilight.select.base import _full, _width
 from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
@@ -15,7 +16,7 @@ class _Streaming:
     def __init__(self, cfg: SelectorConfig):
         self.sinks, self.window = cfg.sink_tokens, cfg.window
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         B, H, L = cache.batch, cache.num_kv_heads, cache.length
         pos = torch.arange(L, device=cache.device).view(1, 1, L)
         start = cache.start.view(-1, 1, 1)

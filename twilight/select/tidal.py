@@ -10,6 +10,7 @@ import torch
 from twilight._tensors import compact, compact_heads, valid_positions
 from twilight.cache import LayerCache
 from twilight.config import ConfigError, SelectorConfig, _check_int, _fail
+from twilight.contract import StepPlan
 from twilight.select.base import _full, _topk_tokens, _width, exact_group_scores, exact_head_scores
 from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
@@ -25,18 +26,15 @@ class _Tidal:
         self.reselects = layer_idx in reselection_layers
         self.before_first = layer_idx < min(reselection_layers)
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         if self.reselects:
-            if plan is None:
-                raise ValueError("tidal needs the step's plan (TwilightPipeline.plan) to hand its selection to "
-                                 "the following layers")
             scores = exact_head_scores(q, cache) if self.gqa == "head" else exact_group_scores(q, cache)
             sel = _topk_tokens(scores, cache, self.budget, plan)
             plan.shared[self.SHARED_KEY] = (sel, cache.min_start, cache.max_start)
             return _full(q, cache)
         if self.before_first:
             return _full(q, cache)
-        shared = None if plan is None else plan.shared.get(self.SHARED_KEY)
+        shared = plan.shared.get(self.SHARED_KEY)
         if shared is None:
             raise ValueError(f"tidal: layer {self.layer_idx} reuses the tokens of the last re-selection layer, which "
                              "did not run with this step's plan: pass the same plan (TwilightPipeline.plan(cache)) to "

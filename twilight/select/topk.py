@@ -8,6 +8,7 @@ import torch
 from twilight._tensors import group_queries
 from twilight.cache import LayerCache
 from twilight.config import _MISSING, SelectorConfig, _check_int, _take
+from twilight.contract import StepPlan
 from twilight.select.base import _full, _group_or_heads, _masked, _topk_tokens, exact_group_scores, exact_head_scores
 from twilight.select.registry import SelectorSpec, register_selector
 from twilight.selection import Selection
@@ -17,7 +18,7 @@ class _OracleTopK:
     def __init__(self, cfg: SelectorConfig):
         self.budget, self.gqa = cfg.token_budget, cfg.gqa
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         scores = exact_head_scores(q, cache) if self.gqa == "head" else exact_group_scores(q, cache)
         return _topk_tokens(scores, cache, self.budget, plan)
 
@@ -26,7 +27,7 @@ class _SparQ:
     def __init__(self, cfg: SelectorConfig):
         self.budget, self.r, self.gqa = cfg.token_budget, cfg.num_channels, cfg.gqa
 
-    def __call__(self, q: torch.Tensor, cache: LayerCache, plan=None) -> Selection:
+    def __call__(self, q: torch.Tensor, cache: LayerCache, plan: StepPlan) -> Selection:
         qg = group_queries(q, cache).float()  # [B, Hkv, G, D]
         B, H, G, D = qg.shape
         if self.r > D:

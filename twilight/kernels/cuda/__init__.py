@@ -26,8 +26,6 @@ import functools
 import torch
 
 from twilight.contract import BackendUnavailableError
-from twilight.kernels.jit import CSRC_DIR, csrc_dir, source_hash_flag, sources
-from twilight.kernels.reference import TorchBackend
 from twilight.kernels._validate import (
     as_float_rows,
     check_int4_cache,
@@ -36,9 +34,10 @@ from twilight.kernels._validate import (
     check_selection,
     kernel_p,
 )
+from twilight.kernels.jit import CSRC_DIR, csrc_dir, source_hash_flag, sources
+from twilight.kernels.reference import TorchBackend
 from twilight.quant import INT4_TILE
 from twilight.selection import Selection
-
 
 __all__ = ["CudaBackend", "int4_scores", "top_p_mask", "top_p_threshold", "prune_to_selection", "load",
            "load_emulated", "enable_emulation", "csrc_dir", "CSRC_DIR", "GPU_SOURCES"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from twilight.kernels.reference import TorchBackend
 from twilight.kernels._validate import as_float_rows, check_group_selection, check_q, check_selection, rows_p
+from twilight.kernels.reference import TorchBackend
 from twilight.quant import INT4_TILE
 from twilight.selection import Selection
 
