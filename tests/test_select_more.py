@@ -452,6 +452,21 @@ def test_snapkv_needs_an_observed_prompt():
 
 
 # ---------------------------------------------------------------------------------------------- h2o
+def test_h2o_refuses_a_prompt_it_never_scored_and_accumulates_from_an_empty_cache():
+    """A prompt nobody observed has no accumulated attention: h2o refuses instead of ranking zeros. A cache that
+    starts empty (every token a decode step) is fine: its scores accumulate from the first step."""
+    sel = make_selector(SelectorConfig(type="h2o", token_budget=8, recent_tokens=4))
+    cache = _cache(1, 2, 16)
+    cache.append(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
+    with pytest.raises(ValueError, match="saw no prefill"):
+        sel(torch.randn(1, 2, 16), cache, _plan(cache))
+    empty = _cache(1, 2, 16)
+    for step in range(12):
+        empty.append(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+        got = sel(torch.randn(1, 2, 16), empty, _plan(empty))
+        assert int(got.counts.max()) == min(step + 1, 8)
+
+
 @pytest.mark.parametrize("chunks", ["whole", "two", "query_chunks"])
 @pytest.mark.parametrize("P,N,R,D", [(120, 24, 8, 32), (150, 30, None, 16), (58, 60, 8, 32), (180, 40, 0, 64),
                                      (100, 24, 24, 16)])

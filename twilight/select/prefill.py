@@ -208,6 +208,11 @@ class H2O:
         acc = state.get("h2o")
         if acc is None:
             seen = cache.observations.get("h2o_scores")
+            if seen is None and cache.length - cache.min_start > 1:  # a prompt no one scored: refuse, not guess
+                raise ValueError("h2o keeps the prompt's heavy hitters by their accumulated attention, and this cache "
+                                 "saw no prefill: a patched model records it; with a TwilightPipeline, call "
+                                 "pipeline.observe(layer_idx, q, cache, scale) with the prompt's queries (or make the "
+                                 "cache with make_cache(model, observe_for=[this config]) before forking it)")
             acc = None if seen is None else seen.clone()
         acc = self._extend(acc, cache)
         scale = plan.scale if plan.scale is not None else \
