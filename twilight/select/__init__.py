@@ -43,7 +43,6 @@ import torch
 
 # The selector modules register themselves on import, in this order (SELECTOR_TYPES's).
 from twilight.select import full, quest, streaming, double_sparse, topk, tidal, prefill  # noqa: F401  (isort: skip)
-from twilight._tensors import compact  # noqa: F401  (twilight.select.compact: kernels read it here)
 from twilight.config import GQA_MODES, SelectorConfig
 from twilight.select.base import exact_group_scores, exact_head_scores
 from twilight.select.quest import last_pages, pages_with_tokens, quest_page_scores

@@ -246,7 +246,7 @@ def _union_compact_kernel(mask_ptr, idx_ptr, count_ptr, out_idx_ptr, out_count_p
         first += tl.sum(tl.where((keep != 0) & (slot == 0), idx, 0), axis=0)
         written += tl.sum(keep, axis=0)
     tl.store(out_count_ptr + row, written)
-    # Padding repeats the first kept position (or 0), as twilight.select.compact does: valid, and write-only.
+    # Padding repeats the first kept position (or 0), as twilight._tensors.compact does: valid, and write-only.
     for c0 in range((written // BLOCK) * BLOCK, K, BLOCK):
         o = c0 + offs
         tl.store(orow + o, tl.zeros([BLOCK], tl.int32) + first, mask=(o >= written) & (o < K))
@@ -259,7 +259,7 @@ def prune_to_selection(scores: torch.Tensor, sel: Selection, p, scale: float = 1
 
         keep = twilight.prune.top_p_mask(scores * scale, p)                      # [B, Hq, K]
         keep_kv = keep.view(B, Hkv, G, K).any(2)
-        indices, counts = twilight.select.compact(sel.indices, keep_kv)
+        indices, counts = twilight._tensors.compact(sel.indices, keep_kv)
         return Selection(indices, counts), keep.sum(-1, dtype=torch.int32)
 
     but without a host synchronisation: the output keeps the input's width ``K`` (``compact`` shrinks it to the
