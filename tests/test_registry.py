@@ -16,7 +16,7 @@ import twilight
 import twilight.config
 import twilight.select
 from twilight._tensors import compact
-from twilight.config import ConfigError, SelectorConfig, TwilightConfig, _check_int
+from twilight.config import ConfigError, SelectorConfig, TwilightConfig
 from twilight.select import make_selector, observation_key, selector_cache_needs
 from twilight.select.registry import (
     SELECTORS,
@@ -39,18 +39,20 @@ class EveryNth:
     def __init__(self, n: int):
         self.n = n
 
-    def __call__(self, q, cache, plan=None) -> Selection:
+    def __call__(self, q, cache, plan) -> Selection:
         B, H, L = cache.batch, cache.num_kv_heads, cache.length
         pos = torch.arange(L, device=cache.device).view(1, 1, L)
         start = cache.start.view(-1, 1, 1)
         keep = (pos >= start) & ((pos - start) % self.n == 0)
-        width = None if plan is None or plan.host_reads else L
+        width = None if plan.host_reads else L
         out, counts = compact(pos.expand(B, 1, L), keep, width=width)
         return Selection(out.expand(B, H, -1).contiguous(), counts.expand(B, H).contiguous())
 
 
 def _check_every_nth(cfg: SelectorConfig) -> None:
-    cfg.extra["n"] = _check_int("selector.n", cfg.extra["n"], 1)
+    n = cfg.extra["n"]  # what a selector of your own raises: a ConfigError naming the field
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"selector.n={n!r} is invalid: must be an integer >= 1")
 
 
 EVERY_NTH = SelectorSpec(name="every_nth", build=lambda cfg, layer_idx=0, num_layers=None: EveryNth(cfg.extra["n"]),
