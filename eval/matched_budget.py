@@ -6,7 +6,9 @@ than the 1024 candidates, so comparing it with Quest-1024 compares a small budge
 command runs Quest alone at the budget the top-p arm actually attended: its mean attended tokens per query head
 (over the sparse layers' decode steps), rounded up to whole Quest pages, on the same samples (the same seed,
 tasks and lengths give the same prompts; records pair by sample id and fingerprint). It then writes the paired
-difference, top-p arm minus Quest arm, with a 95% paired bootstrap interval::
+difference, top-p arm minus Quest arm, with a 95% paired bootstrap interval. Quest's most recent page is always
+kept and is partial, so Quest attends about half a page less than its budget: the table reports both arms'
+measured attended tokens, and a second run with ``--budget`` one page higher brackets the match from above::
 
     python -m twilight_eval.matched_budget --reference benchmarks/results/ruler-smollm2-gqa \\
         --out benchmarks/results/ruler-smollm2-matched
