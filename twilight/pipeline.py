@@ -50,7 +50,7 @@ class TwilightPipeline:
         self._observes = observation_key(self.config) is not None
         self._stages: dict[tuple, object] = {}
         self._backends: dict[torch.device, object] = {}
-        self._dense_layers = set(self.config.dense_layers)
+        self._dense_layers = frozenset(self.config.dense_layers)  # handed to every step's plan as it is
         #: May backends read counts back to size their work? ``None``: where the cache lives on the CPU. ``False``
         #: runs the fixed-shape path a GPU runs (tests count its synchronisations on the CPU).
         self.host_reads: bool | None = None
@@ -124,7 +124,7 @@ class TwilightPipeline:
         longest = cache.length - cache.min_start
         all_dense = self.config.is_dense or longest < self.config.crossover(cache.device)
         return StepPlan.for_cache(cache, host_reads, all_dense=all_dense,
-                                  dense_layers=frozenset(self._dense_layers), scale=scale)
+                                  dense_layers=self._dense_layers, scale=scale)
 
     def compileable(self, device: torch.device | str) -> bool:
         """Does a whole decode step of this pipeline compile on ``device`` (``torch.compile``, no graph break)? True
